@@ -1,0 +1,1 @@
+"""sloserve: a latency-first LLM inference engine."""
