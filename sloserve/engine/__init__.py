@@ -1,0 +1,1 @@
+"""The engine's step loop: scheduler, KV-cache block manager, policies and the executor seam."""

@@ -1,0 +1,158 @@
+"""LLMEngine: add requests, step the scheduler and executor, stop and free finished requests."""
+from __future__ import annotations
+
+from sloserve.engine.clock import Clock, MonotonicClock
+from sloserve.engine.detokenizer import IncrementalDetokenizer
+from sloserve.engine.executor import Executor
+from sloserve.engine.kv_cache import BlockManager
+from sloserve.engine.policy import FCFS, Policy
+from sloserve.engine.scheduler import Scheduler
+from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        max_model_len: int,
+        vocab_size: int,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        eos_token_ids: frozenset[int] = frozenset(),
+        tokenizer=None,
+        clock: Clock | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        self.executor = executor
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.clock = clock or MonotonicClock()
+        self.block_manager = BlockManager(executor.num_kv_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, policy or FCFS(), max_num_batched_tokens, max_num_seqs)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        priority: int = 0,
+        slo: SLO | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        self._validate(request_id, prompt_token_ids, sampling_params)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=sampling_params,
+            arrival_time=self.clock.now() if arrival_time is None else arrival_time,
+            priority=priority,
+            slo=slo,
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.requests[request_id] = request
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        self.scheduler.add(request)
+        return request
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens, but the model's maximum length is "
+                f"{self.max_model_len} (prompt and output together)"
+            )
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this engine has none")
+        # A request that could never fit would preempt itself forever: refuse it up front.
+        need = self.block_manager.blocks_needed(min(len(prompt) + params.max_tokens, self.max_model_len))
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the request needs {need} KV blocks but the cache holds {self.block_manager.num_blocks}; "
+                "lower max_tokens or give the KV cache more memory"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request wherever it is; its KV blocks are freed at once. False if unknown/finished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        start = self.clock.now()
+        for s in plan.scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = start
+        sampled = self.executor.execute(plan)
+        now = self.clock.now()
+        outputs = []
+        for s, token in zip(plan.scheduled, sampled):
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            request.token_times.append(now)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self._finish(request, status)
+            outputs.append(RequestOutput.of(request))
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is not None:
+            delta = detokenizer.add(token)
+            request.output_text += delta
+            if delta and self._cut_at_stop_string(request, len(delta)):
+                return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _cut_at_stop_string(self, request: Request, delta_len: int) -> bool:
+        """Truncate the text before the first stop string that the new text completed."""
+        text = request.output_text
+        for stop in request.sampling_params.stop:
+            # Only a match ending inside the new text is new; look back far enough to see it start.
+            i = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
+            if i != -1:
+                request.output_text = text[:i]
+                request.stop_reason = stop
+                return True
+        return False
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.finished_time = self.clock.now()
+        self.scheduler.finish(request, status)
+        del self.requests[request.request_id]
+        self._detokenizers.pop(request.request_id, None)

@@ -1,0 +1,14 @@
+"""The Executor seam: whatever runs a step's plan (a real model, or a cost model on a virtual clock)."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from sloserve.engine.scheduler import SchedulerOutput
+
+
+class Executor(Protocol):
+    num_kv_blocks: int  # KV capacity this executor holds, in blocks of the engine's block size
+
+    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+        """Run one step; return, per scheduled request, its sampled token or None (mid-prefill)."""
+        ...

@@ -1,0 +1,1 @@
+"""The real model: loading, the Llama-family decoder, paged attention, sampling, the executor."""
