@@ -1,0 +1,36 @@
+"""`sloserve serve | generate | bench | profile | simulate | plan | demo`, with vLLM's words for its knobs."""
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="A latency-first LLM inference engine.")
+
+
+@app.callback()
+def main() -> None:
+    """A latency-first LLM inference engine: serve, measure, predict, plan under SLOs."""
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Hugging Face model directory"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text (repeatable)"),
+    load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
+    dtype: str = typer.Option("auto"),
+    max_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """Generate completions offline and print them with their latency."""
+    from sloserve import LLM, SamplingParams
+
+    llm = LLM(model, load_format=load_format, dtype=dtype)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    for text, out in zip(prompt, llm.generate(prompt, params)):
+        typer.echo(f"{text!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}, TTFT {out.ttft * 1e3:.0f} ms]")
+
+
+if __name__ == "__main__":
+    app()
