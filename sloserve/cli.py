@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import typer
 
+from sloserve.server.cli import serve
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A latency-first LLM inference engine.")
 
 
@@ -31,6 +33,8 @@ def generate(
     for text, out in zip(prompt, llm.generate(prompt, params)):
         typer.echo(f"{text!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}, TTFT {out.ttft * 1e3:.0f} ms]")
 
+
+app.command("serve")(serve)
 
 if __name__ == "__main__":
     app()

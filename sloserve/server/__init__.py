@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: routes, admission, metrics and the `serve` command."""

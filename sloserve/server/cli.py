@@ -1,0 +1,93 @@
+"""`sloserve serve`: load a model, build the OpenAI-compatible app, run it under uvicorn until signalled."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+import sloserve
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def default_model_dir() -> Path:
+    return Path(sloserve.__file__).parent / "assets" / "demo-target"
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '2GiB', '512MB', '1.5g' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise typer.BadParameter(f"{text!r} is not a size; write bytes or e.g. 512MiB, 2GiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise typer.BadParameter(f"{text!r} must be at least one byte")
+    return size
+
+
+def serve(
+    model: str | None = typer.Argument(None, help="Hugging Face model directory (default: the bundled demo model)"),
+    load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_num_batched_tokens: int = typer.Option(512, help="token budget of one step"),
+    kv_cache_memory: str = typer.Option("1GiB", help="KV-cache memory, in bytes or e.g. 2GiB"),
+    num_kv_blocks: int | None = typer.Option(None, help="KV-cache blocks (overrides --kv-cache-memory)"),
+    max_num_seqs: int = typer.Option(64),
+    max_model_len: int | None = typer.Option(None, help="default: the model's max_position_embeddings"),
+    block_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    policy: str = typer.Option("fcfs", help="fcfs | priority"),
+    served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
+    max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
+    max_waiting_tokens: int = typer.Option(131072, help="waiting prompt tokens beyond which new requests get 429"),
+    max_tokens_cap: int | None = typer.Option(None, help="largest max_tokens a request may ask for (default: min(4096, max model length))"),
+    max_body_size: str = typer.Option("4MiB", help="largest request body; larger ones get 413"),
+    shutdown_grace_period: float = typer.Option(30.0, help="seconds in-flight requests get to finish after SIGTERM"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve a model behind an OpenAI-compatible API (completions, chat, /metrics)."""
+    import uvicorn
+
+    from sloserve.config import EngineConfig
+    from sloserve.engine.policy import POLICIES
+    from sloserve.llm import build_engine
+    from sloserve.server.admission import AdmissionLimits
+    from sloserve.server.app import build_app
+    from sloserve.server.graceful import GracefulServer
+    from sloserve.server.settings import ServerSettings
+
+    model_dir = Path(model) if model else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        hint = "" if model else " (the bundled demo model is not installed yet: pass a model directory)"
+        raise typer.BadParameter(f"{model_dir} is not a Hugging Face model directory{hint}", param_hint="MODEL")
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
+    try:
+        config = EngineConfig(
+            model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+        )
+        settings = ServerSettings(
+            served_model_names=list(served_model_name or [model_dir.name]),
+            max_body_bytes=parse_bytes(max_body_size),
+            max_tokens_cap=max_tokens_cap,
+            admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens),
+            shutdown_grace_s=shutdown_grace_period,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    try:
+        engine = build_engine(config, policy)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    app = build_app(engine, settings)
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                               timeout_graceful_shutdown=10)
+    typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({engine.block_manager.num_blocks} KV blocks, "
+               f"max model len {engine.max_model_len}) on http://{host}:{port}")
+    GracefulServer(uv_config, drain=app.state.server.drain).run()

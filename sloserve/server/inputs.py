@@ -1,0 +1,98 @@
+"""From an API request to the engine's inputs: prompt token ids, SamplingParams and SLO, checked against the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sloserve.request import SLO, SamplingParams
+from sloserve.server.errors import APIError
+from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+OPENAI_DEFAULT_MAX_TOKENS = 16  # completions' default when max_tokens is absent
+
+
+@dataclass(slots=True)
+class ModelLimits:
+    max_model_len: int
+    max_tokens_cap: int  # no request may ask for more output than this (latency-attack guard)
+
+
+@dataclass(slots=True)
+class EngineInputs:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    slo: SLO | None
+
+
+def completion_prompt(req: CompletionRequest, tokenizer) -> list[int]:
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, f"a batch of {len(prompt)} prompts is not supported; send one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return list(prompt)
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
+    return tokenizer.encode(prompt)
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    if tokenizer is None:
+        raise APIError(400, "chat completions need a tokenizer, and this model has none; use /v1/completions with token ids")
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # noqa: BLE001 - templates raise their own errors on bad conversations
+        raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
+    # The template writes any special tokens (BOS, role markers) itself.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def engine_inputs(
+    req: SamplingFields, prompt_token_ids: list[int], limits: ModelLimits, *, requested_max_tokens: int | None,
+    default_max_tokens: int | None,
+) -> EngineInputs:
+    """`default_max_tokens` None means: the rest of the context, up to the cap (chat's default)."""
+    unsupported = req.unsupported()
+    if unsupported is not None:
+        param, message = unsupported
+        raise APIError(400, message, param=param)
+    num_prompt = len(prompt_token_ids)
+    room = limits.max_model_len - num_prompt
+    if room < 1:
+        raise APIError(
+            400, f"This model's maximum context length is {limits.max_model_len} tokens, but the prompt has "
+            f"{num_prompt} tokens, leaving no room for output.", param="messages" if default_max_tokens is None else "prompt",
+            code="context_length_exceeded",
+        )
+    max_tokens = requested_max_tokens
+    if max_tokens is None:
+        # Absent a request, fit the default into the context instead of refusing the prompt.
+        max_tokens = min(room, limits.max_tokens_cap if default_max_tokens is None else default_max_tokens)
+    elif max_tokens > limits.max_tokens_cap:
+        raise APIError(400, f"max_tokens is {max_tokens}, but this server allows at most {limits.max_tokens_cap}", param="max_tokens")
+    elif num_prompt + max_tokens > limits.max_model_len:
+        raise APIError(
+            400, f"This model's maximum context length is {limits.max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the prompt or max_tokens.", param="max_tokens", code="context_length_exceeded",
+        )
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos,
+        )
+    except ValueError as error:
+        raise APIError(400, str(error)) from None
+    slo = None
+    if req.slo is not None:
+        ms = req.slo
+        slo = SLO(
+            ttft=None if ms.ttft_ms is None else ms.ttft_ms / 1e3,
+            tpot=None if ms.tpot_ms is None else ms.tpot_ms / 1e3,
+            e2e=None if ms.e2e_ms is None else ms.e2e_ms / 1e3,
+        )
+    return EngineInputs(prompt_token_ids, params, req.priority, slo)

@@ -1,0 +1,160 @@
+"""Serving one generation: admit it, hand it to the engine, answer in full or as server-sent events."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from sloserve.engine.async_engine import AsyncLLMEngine, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
+from sloserve.server.admission import Admission
+from sloserve.server.errors import APIError, error_body
+from sloserve.server.inputs import EngineInputs
+from sloserve.server.metrics import ServerMetrics
+from sloserve.server.responses import ChatFormat, CompletionFormat, Envelope, Usage
+
+
+class Serving:
+    def __init__(self, engine: AsyncLLMEngine, admission: Admission, metrics: ServerMetrics, model_name: str) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.metrics = metrics
+        self.model_name = model_name
+
+    async def generate(
+        self, raw: Request, fmt: CompletionFormat | ChatFormat, inputs: EngineInputs, *, stream: bool,
+        include_usage: bool, return_token_ids: bool, id_prefix: str,
+    ):
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        try:
+            self.admission.check(len(inputs.prompt_token_ids))
+        except APIError as error:
+            self.metrics.rejected(error.code or str(error.status))
+            raise
+        try:
+            outputs = await self.engine.add_request(
+                request_id, inputs.prompt_token_ids, inputs.params, priority=inputs.priority, slo=inputs.slo
+            )
+        except ValueError as error:
+            self.metrics.rejected("invalid")
+            raise APIError(400, str(error)) from None
+        except EngineStoppedError as error:
+            self.metrics.rejected("engine_stopped")
+            raise APIError(503, str(error), code="engine_stopped") from None
+        env = Envelope(request_id, int(time.time()), self.model_name)
+        reply = _Reply(fmt, env, inputs, return_token_ids, text_available=self.engine.engine.tokenizer is not None)
+        if stream:
+            async def abort_if_unfinished() -> None:
+                # Covers a client gone before the body iterator ever ran (its finally never runs).
+                self.engine.abort(request_id)
+
+            return StreamingResponse(
+                self._events(raw, request_id, outputs, reply, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(abort_if_unfinished),
+            )
+        final = None
+        try:
+            async with self._abort_on_disconnect(raw, request_id):
+                async for out in outputs:
+                    final = out
+        except EngineStepError as error:
+            raise APIError(500, str(error), code="engine_error") from None
+        except EngineStoppedError as error:
+            raise APIError(503, str(error), code="engine_stopped") from None
+        return JSONResponse(reply.full(final))
+
+    async def _events(self, raw: Request, request_id: str, outputs: RequestStream, reply: _Reply, include_usage: bool):
+        done = False
+        try:
+            async with self._abort_on_disconnect(raw, request_id):
+                first = reply.first_chunk()
+                if first is not None:
+                    yield _sse(first)
+                last: StreamOutput | None = None
+                try:
+                    async for out in outputs:
+                        last = out
+                        chunk = reply.chunk(out)
+                        if chunk is not None:
+                            yield _sse(chunk)
+                except (EngineStepError, EngineStoppedError) as error:
+                    # Headers are gone already: the error travels in the stream, as vLLM does.
+                    yield _sse(error_body(500, str(error), code="engine_error"))
+                if include_usage:
+                    yield _sse(reply.fmt.usage_chunk(reply.env, reply.usage(last)))
+                yield "data: [DONE]\n\n"
+                done = True
+        finally:
+            if not done:  # the client left (or the response was cancelled): free the request's blocks now
+                self.engine.abort(request_id)
+
+    @contextlib.asynccontextmanager
+    async def _abort_on_disconnect(self, raw: Request, request_id: str):
+        """Abort the request as soon as its client disconnects, even while no token is flowing."""
+
+        async def watch() -> None:
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+            self.engine.abort(request_id)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.engine.abort(request_id)
+            raise
+        finally:
+            watcher.cancel()
+
+
+class _Reply:
+    """Turns cumulative outputs into one response body or a sequence of stream deltas."""
+
+    def __init__(self, fmt, env: Envelope, inputs: EngineInputs, return_token_ids: bool, text_available: bool) -> None:
+        self.fmt = fmt
+        self.env = env
+        self.prompt_token_ids = inputs.prompt_token_ids
+        self.return_token_ids = return_token_ids
+        self.text_available = text_available
+        # A stop string may be completed by a later token, and the engine then cuts the text where
+        # it began: hold back as many characters as could still turn out to be its start.
+        self.holdback = max((len(s) for s in inputs.params.stop), default=1) - 1
+        self.sent_chars = 0
+        self.sent_tokens = 0
+
+    def usage(self, out: StreamOutput | None) -> Usage:
+        return Usage(len(self.prompt_token_ids), 0 if out is None else out.num_tokens)
+
+    def full(self, out: StreamOutput) -> dict:
+        return self.fmt.full(
+            self.env, out.text, out.finish_reason, self.usage(out),
+            out.token_ids if self.return_token_ids else None,
+            self.prompt_token_ids if self.return_token_ids else None,
+        )
+
+    def first_chunk(self) -> dict | None:
+        return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None)
+
+    def chunk(self, out: StreamOutput) -> dict | None:
+        text = out.text
+        visible = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
+        delta = text[self.sent_chars : visible]
+        self.sent_chars = visible
+        new_ids = out.output.token_ids[self.sent_tokens : out.num_tokens]
+        self.sent_tokens = out.num_tokens
+        # Without a tokenizer there is no text: a chunk per step still shows progress (and TTFT).
+        wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available))
+        if not wanted:
+            return None
+        return self.fmt.chunk(self.env, delta, out.finish_reason, new_ids if self.return_token_ids else None)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

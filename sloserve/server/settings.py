@@ -1,0 +1,31 @@
+"""ServerSettings: what the HTTP layer adds on top of the engine's configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sloserve.server.admission import AdmissionLimits
+
+DEFAULT_MAX_TOKENS_CAP = 4096
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    # The first name is the one reported; any of them is accepted in a request's `model`.
+    served_model_names: list[str]
+    max_body_bytes: int = 4 << 20
+    max_tokens_cap: int | None = None  # None: min(DEFAULT_MAX_TOKENS_CAP, max_model_len)
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    shutdown_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap must be positive, got {self.max_tokens_cap}")
+        if self.admission.max_waiting_requests < 1 or self.admission.max_waiting_tokens < 1:
+            raise ValueError("the admission limits must be positive")
+
+    def tokens_cap(self, max_model_len: int) -> int:
+        return min(self.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP, max_model_len)
