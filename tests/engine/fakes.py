@@ -1,0 +1,30 @@
+"""Test doubles for the engine's seams: an executor that counts, a clock that ticks, a tokenizer of letters."""
+from sloserve.engine.scheduler import SchedulerOutput
+
+
+class CountingExecutor:
+    """Samples `last token + 1` for every request that reaches the end of its tokens."""
+
+    def __init__(self, num_kv_blocks: int = 64) -> None:
+        self.num_kv_blocks = num_kv_blocks
+        self.plans: list[SchedulerOutput] = []
+
+    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+        self.plans.append(plan)
+        return [s.request.all_token_ids[-1] + 1 if s.samples else None for s in plan.scheduled]
+
+
+class TickingClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        self.t += 0.001
+        return self.t
+
+
+class LetterTokenizer:
+    """Token i is the letter chr(ord('a') + i % 26); token 0 is a special token."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == 0))
