@@ -1,0 +1,175 @@
+"""`sloserve bench`: load-test any OpenAI-compatible server (options read like `vllm bench serve`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sloserve.bench.arrivals import Arrivals
+from sloserve.bench.client import ClientConfig, fetch_first_model
+from sloserve.bench.lengths import LengthDist
+from sloserve.bench.results import BenchResults, capture_environment
+from sloserve.bench.session import default_result_dir, run_once, run_sweep, write_outputs
+from sloserve.bench.sharegpt import ShareGPTSource
+from sloserve.bench.slo import SLO
+from sloserve.bench.sweep import SweepConfig
+from sloserve.bench.synthetic import SyntheticSource
+from sloserve.bench.tokens import HFTokenizer
+from sloserve.bench.trace import TraceSource
+from sloserve.bench.workload import Workload
+
+app = typer.Typer(help="Benchmark an OpenAI-compatible server; `bench report RESULTS.json` re-renders a run.",
+                  add_completion=False)
+O = typer.Option
+
+
+@app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    base_url: str = O("http://127.0.0.1:8000", help="Server URL (without /v1)."),
+    endpoint: str = O("/v1/completions", help="/v1/completions or /v1/chat/completions."),
+    model: Optional[str] = O(None, help="Model name; default: the first one /v1/models lists."),
+    api_key: Optional[str] = O(None, envvar="OPENAI_API_KEY", help="Bearer token (never saved)."),
+    dataset_name: str = O("random", help="random | sharegpt | trace."),
+    dataset_path: Optional[str] = O(None, help="ShareGPT JSON or JSONL trace; default: the bundled sample."),
+    num_prompts: Optional[int] = O(None, help="Requests to send (default: 1000; a whole trace; or as many as --duration takes)."),
+    request_rate: float = O(math.inf, help="Requests per second; inf sends all at once."),
+    burstiness: float = O(1.0, help="Gamma shape of the gaps: 1 is Poisson, < 1 burstier."),
+    arrival: str = O("auto", help="auto | burst | synchronous | constant | poisson | gamma | trace. "
+                     "auto: trace for a trace at rate inf, burst at rate inf, else poisson/gamma."),
+    max_concurrency: Optional[int] = O(None, help="Cap on requests in flight (fixed concurrency with rate inf)."),
+    random_input_len: int = O(1024), random_output_len: int = O(128),
+    random_range_ratio: float = O(0.0, help="Spread: uniform half-width / mean, or std / mean for normal/lognormal."),
+    random_dist: str = O("uniform", help="fixed | uniform | normal | lognormal (input and output lengths)."),
+    random_input_min: int = O(1), random_input_max: Optional[int] = O(None),
+    random_output_min: int = O(1), random_output_max: Optional[int] = O(None),
+    random_prefix_len: int = O(0, help="Tokens of prefix shared by every prompt."),
+    random_vocab_size: Optional[int] = O(None, help="Token ids are drawn below this (default: the tokenizer's, or 32000)."),
+    random_prompt_format: str = O("auto", help="ids | words | auto (words for chat without a tokenizer)."),
+    sharegpt_output_len: Optional[int] = O(None, help="Fixed max_tokens instead of the reply's length."),
+    tokenizer: Optional[str] = O(None, help="Local tokenizer directory for exact token counts."),
+    seed: int = O(0),
+    num_warmups: int = O(0, help="Warm-up requests sent first and excluded from results."),
+    duration: Optional[float] = O(None, help="Stop sending new requests after this many seconds."),
+    slo: Optional[str] = O(None, help="e.g. ttft=200ms,tpot=50ms,e2e=2s."),
+    sweep: bool = O(False, help="Find the max rate whose SLO attainment >= --attainment (needs --slo)."),
+    attainment: float = O(0.9, help="Target SLO attainment for --sweep."),
+    sweep_start_rate: Optional[float] = O(None, help="First rate probed (default: --request-rate if finite, else 1)."),
+    sweep_max_rate: float = O(1024.0), sweep_max_probes: int = O(10), sweep_tolerance: float = O(0.05),
+    percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
+    result_dir: Optional[str] = O(None, help="Output folder (default: bench-results/<time>)."),
+    no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
+    ignore_eos: bool = O(False, help="Send ignore_eos=true (vLLM/sloserve extension)."),
+    temperature: float = O(0.0),
+    extra_body: Optional[str] = O(None, help="JSON merged into every request body."),
+    timeout: float = O(600.0, help="Seconds a whole request may take."),
+    label: str = O("", help="Name of this run in tables and plots."),
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    console = Console()
+    try:
+        tok = HFTokenizer(tokenizer) if tokenizer else None
+        pcts = _percentiles(percentiles)
+        slo_obj = SLO.parse(slo) if slo else None
+        chat = endpoint.rstrip("/").endswith("chat/completions")
+        fmt = random_prompt_format if random_prompt_format != "auto" else ("words" if chat and tok is None else "ids")
+        if chat and fmt == "ids" and tok is None:
+            raise ValueError("chat endpoints take text: use --random-prompt-format words or --tokenizer")
+        vocab = random_vocab_size or (tok.vocab_size if tok else 32000)
+        source = _source(dataset_name, dataset_path, random_input_len, random_output_len, random_range_ratio,
+                         random_dist, random_input_min, random_input_max, random_output_min, random_output_max,
+                         random_prefix_len, vocab, fmt, sharegpt_output_len)
+        kind, concurrency = _arrival(arrival, dataset_name, request_rate, burstiness, max_concurrency)
+        open_ended = dataset_name == "trace" or (duration and math.isfinite(request_rate) and kind != "burst")
+        n = num_prompts if num_prompts is not None else (None if open_ended else 1000)
+        workload = Workload(source, Arrivals(kind, request_rate, burstiness), n, duration, concurrency, seed)
+        sweep_cfg = None
+        if sweep:
+            if slo_obj is None:
+                raise ValueError("--sweep needs --slo")
+            start = sweep_start_rate or (request_rate if math.isfinite(request_rate) else 1.0)
+            sweep_cfg = SweepConfig(attainment, start, min(0.01, start), max(sweep_max_rate, start),
+                                    sweep_max_probes, sweep_tolerance)
+        cfg = ClientConfig(base_url, endpoint, model or "", api_key, timeout, temperature, ignore_eos,
+                           json.loads(extra_body) if extra_body else {})
+    except (ValueError, OSError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    if not cfg.model:
+        try:
+            cfg.model = asyncio.run(fetch_first_model(base_url, api_key))
+        except Exception as e:  # noqa: BLE001 - any failure here means "say which model"
+            console.print(f"[red]error:[/red] could not list models at {base_url} ({e}); pass --model")
+            raise typer.Exit(2)
+    created = time.time()
+    if sweep_cfg is not None:
+        runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console)
+    else:
+        runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label)], None
+    config = {"workload": workload.to_dict(), "client": cfg.to_dict(), "slo": slo_obj.to_dict() if slo_obj else None,
+              "percentiles": list(pcts), "num_warmups": num_warmups, "tokenizer": tokenizer,
+              "sweep": sweep_info["config"] if sweep_info else None, "command": sys.argv}
+    results = BenchResults(config, capture_environment(), runs, sweep_info, "client", created)
+    write_outputs(results, result_dir or default_result_dir(), console, plots=not no_plots)
+    if not any(r.success for run in runs for r in run.records):
+        console.print("[red]no request succeeded[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results_json: str = typer.Argument(..., help="A results.json written by `sloserve bench` or the simulator."),
+    out_dir: Optional[str] = O(None, help="Where to write the CSV and plots (default: next to the JSON)."),
+    percentiles: Optional[str] = O(None, help="Override the saved percentiles."),
+    slo: Optional[str] = O(None, help="Override the saved SLO."),
+    no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
+) -> None:
+    """Re-render tables, CSV and plots from a saved results file."""
+    console = Console()
+    try:
+        results = BenchResults.load(results_json)
+        pcts = _percentiles(percentiles) if percentiles else None
+        slo_obj = SLO.parse(slo) if slo else None
+    except (ValueError, OSError, KeyError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    out = out_dir or os.path.dirname(os.path.abspath(results_json))
+    write_outputs(results, out, console, plots=not no_plots, percentiles=pcts, slo=slo_obj, save_json=False)
+
+
+def _percentiles(text: str) -> tuple[float, ...]:
+    vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    if not vals or any(not 0 <= v <= 100 for v in vals):
+        raise ValueError(f"percentiles must be numbers in [0, 100], got {text!r}")
+    return vals
+
+
+def _source(name, path, in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max, prefix, vocab, fmt, sg_out):
+    if name == "random":
+        return SyntheticSource(LengthDist(in_len, dist, ratio, in_min, in_max),
+                               LengthDist(out_len, dist, ratio, out_min, out_max), prefix, vocab, fmt)
+    if name == "sharegpt":
+        return ShareGPTSource(path or "", sg_out)
+    if name == "trace":
+        return TraceSource(path or "", vocab, fmt)
+    raise ValueError(f"--dataset-name must be random, sharegpt or trace, got {name!r}")
+
+
+def _arrival(kind: str, dataset: str, rate: float, burstiness: float, cap: int | None) -> tuple[str, int | None]:
+    if kind == "auto":
+        if math.isinf(rate):
+            return ("trace" if dataset == "trace" else "burst"), cap
+        return ("poisson" if burstiness == 1.0 else "gamma"), cap
+    if kind == "synchronous":
+        return "burst", 1
+    if kind in ("constant", "poisson", "gamma") and math.isinf(rate):
+        raise ValueError(f"--arrival {kind} needs a finite --request-rate")
+    return kind, cap

@@ -1,0 +1,132 @@
+"""Workloads: a seeded list of request specs (prompt, lengths, arrival offset); no HTTP, no clocks.
+
+Shared by the load generator and the simulator, so it only describes *what*
+is sent and *when* (offsets in seconds from the benchmark start).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sloserve.bench.arrivals import Arrivals
+from sloserve.bench.sharegpt import ShareGPTSource
+from sloserve.bench.synthetic import SyntheticSource
+from sloserve.bench.tokens import Tokenizer
+from sloserve.bench.trace import TraceSource
+
+Source = SyntheticSource | ShareGPTSource | TraceSource
+
+# Independent random streams, so that changing the rate in a sweep changes
+# only the gaps (and with the same unit draws: common random numbers), never
+# the prompts; and warm-up prompts differ from measured ones (no cache hits).
+_PROMPTS, _ARRIVALS, _PREFIX = 0, 1, 2
+_MAIN, _WARMUP = 0, 1
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    index: int
+    prompt: str | list[int]  # text, or token ids for the completions API
+    prompt_len: int  # tokens (estimated when there is no tokenizer)
+    output_len: int  # sent as max_tokens
+    arrival_s: float  # offset from the benchmark start
+
+
+@dataclass(slots=True)
+class Workload:
+    """Where prompts come from, when they arrive, how many, and the seed.
+
+    Requests stop at `num_requests` or at the first arrival >= `duration_s`,
+    whichever comes first; `num_requests=None` means the whole trace, or
+    needs a duration and a finite rate. `max_concurrency` (closed-loop cap on requests in flight) belongs to
+    the load shape, but is enforced by whoever plays the workload.
+    """
+
+    source: Source = field(default_factory=SyntheticSource)
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    num_requests: int | None = 1000
+    duration_s: float | None = None
+    max_concurrency: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arrivals.kind == "trace" and not isinstance(self.source, TraceSource):
+            raise ValueError("trace arrivals need a trace dataset")
+        finite = isinstance(self.source, TraceSource) or (self.duration_s is not None and self._open_loop_finite())
+        if self.num_requests is None and not finite:
+            raise ValueError("without num_requests, replay a trace or give a duration and a finite, non-burst rate")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+
+    def requests(self, tokenizer: Tokenizer | None = None) -> list[RequestSpec]:
+        return self._build(self.num_requests, _MAIN, tokenizer)
+
+    def warmup_requests(self, k: int, tokenizer: Tokenizer | None = None) -> list[RequestSpec]:
+        """k requests from the same source with other prompts, all at offset 0."""
+        if k <= 0:
+            return []
+        specs = self._build(k, _WARMUP, tokenizer, arrivals=False)
+        return [dataclasses.replace(s, arrival_s=0.0) for s in specs]
+
+    def with_rate(self, rate: float) -> Workload:
+        """The same workload at another rate (bursts become Poisson), for sweeps."""
+        kind = self.arrivals.kind if self.arrivals.kind in ("constant", "poisson", "gamma") else "poisson"
+        return dataclasses.replace(self, arrivals=Arrivals(kind, rate, self.arrivals.burstiness))
+
+    def _build(self, n: int | None, variant: int, tok: Tokenizer | None, arrivals: bool = True) -> list[RequestSpec]:
+        prompt_rng = self._rng(_PROMPTS, variant)
+        if isinstance(self.source, TraceSource):
+            items, trace_offsets = self.source.sample(n if n is not None else 1 << 62, prompt_rng, tok)
+            offsets = self.arrivals.offsets(len(items), self._rng(_ARRIVALS, variant), trace_offsets)
+        else:
+            offsets = self._offsets(n, variant) if arrivals else [0.0] * (n or 0)
+            if isinstance(self.source, SyntheticSource):
+                items = self.source.sample(len(offsets), prompt_rng, self._rng(_PREFIX, _MAIN), tok)
+            else:
+                items = self.source.sample(len(offsets), prompt_rng, tok)
+        if arrivals and self.duration_s is not None:
+            items = [it for it, t in zip(items, offsets) if t < self.duration_s]
+        return [RequestSpec(i, p, pl, ol, t) for i, ((p, pl, ol), t) in enumerate(zip(items, offsets))]
+
+    def _offsets(self, n: int | None, variant: int) -> list[float]:
+        if n is not None:
+            return self.arrivals.offsets(n, self._rng(_ARRIVALS, variant))
+        # Open-ended: draw more arrivals until they cover the duration.
+        n = max(1, math.ceil(self.arrivals.rate * self.duration_s))
+        while True:
+            offsets = self.arrivals.offsets(n, self._rng(_ARRIVALS, variant))
+            if offsets[-1] >= self.duration_s:
+                return [t for t in offsets if t < self.duration_s]
+            n *= 2
+
+    def _open_loop_finite(self) -> bool:
+        return self.arrivals.kind in ("constant", "poisson", "gamma") and math.isfinite(self.arrivals.rate)
+
+    def _rng(self, stream: int, variant: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, stream, variant])
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source.to_dict(),
+            "arrivals": self.arrivals.to_dict(),
+            "num_requests": self.num_requests,
+            "duration_s": self.duration_s,
+            "max_concurrency": self.max_concurrency,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Workload:
+        src = d["source"]
+        kinds = {"random": SyntheticSource, "sharegpt": ShareGPTSource, "trace": TraceSource}
+        return cls(
+            source=kinds[src["name"]].from_dict(src),
+            arrivals=Arrivals.from_dict(d["arrivals"]),
+            num_requests=d["num_requests"],
+            duration_s=d["duration_s"],
+            max_concurrency=d["max_concurrency"],
+            seed=d["seed"],
+        )
