@@ -37,16 +37,8 @@ class StreamOutput:
         return self.output.token_ids[: self.num_tokens]
 
     @property
-    def text(self) -> str:
-        return self.output.text
-
-    @property
     def finished(self) -> bool:
         return self.output.finished
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.output.finish_reason
 
 
 @dataclass(slots=True)
@@ -137,7 +129,6 @@ class AsyncLLMEngine:
         self._stopping = False
         self.dead_error: BaseException | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sloserve-step-loop")
@@ -147,7 +138,7 @@ class AsyncLLMEngine:
         self._stopping = True
         if self._task is not None:
             self._wakeup.set()
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)  # a dead loop has logged its error
         self._worker.shutdown(wait=True)
 
     @property
@@ -167,14 +158,8 @@ class AsyncLLMEngine:
     def num_waiting_tokens(self) -> int:
         return self.stats.num_waiting_tokens + sum(len(p.prompt_token_ids) for p in self._pending_adds.values())
 
-    # -- requests -------------------------------------------------------------------------------
     async def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        priority: int = 0,
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, priority: int = 0,
         slo: SLO | None = None,
     ) -> RequestStream:
         """Queue a request; returns its stream once the engine took it, or raises its ValueError."""
@@ -212,7 +197,6 @@ class AsyncLLMEngine:
         while self.num_unfinished:
             await asyncio.sleep(poll_s)
 
-    # -- the loop -------------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -227,7 +211,7 @@ class AsyncLLMEngine:
                     outputs = await loop.run_in_executor(self._worker, self.engine.step)
                 except Exception as error:  # noqa: BLE001 - any fault in a step must end its requests
                     logger.exception("engine step failed; failing %d in-flight requests", len(self._tracked))
-                    self._fail_all(EngineStepError(f"the engine failed while running this request: {error!r}"))
+                    self._end_all(EngineStepError(f"the engine failed while running this request: {error!r}"))
                     continue
                 self._dispatch(outputs)
         except BaseException as error:
@@ -237,12 +221,18 @@ class AsyncLLMEngine:
             raise
         finally:
             self._stopping = True
-            self._close_all()
+            adds, self._pending_adds = self._pending_adds, {}
+            for p in adds.values():
+                if not p.future.done():
+                    p.future.set_exception(EngineStoppedError("the engine stopped before taking this request"))
+            self._end_all(None if self.dead_error is None else EngineStoppedError(f"the engine loop died: {self.dead_error!r}"))
             self._snapshot_stats()
 
     def _apply_pending(self) -> None:
         adds, self._pending_adds = self._pending_adds, {}
         for p in adds.values():
+            if p.future.done():  # its caller was cancelled and has not run its cleanup yet
+                continue
             try:
                 request = self.engine.add_request(
                     p.request_id, p.prompt_token_ids, p.params,
@@ -279,28 +269,15 @@ class AsyncLLMEngine:
             tracked.stream.fail(error)
         self._notify(out, error)
 
-    def _fail_all(self, error: BaseException) -> None:
-        tracked, self._tracked = self._tracked, {}
-        for request_id, t in tracked.items():
-            try:
-                self.engine.abort_request(request_id)  # frees its blocks
-            except Exception:  # noqa: BLE001 - the engine is already broken; still fail the rest
-                logger.exception("could not abort %s after a failed step", request_id)
-            self._end(t, error)
-
-    def _close_all(self) -> None:
-        """On stop: pending adds are refused, tracked requests end as aborted."""
-        adds, self._pending_adds = self._pending_adds, {}
-        for p in adds.values():
-            if not p.future.done():
-                p.future.set_exception(EngineStoppedError("the engine stopped before taking this request"))
+    def _end_all(self, error: BaseException | None) -> None:
+        """End every tracked request, aborted (error None) or failed, freeing its blocks."""
         tracked, self._tracked = self._tracked, {}
         for request_id, t in tracked.items():
             try:
                 self.engine.abort_request(request_id)
-            except Exception:  # noqa: BLE001
-                logger.exception("could not abort %s on shutdown", request_id)
-            self._end(t, None if self.dead_error is None else EngineStoppedError(str(self.dead_error)))
+            except Exception:  # noqa: BLE001 - the engine may be broken already; still end the rest
+                logger.exception("could not abort %s", request_id)
+            self._end(t, error)
 
     def _notify(self, out: RequestOutput, error: BaseException | None) -> None:
         if self.on_finished is None:

@@ -134,7 +134,7 @@ class _Reply:
 
     def full(self, out: StreamOutput) -> dict:
         return self.fmt.full(
-            self.env, out.text, out.finish_reason, self.usage(out),
+            self.env, out.output.text, out.output.finish_reason, self.usage(out),
             out.token_ids if self.return_token_ids else None,
             self.prompt_token_ids if self.return_token_ids else None,
         )
@@ -143,7 +143,7 @@ class _Reply:
         return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None)
 
     def chunk(self, out: StreamOutput) -> dict | None:
-        text = out.text
+        text = out.output.text
         visible = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
         delta = text[self.sent_chars : visible]
         self.sent_chars = visible
@@ -153,7 +153,7 @@ class _Reply:
         wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available))
         if not wanted:
             return None
-        return self.fmt.chunk(self.env, delta, out.finish_reason, new_ids if self.return_token_ids else None)
+        return self.fmt.chunk(self.env, delta, out.output.finish_reason, new_ids if self.return_token_ids else None)
 
 
 def _sse(payload: dict) -> str:

@@ -31,7 +31,7 @@ def start_server():
 @pytest.fixture(scope="module")
 def server(chat_model_dir):
     """One shared server for tests that only need a healthy default."""
-    s = LiveServer(chat_model_dir, max_body_bytes=64 * 1024,
+    s = LiveServer(chat_model_dir, max_body_bytes=64 * 1024, max_tokens_cap=200,
                    admission=AdmissionLimits(max_waiting_requests=256, max_waiting_tokens=1 << 20))
     yield s
     s.stop()

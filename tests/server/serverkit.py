@@ -1,6 +1,7 @@
 """Test kit for the server: a tiny Llama with a small trained BPE tokenizer, live uvicorn servers, metric parsing."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -82,13 +83,23 @@ class LiveServer:
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[sock])
+
+        self.thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
             time.sleep(0.02)
+
+    def call(self, coroutine, timeout: float = 30):
+        """Run a coroutine on the server's event loop (where the engine front lives) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def metrics(self) -> dict[str, float]:
         """Sample name (with labels) -> value, from /metrics."""

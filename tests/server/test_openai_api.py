@@ -67,8 +67,9 @@ def test_chat_completion_streamed_equals_unstreamed(client):
 def test_chat_default_max_tokens_fills_the_context(server, client):
     out = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
                                          temperature=0, extra_body={"ignore_eos": True})
-    # No max_tokens: the rest of the context (the model length is 256), below the default cap.
-    assert out.usage.total_tokens == server.engine.max_model_len
+    # No max_tokens: the rest of the context, up to the server's cap.
+    room = server.engine.max_model_len - out.usage.prompt_tokens
+    assert out.usage.completion_tokens == min(room, server.ctx.limits.max_tokens_cap) == 200
     assert out.choices[0].finish_reason == "length"
 
 
