@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sloserve.server.errors import APIError, validation_message
 
@@ -48,6 +48,12 @@ class SamplingFields(BaseModel):
     priority: int = 0
     slo: SLOParams | None = None
     return_token_ids: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # Many clients send null for what they leave unset; OpenAI reads that as the default.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first parameter this server cannot honour, if any."""

@@ -1,0 +1,40 @@
+"""`sloserve serve`: its knobs parse, and a missing model directory is a clear error, not a traceback."""
+from __future__ import annotations
+
+import httpx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from serverkit import MODEL_NAME
+from sloserve.cli import app
+from sloserve.server.cli import default_model_dir, parse_bytes
+
+
+@pytest.mark.parametrize("text,expected", [("1024", 1024), ("2GiB", 2 << 30), ("512MB", 512 * 10**6), ("1.5k", 1500)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "5 parsecs", "0"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(typer.BadParameter):
+        parse_bytes(text)
+
+
+def test_default_model_is_the_bundled_demo_path():
+    assert default_model_dir().parts[-3:] == ("sloserve", "assets", "demo-target")
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    words = " ".join(result.output.replace("│", " ").split())  # undo rich's boxed line wrapping
+    assert "not a Hugging Face model directory" in words
+
+
+def test_null_parameters_mean_defaults(server):
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+            "stop": None, "seed": None, "stream": None, "ignore_eos": True}
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
