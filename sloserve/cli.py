@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from sloserve.server.cli import serve
+from sloserve.bench.cli import app as bench_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A latency-first LLM inference engine.")
 
@@ -35,6 +36,7 @@ def generate(
 
 
 app.command("serve")(serve)
+app.add_typer(bench_app, name="bench")
 
 if __name__ == "__main__":
     app()

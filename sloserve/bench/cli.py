@@ -1,29 +1,13 @@
 """`sloserve bench`: load-test any OpenAI-compatible server (options read like `vllm bench serve`)."""
 from __future__ import annotations
 
-import asyncio
-import json
 import math
-import os
-import sys
-import time
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from sloserve.bench.arrivals import Arrivals
-from sloserve.bench.client import ClientConfig, fetch_first_model
-from sloserve.bench.lengths import LengthDist
-from sloserve.bench.results import BenchResults, capture_environment
-from sloserve.bench.session import default_result_dir, run_once, run_sweep, write_outputs
-from sloserve.bench.sharegpt import ShareGPTSource
-from sloserve.bench.slo import SLO
-from sloserve.bench.sweep import SweepConfig
-from sloserve.bench.synthetic import SyntheticSource
-from sloserve.bench.tokens import HFTokenizer
-from sloserve.bench.trace import TraceSource
-from sloserve.bench.workload import Workload
+# Everything else is imported inside the commands: `sloserve` imports this
+# module for every subcommand, and matplotlib, httpx and numpy cost ~1 s.
 
 app = typer.Typer(help="Benchmark an OpenAI-compatible server; `bench report RESULTS.json` re-renders a run.",
                   add_completion=False)
@@ -74,6 +58,22 @@ def bench(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    import asyncio
+    import json
+    import sys
+    import time
+
+    from rich.console import Console
+
+    from sloserve.bench.arrivals import Arrivals
+    from sloserve.bench.client import ClientConfig, fetch_first_model
+    from sloserve.bench.results import BenchResults, capture_environment
+    from sloserve.bench.session import default_result_dir, run_once, run_sweep, write_outputs
+    from sloserve.bench.slo import SLO
+    from sloserve.bench.sweep import SweepConfig
+    from sloserve.bench.tokens import HFTokenizer
+    from sloserve.bench.workload import Workload
+
     console = Console()
     try:
         tok = HFTokenizer(tokenizer) if tokenizer else None
@@ -131,8 +131,17 @@ def report(
     percentiles: Optional[str] = O(None, help="Override the saved percentiles."),
     slo: Optional[str] = O(None, help="Override the saved SLO."),
     no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
+    detail: bool = O(False, "--detail", help="Full tables for every run of a sweep."),
 ) -> None:
     """Re-render tables, CSV and plots from a saved results file."""
+    import os
+
+    from rich.console import Console
+
+    from sloserve.bench.results import BenchResults
+    from sloserve.bench.session import write_outputs
+    from sloserve.bench.slo import SLO
+
     console = Console()
     try:
         results = BenchResults.load(results_json)
@@ -142,7 +151,8 @@ def report(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     out = out_dir or os.path.dirname(os.path.abspath(results_json))
-    write_outputs(results, out, console, plots=not no_plots, percentiles=pcts, slo=slo_obj, save_json=False)
+    write_outputs(results, out, console, plots=not no_plots, percentiles=pcts, slo=slo_obj, save_json=False,
+                  detail=detail or None)
 
 
 def _percentiles(text: str) -> tuple[float, ...]:
@@ -153,6 +163,11 @@ def _percentiles(text: str) -> tuple[float, ...]:
 
 
 def _source(name, path, in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max, prefix, vocab, fmt, sg_out):
+    from sloserve.bench.lengths import LengthDist
+    from sloserve.bench.sharegpt import ShareGPTSource
+    from sloserve.bench.synthetic import SyntheticSource
+    from sloserve.bench.trace import TraceSource
+
     if name == "random":
         return SyntheticSource(LengthDist(in_len, dist, ratio, in_min, in_max),
                                LengthDist(out_len, dist, ratio, out_min, out_max), prefix, vocab, fmt)

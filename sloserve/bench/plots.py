@@ -70,10 +70,16 @@ def _vs_rate(points: list[tuple[float, RunSummary]], results: BenchResults, path
         if best is not None:
             ax.axvline(best, color="green", linestyle=":", label=f"max goodput rate {best:.3g}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("SLO attainment")
+    ax.set_title("SLO attainment and goodput")
     ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("attainment")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower left")
+    if any(s.goodput is not None for _, s in points):
+        twin = ax.twinx()
+        twin.plot(rates, [s.goodput if s.goodput is not None else math.nan for _, s in points], marker="s",
+                  color="gray", alpha=0.6)
+        twin.set_ylabel("goodput (req/s, gray)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

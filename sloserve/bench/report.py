@@ -28,8 +28,10 @@ def summaries(results: BenchResults, percentiles=None, slo: SLO | None = None) -
     return [summarize(run.records, run.duration_s, pcts, slo) for run in results.runs]
 
 
-def render(results: BenchResults, sums: list[RunSummary], console: Console) -> None:
-    for run, s in zip(results.runs, sums):
+def render(results: BenchResults, sums: list[RunSummary], console: Console, detail: bool | None = None) -> None:
+    """Per-run tables (by default only for a single run), the all-runs table, the sweep's answer."""
+    detail = len(sums) == 1 if detail is None else detail
+    for run, s in zip(results.runs, sums) if detail else ():
         console.print(_overview(run.label, s, results.source))
         console.print(_latency_table(s))
         if s.slo is not None:

@@ -71,11 +71,12 @@ def default_result_dir() -> str:
 
 
 def write_outputs(results: BenchResults, out_dir: str, console: Console, plots: bool = True,
-                  percentiles=None, slo: SLO | None = None, save_json: bool = True) -> list[str]:
+                  percentiles=None, slo: SLO | None = None, save_json: bool = True,
+                  detail: bool | None = None) -> list[str]:
     """Tables on the console; results.json, summary.csv and plots in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     sums = summaries(results, percentiles, slo)
-    render(results, sums, console)
+    render(results, sums, console, detail)
     paths = []
     if save_json:
         paths.append(os.path.join(out_dir, "results.json"))
