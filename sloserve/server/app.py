@@ -86,8 +86,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.max_tokens,
                                default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS)
         return await ctx.serving.generate(
-            raw, CompletionFormat(), inputs, stream=body.stream, include_usage=body.include_usage,
-            return_token_ids=body.return_token_ids, id_prefix="cmpl",
+            raw, CompletionFormat(), inputs, body, id_prefix="cmpl",
         )
 
     @app.post("/v1/chat/completions")
@@ -98,8 +97,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
                                default_max_tokens=None)
         return await ctx.serving.generate(
-            raw, ChatFormat(), inputs, stream=body.stream, include_usage=body.include_usage,
-            return_token_ids=body.return_token_ids, id_prefix="chatcmpl",
+            raw, ChatFormat(), inputs, body, id_prefix="chatcmpl",
         )
 
     @app.get("/v1/models")

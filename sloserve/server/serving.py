@@ -16,6 +16,7 @@ from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError, error_body
 from sloserve.server.inputs import EngineInputs
 from sloserve.server.metrics import ServerMetrics
+from sloserve.server.protocol import SamplingFields
 from sloserve.server.responses import ChatFormat, CompletionFormat, Envelope, Usage
 
 
@@ -27,8 +28,8 @@ class Serving:
         self.model_name = model_name
 
     async def generate(
-        self, raw: Request, fmt: CompletionFormat | ChatFormat, inputs: EngineInputs, *, stream: bool,
-        include_usage: bool, return_token_ids: bool, id_prefix: str,
+        self, raw: Request, fmt: CompletionFormat | ChatFormat, inputs: EngineInputs, body: SamplingFields, *,
+        id_prefix: str,
     ):
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
@@ -47,14 +48,15 @@ class Serving:
             self.metrics.rejected("engine_stopped")
             raise APIError(503, str(error), code="engine_stopped") from None
         env = Envelope(request_id, int(time.time()), self.model_name)
-        reply = _Reply(fmt, env, inputs, return_token_ids, text_available=self.engine.engine.tokenizer is not None)
-        if stream:
+        reply = _Reply(fmt, env, inputs, body.return_token_ids, body.continuous_usage,
+                       text_available=self.engine.engine.tokenizer is not None)
+        if body.stream:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).
                 self.engine.abort(request_id)
 
             return StreamingResponse(
-                self._events(raw, request_id, outputs, reply, include_usage),
+                self._events(raw, request_id, outputs, reply, body.include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(abort_if_unfinished),
@@ -117,11 +119,13 @@ class Serving:
 class _Reply:
     """Turns cumulative outputs into one response body or a sequence of stream deltas."""
 
-    def __init__(self, fmt, env: Envelope, inputs: EngineInputs, return_token_ids: bool, text_available: bool) -> None:
+    def __init__(self, fmt, env: Envelope, inputs: EngineInputs, return_token_ids: bool, continuous_usage: bool,
+                 text_available: bool) -> None:
         self.fmt = fmt
         self.env = env
         self.prompt_token_ids = inputs.prompt_token_ids
         self.return_token_ids = return_token_ids
+        self.continuous_usage = continuous_usage
         self.text_available = text_available
         # A stop string may be completed by a later token, and the engine then cuts the text where
         # it began: hold back as many characters as could still turn out to be its start.
@@ -153,7 +157,10 @@ class _Reply:
         wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available))
         if not wanted:
             return None
-        return self.fmt.chunk(self.env, delta, out.output.finish_reason, new_ids if self.return_token_ids else None)
+        chunk = self.fmt.chunk(self.env, delta, out.output.finish_reason, new_ids if self.return_token_ids else None)
+        if self.continuous_usage:
+            chunk["usage"] = self.usage(out).as_dict()
+        return chunk
 
 
 def _sse(payload: dict) -> str:

@@ -111,3 +111,14 @@ def test_model_without_tokenizer_serves_token_ids(tiny_model_dir, start_server):
     assert ids == full["choices"][0]["token_ids"]
     chat = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert chat.status_code == 400 and "tokenizer" in chat.json()["error"]["message"]
+
+
+def test_continuous_usage_stats_count_tokens_per_chunk(server):
+    body = {"model": MODEL_NAME, "prompt": "Numbers 0 1 2", "max_tokens": 10, "ignore_eos": True, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}, "temperature": 0}
+    counts = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                counts.append(json.loads(line[6:])["usage"]["completion_tokens"])
+    assert counts == sorted(counts) and counts[-1] == 10
