@@ -50,6 +50,8 @@ def serve(
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (completions, chat, /metrics)."""
+    import logging
+
     import uvicorn
 
     from sloserve.config import EngineConfig
@@ -81,6 +83,9 @@ def serve(
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    # uvicorn configures only its own loggers; sloserve's (drain, step failures) go to the same stream.
+    level = logging.getLevelNamesMapping().get(log_level.upper(), logging.DEBUG)  # uvicorn's "trace": debug
+    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     try:
         engine = build_engine(config, policy)
     except (ValueError, FileNotFoundError) as error:
