@@ -1,10 +1,9 @@
-"""Prometheus metrics of one server (`/metrics`), named `sloserve:*` after vLLM's `vllm:*`.
-
-Colons are legal in Prometheus metric names (reserved by convention for recording rules, but
-vLLM uses them for its own metrics and dashboards expect that shape); prometheus-client writes
-them unchanged in the text format.
-"""
+"""Prometheus metrics of one server (`/metrics`), named `sloserve:*` after vLLM's `vllm:*`."""
 from __future__ import annotations
+
+# Colons are legal in Prometheus metric names (by convention kept for recording rules, but vLLM
+# uses them and dashboards expect that shape); prometheus-client writes them unchanged in the
+# text format, and appends `_total` to counters itself.
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
