@@ -51,6 +51,8 @@ def bench(
     result_dir: Optional[str] = O(None, help="Output folder (default: bench-results/<time>)."),
     no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
     ignore_eos: bool = O(False, help="Send ignore_eos=true (vLLM/sloserve extension)."),
+    continuous_usage_stats: bool = O(False, help="Ask for usage in every chunk (vLLM/sloserve extension): "
+                                     "exact tokens per chunk when a chunk carries several."),
     temperature: float = O(0.0),
     extra_body: Optional[str] = O(None, help="JSON merged into every request body."),
     timeout: float = O(600.0, help="Seconds a whole request may take."),
@@ -98,8 +100,10 @@ def bench(
             start = sweep_start_rate or (request_rate if math.isfinite(request_rate) else 1.0)
             sweep_cfg = SweepConfig(attainment, start, min(0.01, start), max(sweep_max_rate, start),
                                     sweep_max_probes, sweep_tolerance)
+        if not (0 < timeout < math.inf):
+            raise ValueError("--timeout must be a positive number of seconds")
         cfg = ClientConfig(base_url, endpoint, model or "", api_key, timeout, temperature, ignore_eos,
-                           json.loads(extra_body) if extra_body else {})
+                           continuous_usage_stats, json.loads(extra_body) if extra_body else {})
     except (ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
@@ -116,7 +120,7 @@ def bench(
         runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label)], None
     config = {"workload": workload.to_dict(), "client": cfg.to_dict(), "slo": slo_obj.to_dict() if slo_obj else None,
               "percentiles": list(pcts), "num_warmups": num_warmups, "tokenizer": tokenizer,
-              "sweep": sweep_info["config"] if sweep_info else None, "command": sys.argv}
+              "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv)}
     results = BenchResults(config, capture_environment(), runs, sweep_info, "client", created)
     write_outputs(results, result_dir or default_result_dir(), console, plots=not no_plots)
     if not any(r.success for run in runs for r in run.records):
@@ -153,6 +157,15 @@ def report(
     out = out_dir or os.path.dirname(os.path.abspath(results_json))
     write_outputs(results, out, console, plots=not no_plots, percentiles=pcts, slo=slo_obj, save_json=False,
                   detail=detail or None)
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line as run, without the API key (results files get shared)."""
+    out, hide = [], False
+    for arg in argv:
+        out.append("***" if hide else ("--api-key=***" if arg.startswith("--api-key=") else arg))
+        hide = arg == "--api-key"
+    return out
 
 
 def _percentiles(text: str) -> tuple[float, ...]:

@@ -22,6 +22,7 @@ class ClientConfig:
     timeout_s: float = 600.0  # whole request, send to last byte
     temperature: float = 0.0
     ignore_eos: bool = False  # vLLM/sloserve extension; only sent when set, strict servers reject it
+    continuous_usage: bool = False  # vLLM/sloserve extension: usage in every chunk, so tokens per chunk are known
     extra_body: dict = field(default_factory=dict)
 
     @property
@@ -32,8 +33,8 @@ class ClientConfig:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def payload(self, spec: RequestSpec) -> dict:
-        body: dict = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
-                      "temperature": self.temperature}
+        options = {"include_usage": True} | ({"continuous_usage_stats": True} if self.continuous_usage else {})
+        body: dict = {"model": self.model, "stream": True, "stream_options": options, "temperature": self.temperature}
         if self.chat:
             if not isinstance(spec.prompt, str):
                 raise ValueError("chat endpoints need text prompts (use words or a tokenizer)")
@@ -51,7 +52,7 @@ class ClientConfig:
         # The API key is a secret: never written to results.
         return {"base_url": self.base_url, "endpoint": self.endpoint, "model": self.model,
                 "timeout_s": self.timeout_s, "temperature": self.temperature,
-                "ignore_eos": self.ignore_eos, "extra_body": self.extra_body}
+                "ignore_eos": self.ignore_eos, "continuous_usage": self.continuous_usage, "extra_body": self.extra_body}
 
 
 async def send(http: httpx.AsyncClient, cfg: ClientConfig, spec: RequestSpec, t0: float,
@@ -92,14 +93,14 @@ async def send(http: httpx.AsyncClient, cfg: ClientConfig, spec: RequestSpec, t0
 
 
 async def _read_stream(resp: httpx.Response, rec: RequestRecord, text: list[str], t0: float) -> None:
-    last_usage, done = 0, False
+    last_usage, finished = 0, False
     async for line in resp.aiter_lines():
         now = time.perf_counter() - t0
-        if done or not line.startswith("data:"):
+        if finished or not line.startswith("data:"):
             continue  # blank separators, comments, event names; after [DONE], drain so the connection is reused
         data = line[5:].strip()
         if data == "[DONE]":
-            done = True
+            finished = True
             continue
         obj = json.loads(data)
         if "error" in obj:
@@ -117,9 +118,9 @@ async def _read_stream(resp: httpx.Response, rec: RequestRecord, text: list[str]
             # and finish-only chunks would add fake zero-length gaps to ITL.
             if piece:
                 rec.token_times_s.append(now)
-                done = usage.get("completion_tokens")  # vLLM's continuous_usage_stats
-                rec.chunk_tokens.append(done - last_usage if done is not None else None)
-                last_usage = done if done is not None else last_usage
+                so_far = usage.get("completion_tokens")  # with continuous_usage_stats
+                rec.chunk_tokens.append(so_far - last_usage if so_far is not None else None)
+                last_usage = so_far if so_far is not None else last_usage
                 text.append(piece)
         if usage.get("completion_tokens") is not None:
             rec.output_tokens, rec.output_tokens_source = usage["completion_tokens"], "usage"

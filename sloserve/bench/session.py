@@ -47,8 +47,9 @@ def run_sweep(workload: Workload, cfg: ClientConfig, sweep: SweepConfig, slo: SL
         run = run_once(w, cfg, num_warmups if not runs else 0, tokenizer, console, label=f"rate={rate:.4g}")
         runs.append(run)
         s = summarize(run.records, run.duration_s, slo=slo)
-        console.print(f"  rate {rate:.4g} req/s: attainment {s.attainment:.1%}, goodput {s.goodput:.3g} req/s")
-        return s.attainment if s.attainment is not None else 0.0
+        attained = s.attainment if s.attainment is not None else 0.0  # no request sent: nothing attained
+        console.print(f"  rate {rate:.4g} req/s: attainment {attained:.1%}, goodput {s.goodput or 0:.3g} req/s")
+        return attained
 
     result = find_max_goodput_rate(probe, sweep)
     info = {

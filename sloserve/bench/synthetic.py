@@ -58,8 +58,8 @@ class SyntheticSource:
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
-        if self.vocab_size < 20:
-            raise ValueError("vocab_size must be >= 20")
+        if self.vocab_size < 2:
+            raise ValueError("vocab_size must be >= 2")
 
     def sample(
         self, n: int, rng: np.random.Generator, prefix_rng: np.random.Generator, tokenizer: Tokenizer | None

@@ -29,7 +29,8 @@ class Behaviour:
     usage: bool = True  # final usage chunk, as with stream_options.include_usage
     hang_s: float = 0.0  # sleep before answering (client timeouts)
     drop_after: int | None = None  # abort the connection after this many tokens
-    error_event_after: int | None = None  # send an SSE error object after this many tokens
+    error_event_after: int | None = None  # send an SSE error object after this many chunks
+    tokens_per_chunk: int = 1  # > 1: chunk i (of ceil(n / k)) is written at start + ttft_s + i * gap_s
 
 
 @dataclass(slots=True)
@@ -119,7 +120,9 @@ class _Server:
         chat = path.endswith("chat/completions")
         n = b.n_tokens if b.n_tokens is not None else body.get("max_tokens", body.get("max_completion_tokens", 16))
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for i in range(n):
+        continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats"))
+        chunks = -(-n // b.tokens_per_chunk)
+        for i in range(chunks):
             await asyncio.sleep(max(0.0, start + b.ttft_s + i * b.gap_s - loop.time()))
             if b.drop_after is not None and i == b.drop_after:
                 writer.transport.abort()
@@ -127,9 +130,14 @@ class _Server:
             if b.error_event_after is not None and i == b.error_event_after:
                 await _event(writer, {"error": {"message": "scripted stream error"}})
                 break
-            choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
-            choice["finish_reason"] = "length" if i == n - 1 else None
-            await _event(writer, {"id": "x", "object": "chunk", "choices": [choice]})
+            done = min(n, (i + 1) * b.tokens_per_chunk)
+            text = "".join(f" t{k}" for k in range(i * b.tokens_per_chunk, done))
+            choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+            choice["finish_reason"] = "length" if i == chunks - 1 else None
+            event = {"id": "x", "object": "chunk", "choices": [choice]}
+            if continuous:
+                event["usage"] = {"prompt_tokens": _prompt_len(body), "completion_tokens": done}
+            await _event(writer, event)
             writes.append(time.monotonic())
         else:
             if b.usage:

@@ -76,6 +76,19 @@ def test_concurrent_requests_keep_exact_gaps_and_chunk_counts_without_usage():
     assert s.itl.percentiles[50] == pytest.approx(0.020, abs=TOL)
 
 
+def test_multi_token_chunks_are_one_gap_and_counted_from_continuous_usage():
+    # 12 tokens in 4 chunks of 3, 30 ms apart: E2E - TTFT = 90 ms over 11 tokens.
+    script = Script(Behaviour(ttft_s=0.05, gap_s=0.03, tokens_per_chunk=3))
+    w = Workload(SyntheticSource(LengthDist(8), LengthDist(12), vocab_size=1000), Arrivals(), 3, max_concurrency=1)
+    with FakeOpenAIServer(script) as srv:
+        run = asyncio.run(play(w, ClientConfig(srv.base_url, model="m", continuous_usage=True)))
+        assert srv.bodies()[-1]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    s = summarize(run.records, run.duration_s)
+    assert all(r.chunk_tokens == [3, 3, 3, 3] and r.output_tokens == 12 for r in run.records)
+    assert s.itl.count == 3 * 3 and s.itl.percentiles[50] == pytest.approx(0.030, abs=TOL)
+    assert s.tpot.percentiles[50] == pytest.approx(0.090 / 11, abs=TOL)
+
+
 def test_attainment_and_goodput_with_known_mix(tmp_path):
     script = Script(by_prompt={
         "fast": Behaviour(ttft_s=0.05, gap_s=0.02),  # TTFT 50, TPOT 20: meets
