@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from sloserve.demo import demo
 from sloserve.server.cli import serve
 from sloserve.bench.cli import app as bench_app
 
@@ -36,6 +37,7 @@ def generate(
 
 
 app.command("serve")(serve)
+app.command("demo")(demo)
 app.add_typer(bench_app, name="bench")
 
 if __name__ == "__main__":
