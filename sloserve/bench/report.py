@@ -41,9 +41,14 @@ def render(results: BenchResults, sums: list[RunSummary], console: Console, deta
     if len(sums) > 1:
         console.print(_runs_table(results, sums))
     if results.sweep is not None:
-        best = results.sweep.get("max_goodput_rate")
+        best, upper = results.sweep.get("max_goodput_rate"), results.sweep.get("upper_rate")
         target = results.sweep["target_attainment"]
-        msg = f"{best:.3g} req/s" if best is not None else "none found (no probed rate met the target)"
+        if best is None:
+            msg = "none found (no probed rate met the target)"
+        elif upper is None:
+            msg = f"at least {best:.3g} req/s (no probed rate missed the target; raise --sweep-max-probes)"
+        else:
+            msg = f"{best:.3g} req/s (missed at {upper:.3g} req/s)"
         console.print(f"[bold]Max goodput rate[/bold] at attainment >= {target:.0%}: {msg}")
     console.print(f"[dim]{AVERAGING_NOTE}[/dim]")
 
@@ -66,7 +71,8 @@ def _overview(label: str, s: RunSummary, source: str) -> Table:
         rows.append(("Client send overhead p50 / max (ms)",
                      f"{_ms(_pct(s.client_overhead, 50))} / {_ms(_max(s.client_overhead))}"))
     if s.send_lag is not None and s.send_lag.count:
-        rows.append(("Send lag vs schedule p50 / max (ms)", f"{_ms(_pct(s.send_lag, 50))} / {_ms(_max(s.send_lag))}"))
+        rows.append(("Send lag after arrival, incl. concurrency wait, p50 / max (ms)",
+                     f"{_ms(_pct(s.send_lag, 50))} / {_ms(_max(s.send_lag))}"))
     for k, v in rows:
         t.add_row(k, v)
     return t
@@ -101,16 +107,17 @@ def _slo_table(s: RunSummary) -> Table:
 
 
 def _runs_table(results: BenchResults, sums: list[RunSummary]) -> Table:
-    t = Table(title="All runs")
-    for col in ("run", "rate", "ok", "failed", "req/s", "TTFT p50", "TTFT p99*", "TPOT p50", "TPOT p99*",
-                "attainment", "goodput"):
-        t.add_column(col, justify="right")
+    top = pct_label(_top(sums[0]))
+    t = Table(title="All runs (latencies in ms)")
+    for col in ("rate", "ok/fail", "req/s", "TTFT\np50", f"TTFT\n{top}", "TPOT\np50", f"TPOT\n{top}", "SLO\nmet",
+                "goodput\nreq/s"):
+        t.add_column(col, justify="right", no_wrap=True)
     for run, s in zip(results.runs, sums):
-        t.add_row(run.label, f"{run.rate:g}", str(s.completed), str(s.failed), _f(s.request_throughput),
+        rate = f"{run.rate:g}" if math.isfinite(run.rate) else run.label
+        t.add_row(rate, f"{s.completed}/{s.failed}", _f(s.request_throughput),
                   _ms(_pct(s.ttft, 50)), _ms(_pct(s.ttft, _top(s))), _ms(_pct(s.tpot, 50)),
                   _ms(_pct(s.tpot, _top(s))), "-" if s.attainment is None else f"{s.attainment:.1%}",
                   _f(s.goodput))
-    t.caption = "* highest configured percentile; latencies in ms"
     return t
 
 

@@ -33,8 +33,11 @@ def run_once(workload: Workload, cfg: ClientConfig, num_warmups: int, tokenizer:
             failures[0] += 0 if rec.success else 1
             progress.update(task, advance=1, errors=failures[0])
 
-        return asyncio.run(play(workload, cfg, num_warmups=num_warmups, label=label, tokenizer=tokenizer,
-                                on_start=lambda n: progress.update(task, total=n), on_record=on_record))
+        run = asyncio.run(play(workload, cfg, num_warmups=num_warmups, label=label, tokenizer=tokenizer,
+                               on_start=lambda n: progress.update(task, total=n), on_record=on_record))
+        # A time limit may stop short of the planned count: end the bar where the run ended.
+        progress.update(task, total=len(run.records), completed=len(run.records))
+        return run
 
 
 def run_sweep(workload: Workload, cfg: ClientConfig, sweep: SweepConfig, slo: SLO, num_warmups: int,
