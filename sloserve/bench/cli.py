@@ -114,10 +114,14 @@ def bench(
             console.print(f"[red]error:[/red] could not list models at {base_url} ({e}); pass --model")
             raise typer.Exit(2)
     created = time.time()
-    if sweep_cfg is not None:
-        runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console)
-    else:
-        runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label)], None
+    try:
+        if sweep_cfg is not None:
+            runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console)
+        else:
+            runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label)], None
+    except (ValueError, OSError) as e:  # the dataset could not be read or used; requests never raise
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
     config = {"workload": workload.to_dict(), "client": cfg.to_dict(), "slo": slo_obj.to_dict() if slo_obj else None,
               "percentiles": list(pcts), "num_warmups": num_warmups, "tokenizer": tokenizer,
               "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv)}

@@ -41,7 +41,8 @@ def test_bench_runs_then_report_rerenders(tmp_path):
 def test_bad_arguments_exit_cleanly(tmp_path):
     for args, message in ((["--slo", "ttft=soon"], "bad SLO"), (["--sweep"], "--sweep needs --slo"),
                           (["--dataset-name", "nope"], "dataset-name"),
-                          (["--arrival", "poisson"], "finite --request-rate")):
+                          (["--arrival", "poisson"], "finite --request-rate"),
+                          (["--dataset-name", "sharegpt", "--dataset-path", str(tmp_path / "no.json")], "No such file")):
         res = RUNNER.invoke(app, ["bench", "--model", "m", "--result-dir", str(tmp_path), *args])
         assert res.exit_code == 2 and message in res.output, res.output
     res = RUNNER.invoke(app, ["bench", "report", str(tmp_path / "missing.json")])
