@@ -55,7 +55,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(chat_model_dir, tmp_path)
         for t in threads:
             t.start()
         assert started.wait(30)
-        assert wait_until(lambda: metric(_metrics(url), "sloserve:num_requests_waiting") >= 1)
+        assert wait_until(lambda: _admitted(_metrics(url)) == 3)  # all admitted before the signal
         proc.send_signal(signal.SIGTERM)
         # Draining: still listening, but new work is refused with 503 and /health says so.
         assert wait_until(lambda: httpx.get(url + "/health").status_code == 503, timeout=5)
@@ -79,6 +79,7 @@ def test_grace_period_over_aborts_what_is_left(chat_model_dir, start_server):
     for t in threads:
         t.start()
     assert started.wait(30)
+    assert wait_until(lambda: _admitted(server.metrics()) == 2)  # both admitted before draining
     t0 = time.monotonic()
     server.call(server.ctx.drain(grace_s=0.3))
     assert time.monotonic() - t0 < 5
@@ -96,6 +97,12 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _admitted(samples: dict[str, float]) -> float:
+    """Requests in flight or already ended."""
+    return sum(metric(samples, name) for name in (
+        "sloserve:num_requests_running", "sloserve:num_requests_waiting", "sloserve:request_success_total"))
 
 
 def _metrics(url: str) -> dict[str, float]:
