@@ -67,14 +67,12 @@ def bench(
 
     from rich.console import Console
 
-    from sloserve.bench.arrivals import Arrivals
     from sloserve.bench.client import ClientConfig, fetch_first_model
     from sloserve.bench.results import BenchResults, capture_environment
     from sloserve.bench.session import default_result_dir, run_once, run_sweep, write_outputs
     from sloserve.bench.slo import SLO
     from sloserve.bench.sweep import SweepConfig
     from sloserve.bench.tokens import HFTokenizer
-    from sloserve.bench.workload import Workload
 
     console = Console()
     try:
@@ -86,13 +84,11 @@ def bench(
         if chat and fmt == "ids" and tok is None:
             raise ValueError("chat endpoints take text: use --random-prompt-format words or --tokenizer")
         vocab = random_vocab_size or (tok.vocab_size if tok else 32000)
-        source = _source(dataset_name, dataset_path, random_input_len, random_output_len, random_range_ratio,
-                         random_dist, random_input_min, random_input_max, random_output_min, random_output_max,
-                         random_prefix_len, vocab, fmt, sharegpt_output_len)
-        kind, concurrency = _arrival(arrival, dataset_name, request_rate, burstiness, max_concurrency)
-        open_ended = dataset_name == "trace" or (duration and math.isfinite(request_rate) and kind != "burst")
-        n = num_prompts if num_prompts is not None else (None if open_ended else 1000)
-        workload = Workload(source, Arrivals(kind, request_rate, burstiness), n, duration, concurrency, seed)
+        workload = build_workload(dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival,
+                                  max_concurrency, random_input_len, random_output_len, random_range_ratio,
+                                  random_dist, random_input_min, random_input_max, random_output_min,
+                                  random_output_max, random_prefix_len, vocab, fmt, sharegpt_output_len, seed,
+                                  duration)
         sweep_cfg = None
         if sweep:
             if slo_obj is None:
@@ -177,6 +173,21 @@ def _percentiles(text: str) -> tuple[float, ...]:
     if not vals or any(not 0 <= v <= 100 for v in vals):
         raise ValueError(f"percentiles must be numbers in [0, 100], got {text!r}")
     return vals
+
+
+def build_workload(dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
+                   in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max, prefix, vocab, fmt, sg_out, seed,
+                   duration):
+    """The Workload the workload options describe; shared with `sloserve simulate`, which takes the same options."""
+    from sloserve.bench.arrivals import Arrivals
+    from sloserve.bench.workload import Workload
+
+    source = _source(dataset_name, dataset_path, in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max,
+                     prefix, vocab, fmt, sg_out)
+    kind, concurrency = _arrival(arrival, dataset_name, request_rate, burstiness, max_concurrency)
+    open_ended = dataset_name == "trace" or (duration and math.isfinite(request_rate) and kind != "burst")
+    n = num_prompts if num_prompts is not None else (None if open_ended else 1000)
+    return Workload(source, Arrivals(kind, request_rate, burstiness), n, duration, concurrency, seed)
 
 
 def _source(name, path, in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max, prefix, vocab, fmt, sg_out):
