@@ -6,6 +6,7 @@ import typer
 from sloserve.demo import demo
 from sloserve.server.cli import serve
 from sloserve.bench.cli import app as bench_app
+from sloserve.sim.cli import profile, simulate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A latency-first LLM inference engine.")
 
@@ -39,6 +40,8 @@ def generate(
 app.command("serve")(serve)
 app.command("demo")(demo)
 app.add_typer(bench_app, name="bench")
+app.command("profile")(profile)
+app.command("simulate")(simulate)
 
 if __name__ == "__main__":
     app()

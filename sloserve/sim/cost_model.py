@@ -1,0 +1,105 @@
+"""A linear step-time model with non-negative coefficients: fit, predict, errors, JSON."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sloserve.sim.nnls import nnls
+
+
+@dataclass(slots=True)
+class FitError:
+    """Absolute relative errors |predicted - measured| / measured over a set of shapes."""
+
+    count: int
+    mean: float
+    median: float
+    max: float
+
+    @classmethod
+    def of(cls, predicted: np.ndarray, measured: np.ndarray) -> FitError:
+        if len(measured) == 0:
+            return cls(0, float("nan"), float("nan"), float("nan"))
+        rel = np.abs(predicted - measured) / measured
+        return cls(len(rel), float(rel.mean()), float(np.median(rel)), float(rel.max()))
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "mean_abs_rel": self.mean, "median_abs_rel": self.median, "max_abs_rel": self.max}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FitError:
+        return cls(d["count"], d["mean_abs_rel"], d["median_abs_rel"], d["max_abs_rel"])
+
+
+@dataclass(slots=True)
+class LinearCostModel:
+    """seconds = sum(coefficient_i * feature_i); every coefficient >= 0 so no term can make a step cheaper."""
+
+    terms: tuple[str, ...]
+    coefficients: list[float]
+
+    def predict(self, features: Sequence[float]) -> float:
+        # Plain Python: the simulator calls this once per step, and numpy's per-call cost would dominate.
+        return sum(c * f for c, f in zip(self.coefficients, features))
+
+    def predict_many(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, float) @ np.asarray(self.coefficients)
+
+    @classmethod
+    def fit(cls, terms: Sequence[str], x: np.ndarray, seconds: np.ndarray) -> LinearCostModel:
+        """Non-negative least squares on *relative* error, so a 5 ms decode step counts as much as a
+        2 s prefill step (decodes set TPOT; an absolute fit would sacrifice them to the big steps)."""
+        x, y = np.asarray(x, float), np.asarray(seconds, float)
+        if x.ndim != 2 or x.shape != (len(y), len(terms)):
+            raise ValueError(f"features must be {len(y)} x {len(terms)}, got {x.shape}")
+        if (y <= 0).any():
+            raise ValueError("measured times must be positive")
+        weighted = x / y[:, None]
+        # Unit columns keep the active-set solver well conditioned; unused terms (all zero) stay zero.
+        scale = np.linalg.norm(weighted, axis=0)
+        scale[scale == 0] = 1.0
+        coef = nnls(weighted / scale, np.ones(len(y))) / scale
+        return cls(tuple(terms), [float(c) for c in coef])
+
+    def errors(self, x: np.ndarray, seconds: np.ndarray) -> FitError:
+        return FitError.of(self.predict_many(x), np.asarray(seconds, float))
+
+    def to_dict(self) -> dict:
+        return {"terms": list(self.terms), "coefficients": self.coefficients}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearCostModel:
+        return cls(tuple(d["terms"]), [float(c) for c in d["coefficients"]])
+
+
+@dataclass(slots=True)
+class FittedModel:
+    """A model fitted on every sample, with the error of a fit that had every k-th sample held out."""
+
+    model: LinearCostModel
+    train: FitError
+    heldout: FitError
+    holdout_every: int
+
+    def to_dict(self) -> dict:
+        return {**self.model.to_dict(), "holdout_every": self.holdout_every,
+                "train_error": self.train.to_dict(), "heldout_error": self.heldout.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FittedModel:
+        return cls(LinearCostModel.from_dict(d), FitError.from_dict(d["train_error"]),
+                   FitError.from_dict(d["heldout_error"]), d["holdout_every"])
+
+
+def fit_with_holdout(terms: Sequence[str], x: np.ndarray, seconds: np.ndarray, every: int = 5) -> FittedModel:
+    """Held-out error from a fit on the other samples; the stored coefficients use all of them."""
+    x, y = np.asarray(x, float), np.asarray(seconds, float)
+    held = np.zeros(len(y), dtype=bool)
+    held[every - 1 :: every] = True
+    if held.all() or not held.any():
+        raise ValueError(f"need at least {every} samples to hold out every {every}th")
+    partial = LinearCostModel.fit(terms, x[~held], y[~held])
+    full = LinearCostModel.fit(terms, x, y)
+    return FittedModel(full, partial.errors(x[~held], y[~held]), partial.errors(x[held], y[held]), every)

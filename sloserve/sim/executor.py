@@ -1,0 +1,46 @@
+"""SimulatedExecutor: runs no model; advances the virtual clock by the predicted step time."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from sloserve.engine.scheduler import SchedulerOutput
+from sloserve.sim.clock import VirtualClock
+from sloserve.sim.features import StepShape
+
+
+class StepTimeModel(Protocol):
+    def step_seconds(self, shape: StepShape) -> float:
+        """Predicted seconds from one step's start to the next: the executor's and the engine's own work."""
+        ...
+
+
+class SimulatedExecutor:
+    """Implements the engine's Executor protocol, so the real LLMEngine and Scheduler drive it.
+
+    The engine's own work (scheduling, stop checks, outputs) runs for real but costs no virtual time,
+    so the step-time model's overhead terms charge it here, on the step that causes it.
+    """
+
+    def __init__(self, model: StepTimeModel, clock: VirtualClock, num_kv_blocks: int, token_id: int = 0) -> None:
+        self.model = model
+        self.clock = clock
+        self.num_kv_blocks = num_kv_blocks
+        # Requests run with ignore_eos and max_tokens = their output length, so this token never
+        # ends one early, whichever id it is.
+        self.token_id = token_id
+        self.num_steps = 0
+        self.busy_seconds = 0.0
+        self.first_scheduled: list[str] = []  # request ids in the order the scheduler first ran them
+
+    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+        seconds = self.model.step_seconds(StepShape.of(plan))
+        self.clock.advance(seconds)
+        self.num_steps += 1
+        self.busy_seconds += seconds
+        token, out = self.token_id, []
+        for s in plan.scheduled:
+            request = s.request
+            if request.num_computed_tokens == 0 and not request.num_preemptions:
+                self.first_scheduled.append(request.request_id)
+            out.append(token if s.samples else None)
+        return out

@@ -1,0 +1,113 @@
+"""The simulation driver: plays a workload into a simulated LLMEngine on virtual time and records every token."""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sloserve.bench.records import RequestRecord
+from sloserve.bench.workload import RequestSpec
+from sloserve.engine.engine import LLMEngine
+from sloserve.engine.policy import Policy
+from sloserve.request import SamplingParams
+from sloserve.sim.clock import VirtualClock
+from sloserve.sim.executor import SimulatedExecutor, StepTimeModel
+
+
+@dataclass(slots=True)
+class EngineKnobs:
+    """The engine settings a simulation varies (the same knobs as `sloserve serve`)."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    num_kv_blocks: int
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+
+
+@dataclass(slots=True)
+class SimOutcome:
+    records: list[RequestRecord]
+    duration_s: float  # t=0 to the end of the last request, as the bench runner measures it
+    num_steps: int
+    busy_s: float  # virtual time spent in steps (the rest is idle)
+    first_scheduled: list[int] = field(default_factory=list)  # spec indices in the order the scheduler first ran them
+
+
+def build_sim_engine(model: StepTimeModel, knobs: EngineKnobs, policy: Policy, clock: VirtualClock) -> LLMEngine:
+    """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock."""
+    executor = SimulatedExecutor(model, clock, knobs.num_kv_blocks)
+    return LLMEngine(
+        executor, max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size, block_size=knobs.block_size,
+        max_num_batched_tokens=knobs.max_num_batched_tokens, max_num_seqs=knobs.max_num_seqs,
+        clock=clock, policy=policy,
+    )
+
+
+def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *, max_concurrency: int | None = None,
+             duration_s: float | None = None, priority: Callable[[RequestSpec], int] | None = None) -> SimOutcome:
+    """Send each spec at its arrival (or when a --max-concurrency slot frees), step until all are done.
+
+    Requests arriving during a step join after it, as with the server's step loop, but keep their
+    arrival time; with nothing to run, the clock jumps to the next arrival.
+    """
+    pending = deque(sorted(specs, key=lambda s: s.arrival_s))
+    queued: deque[RequestSpec] = deque()
+    # When each free --max-concurrency slot became free; requests take the earliest (FIFO, as a semaphore).
+    free_slots = [0.0] * max_concurrency if max_concurrency else None
+    live: dict[str, RequestRecord] = {}
+    records: list[RequestRecord] = []
+    vocab = engine.vocab_size
+    executor = engine.executor
+
+    def send(now: float) -> None:
+        while pending and pending[0].arrival_s <= now:
+            queued.append(pending.popleft())
+        while queued and (free_slots is None or free_slots):
+            spec = queued.popleft()
+            send_s = spec.arrival_s if free_slots is None else max(spec.arrival_s, heapq.heappop(free_slots))
+            if free_slots is not None and duration_s is not None and send_s >= duration_s:
+                continue  # as the runner: past the time limit a request still waiting for a slot is never sent
+            prompt = [t % vocab for t in spec.prompt] if isinstance(spec.prompt, list) else [1] * spec.prompt_len
+            record = RequestRecord(spec.index, spec.arrival_s, send_s, spec.prompt_len, spec.output_len,
+                                   prompt_tokens=len(prompt), output_tokens_source="usage")
+            try:
+                params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+                engine.add_request(str(spec.index), prompt, params, arrival_time=send_s,
+                                   priority=priority(spec) if priority else 0)
+            except ValueError as error:  # what the server answers with a 400
+                record.status, record.error_kind, record.error, record.end_s = 400, "http_400", str(error), send_s
+                records.append(record)
+                if free_slots is not None:
+                    heapq.heappush(free_slots, send_s)
+                continue
+            live[str(spec.index)] = record
+
+    while True:
+        send(clock.now())
+        if not engine.has_unfinished_requests():
+            if not pending:
+                break
+            clock.advance_to(pending[0].arrival_s)  # idle: jump across the gap
+            continue
+        steps = executor.num_steps
+        outputs = engine.step()
+        if executor.num_steps == steps:
+            raise RuntimeError("the scheduler planned nothing while requests wait: the simulation cannot advance")
+        for out in outputs:
+            if out.finished:
+                record = live.pop(out.request_id)
+                record.token_times_s = list(out.token_times)
+                record.chunk_tokens = [1] * len(out.token_times)
+                record.output_tokens = len(out.token_ids)
+                record.end_s = out.finished_time
+                record.status, record.finish_reason = 200, out.finish_reason
+                records.append(record)
+                if free_slots is not None:
+                    heapq.heappush(free_slots, out.finished_time)
+    end = max((r.end_s for r in records if r.end_s is not None), default=0.0)
+    records.sort(key=lambda r: r.index)
+    return SimOutcome(records, end, executor.num_steps, executor.busy_seconds,
+                      [int(i) for i in executor.first_scheduled])

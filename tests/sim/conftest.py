@@ -1,0 +1,44 @@
+"""Shared simulator fixtures: a profile with known coefficients, and a real --quick profile of a tiny model."""
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from sloserve.sim.cost_model import FitError, FittedModel, LinearCostModel
+from sloserve.sim.features import EXECUTE_TERMS, OVERHEAD_TERMS
+from sloserve.sim.profile import Profile
+
+# Seconds per unit of each term: a 5 ms step, 50 us per token, 0.2 ms per sampled row, ...
+KNOWN_EXECUTE = dict(step=5e-3, tokens=5e-5, samples=2e-4, requests=3e-5, prefill_chunks=4e-4,
+                     prefill_attn=2e-8, prefill_ctx=1e-6, decode_ctx=1e-7, decode_padded=5e-8)
+KNOWN_OVERHEAD = dict(step=3e-4, requests=2e-5, samples=1e-5)
+
+
+def known_profile(vocab_size: int = 384, num_kv_blocks: int = 256, max_model_len: int = 256) -> Profile:
+    nothing = FitError(0, 0.0, 0.0, 0.0)
+    return Profile(
+        machine={"cpu": "synthetic"}, model={"path": "synthetic"},
+        engine={"block_size": 16, "max_num_batched_tokens": 64, "max_num_seqs": 8, "kv_bytes_per_block": 1024,
+                "num_kv_blocks": num_kv_blocks, "max_model_len": max_model_len, "vocab_size": vocab_size},
+        execute=FittedModel(LinearCostModel(EXECUTE_TERMS, [KNOWN_EXECUTE[t] for t in EXECUTE_TERMS]), nothing, nothing, 5),
+        overhead=FittedModel(LinearCostModel(OVERHEAD_TERMS, [KNOWN_OVERHEAD[t] for t in OVERHEAD_TERMS]), nothing, nothing, 5),
+    )
+
+
+@pytest.fixture
+def synthetic_profile() -> Profile:
+    return known_profile()
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_model_dir, tmp_path_factory):
+    """`sloserve profile --quick` on the tiny SmolLM-shaped model (one repeat: tests check form, not speed)."""
+    from sloserve.cli import app
+
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    result = CliRunner().invoke(app, [
+        "profile", str(tiny_model_dir("smollm")), "--quick", "--repeats", "1", "--max-num-batched-tokens", "64",
+        "--max-num-seqs", "8", "--num-kv-blocks", "64", "-o", str(path),
+    ])
+    assert result.exit_code == 0, result.output
+    return path, result.output
