@@ -15,8 +15,8 @@ def test_bench_runs_then_report_rerenders(tmp_path):
         res = RUNNER.invoke(app, [
             "bench", "--base-url", srv.base_url, "--endpoint", "/v1/chat/completions",
             "--num-prompts", "6", "--random-input-len", "8", "--random-output-len", "4", "--max-concurrency", "2",
-            "--num-warmups", "1", "--ignore-eos", "--slo", "ttft=200ms,tpot=50ms", "--result-dir", str(out),
-        ])
+            "--num-warmups", "1", "--ignore-eos", "--slo", "ttft=2s,tpot=1s", "--result-dir", str(out),
+        ])  # a loose SLO: the scripted 20 ms / 10 ms meet it even on a busy machine
         bodies = srv.bodies()
     assert res.exit_code == 0, res.output
     assert "SLO attainment" in res.output and "100.0%" in res.output

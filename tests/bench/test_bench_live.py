@@ -34,7 +34,7 @@ def test_measures_known_timing_within_5ms():
     with FakeOpenAIServer(script) as srv:
         run = asyncio.run(play(w, ClientConfig(srv.base_url, model="m"), num_warmups=1))
         log = srv.log()
-    s = summarize(run.records, run.duration_s, slo=SLO(ttft_s=0.2, tpot_s=0.05))
+    s = summarize(run.records, run.duration_s, slo=SLO(ttft_s=1.0, tpot_s=0.5))  # loose: a busy machine stalls
     assert (s.completed, s.failed, s.total_output_tokens) == (n, 0, n * 10)
     assert all(r.output_tokens_source == "usage" and r.prompt_tokens == 16 for r in run.records)
     # Other processes on a shared machine can only make the server or the
@@ -90,22 +90,24 @@ def test_multi_token_chunks_are_one_gap_and_counted_from_continuous_usage():
 
 
 def test_attainment_and_goodput_with_known_mix(tmp_path):
+    # SLO: TTFT <= 400 ms, TPOT <= 60 ms. Margins are wide (a stall of 100+ ms
+    # on a busy machine must not flip a verdict); lateness can only add time.
     script = Script(by_prompt={
-        "fast": Behaviour(ttft_s=0.05, gap_s=0.02),  # TTFT 50, TPOT 20: meets
-        "slow": Behaviour(ttft_s=0.30, gap_s=0.02),  # TTFT 300: misses
-        "drip": Behaviour(ttft_s=0.05, gap_s=0.08),  # TPOT 80: misses
+        "fast": Behaviour(ttft_s=0.05, gap_s=0.01),  # TTFT 50, TPOT 10: meets
+        "slow": Behaviour(ttft_s=0.60, gap_s=0.01),  # TTFT 600: misses
+        "drip": Behaviour(ttft_s=0.05, gap_s=0.15),  # TPOT 150: misses
         "single": Behaviour(ttft_s=0.05, n_tokens=1),  # no TPOT: meets
         "reject": Behaviour(status=429),  # rejected: misses
     })
     w = trace_workload(tmp_path, [("fast", 3), ("slow", 3), ("drip", 3), ("single", 3), ("reject", 3)], 1)
     with FakeOpenAIServer(script) as srv:
         run = asyncio.run(play(w, ClientConfig(srv.base_url, model="m")))
-    s = summarize(run.records, run.duration_s, slo=SLO(ttft_s=0.2, tpot_s=0.05))
+    s = summarize(run.records, run.duration_s, slo=SLO(ttft_s=0.4, tpot_s=0.06))
     assert (s.num_requests, s.completed, s.num_good) == (5, 4, 2)
     assert s.attainment == pytest.approx(2 / 5)
     assert s.goodput == pytest.approx(2 / run.duration_s)
-    busy = 0.09 + 0.34 + 0.21 + 0.05  # the four answered requests' known service times, served one at a time
-    assert busy <= run.duration_s <= busy + 5 * TOL * 2
+    busy = 0.07 + 0.62 + 0.35 + 0.05  # the four answered requests' known service times, served one at a time
+    assert busy <= run.duration_s <= busy + 0.1  # plus each request's small client/transport overhead
     assert s.tpot.count == 3 and s.errors == {"http_429": 1}
 
 
@@ -147,4 +149,4 @@ def test_duration_limit_stops_sending(tmp_path):
     with FakeOpenAIServer(script) as srv:
         run = asyncio.run(play(w, ClientConfig(srv.base_url, model="m")))
     assert 4 <= len(run.records) < 200  # each pair takes ~20 ms: far fewer than 1000 were sent
-    assert all(r.send_s < 0.3 for r in run.records) and run.duration_s < 0.5
+    assert all(r.send_s < 0.3 for r in run.records) and run.duration_s < 1.0

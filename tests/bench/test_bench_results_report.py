@@ -94,3 +94,15 @@ def test_write_csv_matches_summaries(tmp_path):
     row = next(csv.DictReader(open(tmp_path / "s.csv")))
     assert float(row["request_throughput"]) == pytest.approx(sums[0].request_throughput)
     assert float(row["tpot_mean_ms"]) == pytest.approx(20.0)
+
+
+def test_simulator_results_render_without_client_fields():
+    res = results()
+    res.source = "simulator"
+    for r in res.runs[0].records:
+        r.wire_s = None  # a simulator has no socket
+    res = BenchResults.from_dict(json.loads(json.dumps(res.to_dict())))
+    console = Console(file=io.StringIO(), width=200, record=True)
+    render(res, summaries(res), console)
+    text = console.export_text()
+    assert "(simulated)" in text and "Client send overhead" not in text and "80.0%" in text
