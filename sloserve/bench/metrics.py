@@ -1,21 +1,19 @@
-"""Metric math, as `vllm bench serve` defines it: TTFT, TPOT, ITL, E2E, throughput, SLO attainment, goodput.
-
-Averaging choices (stated in every report):
-  * TTFT, E2E: one value per successful request; mean and percentiles over requests.
-  * TPOT: per request (E2E - TTFT) / (output tokens - 1), only requests with
-    > 1 output token; then mean/percentiles over requests (request-weighted,
-    not token-weighted).
-  * ITL: every gap between consecutive token-bearing chunks, pooled over all
-    successful requests (a chunk with several tokens is one gap).
-  * Percentiles: numpy's default linear interpolation between order
-    statistics (numpy.percentile, method="linear"), as vLLM.
-  * Throughputs and goodput divide by the run's duration: start of the run
-    (first scheduled arrival) to the end of the last request.
-  * Token totals count successful requests only; input tokens are the
-    server's usage.prompt_tokens when reported, else the workload's length.
-  * SLO attainment: share of ALL issued requests (failed ones included,
-    never meeting it); warm-ups are excluded everywhere.
-"""
+"""Metric math, as `vllm bench serve` defines it: TTFT, TPOT, ITL, E2E, throughput, SLO attainment, goodput."""
+# Averaging choices (stated in every report):
+#   * TTFT, E2E: one value per successful request; mean and percentiles over requests.
+#   * TPOT: per request (E2E - TTFT) / (output tokens - 1), only requests with
+#     > 1 output token; then mean/percentiles over requests (request-weighted,
+#     not token-weighted).
+#   * ITL: every gap between consecutive token-bearing chunks, pooled over all
+#     successful requests (a chunk with several tokens is one gap).
+#   * Percentiles: numpy's default linear interpolation between order
+#     statistics (numpy.percentile, method="linear"), as vLLM.
+#   * Throughputs and goodput divide by the run's duration: start of the run
+#     (first scheduled arrival) to the end of the last request.
+#   * Token totals count successful requests only; input tokens are the
+#     server's usage.prompt_tokens when reported, else the workload's length.
+#   * SLO attainment: share of ALL issued requests (failed ones included,
+#     never meeting it); warm-ups are excluded everywhere.
 from __future__ import annotations
 
 from collections import Counter

@@ -1,8 +1,7 @@
-"""The results file: a versioned JSON dict of config, environment and raw per-request records.
-
-Written by `sloserve bench` and (later) by the simulator, read by `bench report`.
-Summaries are never stored as truth: they are recomputed from the records.
-"""
+"""The results file: a versioned JSON dict of config, environment and raw per-request records."""
+# Written by `sloserve bench` and (later) by the simulator, read by `bench report`.
+# Summaries are never stored: they are recomputed from the records, so a
+# report can re-judge a run against another SLO or other percentiles.
 from __future__ import annotations
 
 import json

@@ -1,8 +1,6 @@
-"""Workloads: a seeded list of request specs (prompt, lengths, arrival offset); no HTTP, no clocks.
-
-Shared by the load generator and the simulator, so it only describes *what*
-is sent and *when* (offsets in seconds from the benchmark start).
-"""
+"""Workloads: a seeded list of request specs (prompt, lengths, arrival offset); no HTTP, no clocks."""
+# Shared by the load generator and the simulator, so it only describes *what*
+# is sent and *when* (offsets in seconds from the benchmark start).
 from __future__ import annotations
 
 import dataclasses

@@ -1,8 +1,6 @@
-"""A scripted fake OpenAI server with known per-token timing: raw asyncio HTTP on loopback, in a child process.
-
-A child process, not a thread: in one process the server and the client under
-test would take turns on the GIL, adding milliseconds to what we measure.
-"""
+"""A scripted fake OpenAI server with known per-token timing: raw asyncio HTTP on loopback, in a child process."""
+# A child process, not a thread: in one process the server and the client under
+# test would take turns on the GIL, adding milliseconds to what we measure.
 from __future__ import annotations
 
 import asyncio
