@@ -111,6 +111,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     else:
         model.load_state_dict(read_hf_weights(model_dir, shape), strict=True)
     model.to(dtype).eval().requires_grad_(False)
+    model.pack_weights()
     tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else model_dir
     tokenizer = None
     if any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
@@ -152,8 +153,7 @@ def to_fused_state_dict(hf: dict[str, torch.Tensor], shape: ModelShape) -> dict[
             raise ValueError(f"checkpoint is missing weight {name!r}") from None
 
     out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    if not shape.tie_word_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
+    out["lm_head.weight"] = out["embed_tokens.weight"] if shape.tie_word_embeddings else take("lm_head.weight")
     for i in range(shape.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
