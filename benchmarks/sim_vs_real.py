@@ -1,0 +1,227 @@
+"""Simulator vs real server: predicted and measured TTFT/TPOT percentiles at 30/60/85% of capacity, and sim speed."""
+
+# Run: python benchmarks/sim_vs_real.py [--quick] [--requests 120] [--loads 0.3,0.6,0.85] [--profile profile.json]
+#      [--out DIR] [--sim-requests 10000]
+# One SmolLM2-135M-shaped model with random weights (only speed matters) is profiled with `sloserve profile`,
+# served with `sloserve serve` in a subprocess and loaded with the bench runner; the simulator replays the same
+# workload (same seed, same arrival times, same engine knobs) on virtual time. Both write bench results files.
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from transformers import LlamaConfig
+
+from sloserve.bench.arrivals import Arrivals
+from sloserve.bench.client import ClientConfig
+from sloserve.bench.lengths import LengthDist
+from sloserve.bench.metrics import summarize
+from sloserve.bench.results import BenchResults, capture_environment
+from sloserve.bench.runner import play
+from sloserve.bench.synthetic import SyntheticSource
+from sloserve.bench.workload import Workload
+from sloserve.engine.policy import FCFS
+from sloserve.sim.clock import VirtualClock
+from sloserve.sim.profile import Profile, describe_machine
+from sloserve.sim.results import sim_results, sim_run
+from sloserve.sim.simulate import EngineKnobs, build_sim_engine, simulate
+
+SMOLLM2_135M = dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0)
+PCTS = (50.0, 90.0, 99.0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="short run: fewer requests, a smaller profile grid")
+    p.add_argument("--requests", type=int, default=None, help="requests per load level (default 120; 40 with --quick)")
+    p.add_argument("--loads", default="0.3,0.6,0.85", help="fractions of the measured capacity")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--range-ratio", type=float, default=0.5)
+    p.add_argument("--capacity-requests", type=int, default=None, help="burst size for capacity (default 48; 24 quick)")
+    p.add_argument("--sim-requests", type=int, default=10000, help="requests of the simulator speed run")
+    p.add_argument("--profile", default=None, help="reuse this profile instead of profiling first")
+    p.add_argument("--out", default=None, help="folder for the profile and results files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args()
+    n = args.requests or (40 if args.quick else 120)
+    burst = args.capacity_requests or (24 if args.quick else 48)
+    out = Path(args.out or tempfile.mkdtemp(prefix="sim_vs_real-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "smollm2-135m-dummy"
+    LlamaConfig(**SMOLLM2_135M).save_pretrained(model_dir)
+    save_word_tokenizer(model_dir, SMOLLM2_135M["vocab_size"])
+    knobs_args = ["--load-format", "dummy", "--max-num-batched-tokens", "512", "--max-num-seqs", "64"]
+
+    print(f"machine: {describe_machine()}; load average {os.getloadavg()}")
+    profile_path = args.profile or str(out / "profile.json")
+    if args.profile is None:
+        cmd = ["sloserve", "profile", str(model_dir), *knobs_args, "-o", profile_path] + (["--quick"] if args.quick else [])
+        print("$ " + " ".join(cmd))
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        print(f"profiled in {time.perf_counter() - t:.0f} s")
+    prof = Profile.load(profile_path)
+    e = prof.engine
+    knobs = EngineKnobs(e["max_num_batched_tokens"], e["max_num_seqs"], e["num_kv_blocks"], e["max_model_len"],
+                        e["block_size"], e["vocab_size"])
+    for name, fit in (("execute", prof.execute), ("overhead", prof.overhead)):
+        print(f"fit {name}: held-out |rel err| mean {fit.heldout.mean:.1%} median {fit.heldout.median:.1%} "
+              f"(n={fit.heldout.count}); train median {fit.train.median:.1%}")
+
+    source = SyntheticSource(LengthDist(args.input_len, "uniform", args.range_ratio),
+                             LengthDist(args.output_len, "uniform", args.range_ratio), vocab_size=e["vocab_size"])
+    port = args.port or _free_port()
+    server = subprocess.Popen(["sloserve", "serve", str(model_dir), *knobs_args, "--port", str(port),
+                               "--log-level", "warning"])
+    base = f"http://127.0.0.1:{port}"
+    cfg = ClientConfig(base, "/v1/completions", model_dir.name, temperature=0.0, ignore_eos=True)
+    rows = []
+    try:
+        _wait_ready(base, server)
+        asyncio.run(play(Workload(source, Arrivals("burst"), 8, seed=args.seed + 99), cfg))  # warm the server
+        capacity_w = Workload(source, Arrivals("burst"), burst, seed=args.seed)
+        real = _real(capacity_w, cfg, base, "capacity")
+        capacity = len(real[0].records) / real[0].duration_s
+        sim = _sim(prof, knobs, capacity_w, "capacity")
+        print(f"capacity (burst of {burst}): measured {capacity:.3g} req/s, predicted "
+              f"{burst / sim[0].duration_s:.3g} req/s")
+        rows.append(("burst", capacity, capacity_w, real, sim))
+        for load in (float(x) for x in args.loads.split(",")):
+            w = Workload(source, Arrivals("poisson", load * capacity), n, seed=args.seed)
+            rows.append((f"{load:.0%}", load * capacity, w, _real(w, cfg, base, f"load={load:g}"),
+                         _sim(prof, knobs, w, f"load={load:g}")))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    for label, _, w, (real_run, _), (sim_run_, sim_outcome) in rows:
+        _save(out, label, w, real_run, sim_run_, sim_outcome, prof, profile_path, knobs)
+    _print_table(rows)
+    _sim_speed(prof, knobs, source, rows[-1][1], args.sim_requests, args.seed)
+    print(f"results: {out} (render any with `sloserve bench report FILE`)")
+
+
+def save_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """One plain word per id, no special tokens: the server streams text for every token (the bench counts
+    only chunks with text), and detokenizing costs the engine what a real tokenizer would, roughly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(path)
+
+
+def _real(w: Workload, cfg: ClientConfig, base: str, label: str):
+    before = _scrape(base)
+    run = asyncio.run(play(w, cfg, label=label))
+    after = _scrape(base)
+    engine_side = {k: (after[k][0] - before[k][0]) / max(1, after[k][1] - before[k][1]) for k in after}
+    bad = [r for r in run.records if not r.success]
+    if bad:
+        print(f"  {label}: {len(bad)} requests failed, e.g. {bad[0].error_kind}: {bad[0].error}")
+    return run, engine_side
+
+
+def _sim(prof: Profile, knobs: EngineKnobs, w: Workload, label: str):
+    clock = VirtualClock()
+    outcome = simulate(build_sim_engine(prof, knobs, FCFS(), clock), clock, w.requests(),
+                       max_concurrency=w.max_concurrency, duration_s=w.duration_s)
+    return sim_run(outcome, w, label), outcome
+
+
+def _scrape(base: str) -> dict[str, tuple[float, float]]:
+    """Engine-side (server) latency sums and counts from /metrics: TTFT and TPOT without HTTP in them."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    out = {}
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds"):
+        s = re.search(rf"^sloserve:{name}_sum\{{.*?\}} (\S+)$", text, re.M)
+        c = re.search(rf"^sloserve:{name}_count\{{.*?\}} (\S+)$", text, re.M)
+        out[name] = (float(s.group(1)) if s else 0.0, float(c.group(1)) if c else 0.0)
+    return out
+
+
+def _print_table(rows) -> None:
+    print(f"\n{'load':>6} {'rate':>7} {'metric':>6} {'pct':>4} {'measured ms':>12} {'predicted ms':>13} {'rel err':>8}")
+    errors: dict[str, list[float]] = {"TTFT": [], "TPOT": []}
+    for label, rate, _, (real_run, engine_side), (sim_run_, _) in rows:
+        real_s = summarize(real_run.records, real_run.duration_s, PCTS)
+        sim_s = summarize(sim_run_.records, sim_run_.duration_s, PCTS)
+        for metric, key in (("TTFT", "ttft"), ("TPOT", "tpot")):
+            for pct in PCTS:
+                m, pr = getattr(real_s, key).percentiles[pct], getattr(sim_s, key).percentiles[pct]
+                if m is None or pr is None:
+                    print(f"{label:>6} {rate:7.3g} {metric:>6} p{pct:<3g}  no successful requests")
+                    continue
+                rel = (pr - m) / m
+                if label != "burst":
+                    errors[metric].append(abs(rel))
+                print(f"{label:>6} {rate:7.3g} {metric:>6} p{pct:<3g} {m * 1e3:12.1f} {pr * 1e3:13.1f} {rel:+8.1%}")
+        ttft_e, tpot_e = (engine_side[k] for k in ("time_to_first_token_seconds", "time_per_output_token_seconds"))
+        print(f"{'':>6} {'':>7} means: TTFT client {real_s.ttft.mean * 1e3:.1f} / server {ttft_e * 1e3:.1f} / "
+              f"sim {sim_s.ttft.mean * 1e3:.1f} ms; TPOT client {real_s.tpot.mean * 1e3:.2f} / server "
+              f"{tpot_e * 1e3:.2f} / sim {sim_s.tpot.mean * 1e3:.2f} ms")
+    for metric, target in (("TTFT", 0.15), ("TPOT", 0.10)):
+        med = statistics.median(errors[metric])
+        print(f"median |rel err| {metric} over loads x p50/p90/p99: {med:.1%} (target <= {target:.0%}: "
+              f"{'met' if med <= target else 'MISSED'}); min {min(errors[metric]):.1%}, max {max(errors[metric]):.1%}")
+
+
+def _sim_speed(prof: Profile, knobs: EngineKnobs, source, rate: float, num: int, seed: int) -> None:
+    w = Workload(source, Arrivals("poisson", rate), num, seed=seed)
+    specs = w.requests()
+    clock = VirtualClock()
+    engine = build_sim_engine(prof, knobs, FCFS(), clock)
+    start = time.perf_counter()
+    outcome = simulate(engine, clock, specs)
+    wall = time.perf_counter() - start
+    print(f"simulating {num} requests at {rate:.3g} req/s: {wall:.2f} s wall for {outcome.duration_s:.0f} s simulated "
+          f"({outcome.num_steps} steps), {outcome.duration_s / wall:.0f}x faster than real time")
+
+
+def _save(out: Path, label: str, w: Workload, real_run, sim_run_, outcome, prof, profile_path, knobs) -> None:
+    safe = label.replace("%", "pct")
+    real = BenchResults({"workload": w.to_dict(), "percentiles": list(PCTS), "slo": None, "command": sys.argv},
+                        capture_environment(),
+                        [real_run], None, "client", time.time())
+    real.save(str(out / f"real-{safe}.json"))
+    sim = sim_results([sim_run_], w, prof, profile_path, knobs, "fcfs", None, PCTS, sys.argv, [outcome])
+    sim.save(str(out / f"sim-{safe}.json"))
+
+
+def _wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}")
+        try:
+            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not come up")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
