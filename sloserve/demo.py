@@ -55,8 +55,8 @@ def _show_samples(base_url: str, model: str) -> None:
 def demo(
     model: str | None = typer.Argument(None, help="model directory (default: the bundled demo model)"),
     num_prompts: int = typer.Option(60, help="requests in the measured load"),
-    request_rate: float = typer.Option(6.0, help="Poisson arrival rate of the load, requests/s"),
-    slo: str = typer.Option("ttft=500ms,tpot=50ms", help="SLO for attainment and goodput (scaled to a 2-core CPU)"),
+    request_rate: float = typer.Option(8.0, help="Poisson arrival rate of the load, requests/s"),
+    slo: str = typer.Option("ttft=200ms,tpot=50ms", help="SLO for attainment and goodput (DESIGN.md's interactive chat)"),
     result_dir: str = typer.Option("demo-results", help="where the bench writes results.json, CSV and plots"),
 ) -> None:
     """Serve the bundled model, print sample completions, run a short mixed load and report latency."""
