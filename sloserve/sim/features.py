@@ -1,30 +1,42 @@
 """Step shape -> feature vectors: the one definition the profiler fits and the simulator predicts with."""
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from sloserve.engine.scheduler import SchedulerOutput
 
-# Terms of the executor's step time, after Vidur and DistServe: a fixed launch cost, linear layers
-# per batched token, the LM head and sampler per sampled row, per-request input preparation,
-# prefill attention ~ chunk x context, decode attention ~ keys read. Decode keys appear twice
-# because the runner pads every decode row to the batch's longest context: the fit decides how
-# much of the cost follows the sum and how much the padded rectangle.
-EXECUTE_TERMS = (
-    "step",           # 1 per step
-    "tokens",         # tokens computed in the step
-    "samples",        # rows that sample a token (LM head over the vocabulary, sampler)
-    "requests",       # scheduled requests (slot mapping, block tables)
-    "prefill_chunks", # prefill spans (each is its own attention call)
-    "prefill_attn",   # sum over prefill chunks of new tokens x attended tokens
-    "prefill_ctx",    # cached-context tokens of prefill chunks (gathered from the paged cache)
-    "decode_ctx",     # sum of decode context lengths
-    "decode_padded",  # decodes x longest decode context
+# Terms of the executor's step time, after Vidur and DistServe. The linear layers' cost is a
+# function of the step's batched tokens that is not a straight line on a CPU (BLAS switches
+# kernels at small batch sizes: one or three rows cost about the same, four cost 1.5x more), so
+# like Vidur's per-token-count profiles it is a piecewise-linear table over token counts: the
+# "tokens@k" terms are hat functions, whose coefficients are the step's cost at k tokens (fixed
+# per-step cost at k=1, cost per batched token in the slopes). On top of it, linear terms:
+_ATTENTION_TERMS = (
+    "samples",           # rows that sample a token (LM head over the vocabulary, sampler)
+    "requests",          # scheduled requests (slot mapping, block tables)
+    "prefill_chunks",    # prefill spans (each is its own attention call)
+    "prefill_attn",      # chunks without cached context: new tokens x new tokens (causal kernel)
+    "prefill_ctx_attn",  # chunks on cached context: new tokens x attended tokens (masked kernel)
+    "prefill_ctx",       # attended tokens of those chunks, gathered from the paged cache
+    "decode_ctx",        # sum of decode context lengths
+    "decode_padded",     # decodes x longest decode context: the runner pads decode rows to it
+    "decode_masked",     # the same rectangle when contexts differ: padding needs a mask and a slower kernel
 )
 
 # The engine's own work around the executor: scheduling, appending tokens, stop checks,
 # detokenizing, building outputs.
 OVERHEAD_TERMS = ("step", "requests", "samples")
+
+
+def token_knots(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """1, 2, 3, 4 (where CPU BLAS changes regime), then powers of two, and the token budget itself."""
+    knots, k = {1, 2, 3, 4}, 8
+    while k < max_num_batched_tokens:
+        knots.add(k)
+        k *= 2
+    knots.add(max_num_batched_tokens)
+    return tuple(sorted(knots))
 
 
 @dataclass(slots=True)
@@ -51,21 +63,52 @@ class StepShape:
         return cls(list(d["new_tokens"]), list(d["contexts"]), [bool(s) for s in d["samples"]])
 
 
-def execute_features(shape: StepShape) -> list[float]:
-    tokens = prefill_chunks = prefill_attn = prefill_ctx = decode_ctx = decodes = longest = 0
-    for n, c in zip(shape.new_tokens, shape.contexts):
-        tokens += n
-        if n == 1:  # the runner batches every one-token row as a decode, whatever its phase
-            decodes += 1
-            decode_ctx += c + 1
-            longest = max(longest, c + 1)
+class ExecuteFeatures:
+    """The executor's features for a given table of token counts (the knots are saved in the profile)."""
+
+    def __init__(self, knots: tuple[int, ...]) -> None:
+        if list(knots) != sorted(set(knots)) or knots[0] < 1:
+            raise ValueError(f"token knots must be increasing positive integers, got {knots}")
+        self.knots = tuple(knots)
+        self.terms = tuple(f"tokens@{k}" for k in knots) + _ATTENTION_TERMS
+
+    def __call__(self, shape: StepShape) -> list[float]:
+        tokens = prefill_chunks = prefill_attn = prefill_ctx_attn = prefill_ctx = 0
+        decodes = decode_ctx = longest = 0
+        shortest = None
+        for n, c in zip(shape.new_tokens, shape.contexts):
+            tokens += n
+            if n == 1:  # the runner batches every one-token row as a decode, whatever its phase
+                decodes += 1
+                decode_ctx += c + 1
+                longest = max(longest, c + 1)
+                shortest = c + 1 if shortest is None else min(shortest, c + 1)
+            else:
+                prefill_chunks += 1
+                if c:
+                    prefill_ctx_attn += n * (c + n)
+                    prefill_ctx += c + n
+                else:
+                    prefill_attn += n * n
+        padded = decodes * longest
+        return self._hats(tokens) + [
+            sum(shape.samples), len(shape.new_tokens), prefill_chunks, prefill_attn, prefill_ctx_attn, prefill_ctx,
+            decode_ctx, padded, padded if shortest != longest else 0,
+        ]
+
+    def _hats(self, tokens: int) -> list[float]:
+        """Linear interpolation weights of `tokens` between its two neighbouring knots (beyond the last: scaled)."""
+        knots, out = self.knots, [0.0] * len(self.knots)
+        i = bisect.bisect_left(knots, tokens)
+        if i == len(knots):
+            out[-1] = tokens / knots[-1]
+        elif knots[i] == tokens or i == 0:
+            out[i] = 1.0
         else:
-            prefill_chunks += 1
-            prefill_attn += n * (c + n)
-            if c:
-                prefill_ctx += c + n
-    return [1.0, tokens, sum(shape.samples), len(shape.new_tokens), prefill_chunks, prefill_attn, prefill_ctx,
-            decode_ctx, decodes * longest]
+            lo, hi = knots[i - 1], knots[i]
+            out[i] = (tokens - lo) / (hi - lo)
+            out[i - 1] = 1.0 - out[i]
+        return out
 
 
 def overhead_features(shape: StepShape) -> list[float]:

@@ -7,7 +7,7 @@ import platform
 from dataclasses import dataclass, field
 
 from sloserve.sim.cost_model import FittedModel
-from sloserve.sim.features import EXECUTE_TERMS, OVERHEAD_TERMS, StepShape, execute_features, overhead_features
+from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features
 
 SCHEMA = "sloserve.sim.profile"
 VERSION = 1
@@ -34,21 +34,30 @@ class Profile:
     machine: dict  # cpu, cores, torch version and threads, device
     model: dict  # path, shape, dtype, load format
     engine: dict  # block_size, max_num_batched_tokens, max_num_seqs, kv_bytes_per_block, num_kv_blocks, max_model_len, vocab_size
+    token_knots: tuple[int, ...]  # token counts of the execute model's piecewise-linear table
     execute: FittedModel  # ModelExecutor.execute(plan)
     overhead: FittedModel  # LLMEngine.step() minus execute: the engine's own work per step
     settings: dict = field(default_factory=dict)  # grid, repeats, warm-ups
     execute_timings: list[Timing] = field(default_factory=list)
     overhead_timings: list[Timing] = field(default_factory=list)
     created_unix: float = 0.0
+    features: ExecuteFeatures = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.features = ExecuteFeatures(tuple(self.token_knots))
+        for name, fitted, terms in (("execute", self.execute, self.features.terms), ("overhead", self.overhead, OVERHEAD_TERMS)):
+            if tuple(fitted.model.terms) != terms:
+                raise ValueError(f"the profile's {name} terms {list(fitted.model.terms)} are not this version's {list(terms)}")
 
     def step_seconds(self, shape: StepShape) -> float:
-        return self.execute.model.predict(execute_features(shape)) + self.overhead.model.predict(overhead_features(shape))
+        return self.execute.model.predict(self.features(shape)) + self.overhead.model.predict(overhead_features(shape))
 
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA, "version": VERSION, "created_unix": self.created_unix,
             "machine": self.machine, "model": self.model, "engine": self.engine, "settings": self.settings,
-            "fit": {"execute": self.execute.to_dict(), "overhead": self.overhead.to_dict()},
+            "fit": {"token_knots": list(self.token_knots), "execute": self.execute.to_dict(),
+                    "overhead": self.overhead.to_dict()},
             "timings": {"execute": [t.to_dict() for t in self.execute_timings],
                         "overhead": [t.to_dict() for t in self.overhead_timings]},
         }
@@ -58,11 +67,8 @@ class Profile:
         if d.get("schema") != SCHEMA or d.get("version") != VERSION:
             raise ValueError(f"not a sloserve profile of version {VERSION} (schema={d.get('schema')!r})")
         fit = d["fit"]
-        for name, terms in (("execute", EXECUTE_TERMS), ("overhead", OVERHEAD_TERMS)):
-            if tuple(fit[name]["terms"]) != terms:
-                raise ValueError(f"the profile's {name} terms {fit[name]['terms']} are not this version's {list(terms)}")
         return cls(
-            machine=d["machine"], model=d["model"], engine=d["engine"],
+            machine=d["machine"], model=d["model"], engine=d["engine"], token_knots=tuple(fit["token_knots"]),
             execute=FittedModel.from_dict(fit["execute"]), overhead=FittedModel.from_dict(fit["overhead"]),
             settings=d.get("settings", {}),
             execute_timings=[Timing.from_dict(t) for t in d["timings"]["execute"]],

@@ -16,7 +16,7 @@ from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.request import SamplingParams
 from sloserve.sim.cost_model import fit_with_holdout
-from sloserve.sim.features import EXECUTE_TERMS, OVERHEAD_TERMS, StepShape, execute_features, overhead_features
+from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
 from sloserve.sim.profile import Profile, Timing, describe_machine
 from sloserve.sim.shapes import Chunk, GridLimits, PlanBuilder, shape_of, step_grid
 
@@ -62,12 +62,14 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     log(f"timing a real engine run of {settings.engine_requests} requests")
     engine_timings, overhead_timings = time_engine_run(engine, settings)
     execute_timings = grid_timings + engine_timings
-    execute = _fit(EXECUTE_TERMS, execute_features, execute_timings, settings.holdout_every)
+    features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
+    execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
     overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     return Profile(
         machine=describe_machine(config.device),
         model=_model_info(config, executor),
         engine=_engine_info(config, engine),
+        token_knots=features.knots,
         execute=execute,
         overhead=overhead,
         settings=dataclasses.asdict(settings),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.request import Request, SamplingParams
-from sloserve.sim.features import StepShape
+from sloserve.sim.features import StepShape, token_knots
 
 
 @dataclass(slots=True)
@@ -40,30 +40,34 @@ class GridLimits:
 
 
 def step_grid(limits: GridLimits, quick: bool = False) -> list[list[Chunk]]:
-    """Prefill chunks with and without cached context, decode batches over sizes and contexts, mixes."""
+    """Prefill chunks with and without cached context, decode batches over sizes and contexts, mixes.
+
+    Every token-count knot of the step-time model gets its own decode batch or prefill chunk, so
+    each value of the model's token table is measured, not inferred.
+    """
     budget = limits.max_num_batched_tokens
+    knots = token_knots(budget)
     if quick:
-        chunks, contexts, batches, decode_contexts, mixed_decodes = (8, 32, 64), (32,), (1, 4, 8), (8, 64), (2, 8)
+        chunk_extra, contexts, decode_contexts, mixed_decodes, most_decodes = (), (32,), (8, 64), (2, 8), 8
     else:
-        chunks = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 2048)
-        contexts = (128, 512, 1024, 2048)
-        batches = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
-        decode_contexts = (16, 64, 256, 512, 1024, 2048)
-        mixed_decodes = (2, 8, 32)
-    chunks = sorted({min(n, budget) for n in chunks} | {budget}) if budget > 1 else [budget]
+        chunk_extra, contexts = (384, 768, 1536), (128, 512, 1024, 2048)
+        decode_contexts, mixed_decodes, most_decodes = (16, 64, 256, 512, 1024, 2048), (2, 8, 32), 256
+    chunks = sorted({k for k in knots if k >= 8} | {n for n in chunk_extra if n < budget}) or [budget]
+    batches = sorted({k for k in knots if k <= min(limits.max_num_seqs, most_decodes)}
+                     | ({48, 96} if not quick else set()))
+    middle = decode_contexts[len(decode_contexts) // 2]
     grid: list[list[Chunk]] = [[Chunk(n, 0)] for n in chunks]
     grid += [[Chunk(n, c)] for c in contexts for n in chunks[::2]]
     grid += [[Chunk(budget, 0, samples=False)], [Chunk(budget, budget, samples=False)]]
     grid += [[Chunk(budget // k, 0)] * k for k in (2, 4) if budget // k > 1]
-    grid += [[Chunk(1, c)] * b for b in batches for c in decode_contexts]
-    for b in batches[1::2]:  # uneven contexts: the runner pads decodes to the longest one
-        top = decode_contexts[-1]
-        grid.append([Chunk(1, 8 + (top - 8) * i // max(1, b - 1)) for i in range(b)])
-    middle = decode_contexts[len(decode_contexts) // 2]
+    # Decode contexts in a batch differ in real serving (the runner then masks the padding); a few
+    # batches of equal contexts tell the unmasked kernel apart.
+    grid += [_decodes(b, c) for b in batches for c in decode_contexts]
+    grid += [[Chunk(1, c)] * b for b in batches[1::2] for c in (decode_contexts[0], middle)]
     for b in mixed_decodes:
         for n, c in itertools.product((chunks[0], chunks[len(chunks) // 2], budget - b), (0, contexts[-1])):
             if n > 1:
-                grid.append([Chunk(1, middle)] * b + [Chunk(n, c)])
+                grid.append(_decodes(b, middle) + [Chunk(n, c)])
     seen, out = set(), []
     for step in grid:
         step = _shrink(step, limits)
@@ -72,6 +76,13 @@ def step_grid(limits: GridLimits, quick: bool = False) -> list[list[Chunk]]:
             seen.add(key)
             out.append(step)
     return out
+
+
+def _decodes(batch: int, context: int) -> list[Chunk]:
+    """`batch` decodes with contexts spread evenly over [context / 2, context * 3 / 2]."""
+    if batch == 1:
+        return [Chunk(1, context)]
+    return [Chunk(1, max(1, context // 2 + context * i // (batch - 1))) for i in range(batch)]
 
 
 def _shrink(step: list[Chunk], limits: GridLimits) -> list[Chunk]:

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from sloserve.bench.results import BenchResults
 from sloserve.cli import app
-from sloserve.sim.features import EXECUTE_TERMS, OVERHEAD_TERMS
+from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, token_knots
 from sloserve.sim.profile import Profile
 
 RUNNER = CliRunner()
@@ -23,7 +23,9 @@ def test_profile_quick_writes_a_valid_profile(tiny_profile):
     assert engine["kv_bytes_per_block"] == 2 * 2 * 16 * 2 * 16 * 4
     assert engine["vocab_size"] == 384 and engine["max_model_len"] == 256
     fit = raw["fit"]
-    assert fit["execute"]["terms"] == list(EXECUTE_TERMS) and fit["overhead"]["terms"] == list(OVERHEAD_TERMS)
+    assert fit["token_knots"] == [1, 2, 3, 4, 8, 16, 32, 64]
+    assert fit["execute"]["terms"] == list(ExecuteFeatures(token_knots(64)).terms)
+    assert fit["overhead"]["terms"] == list(OVERHEAD_TERMS)
     assert all(c >= 0 for c in fit["execute"]["coefficients"] + fit["overhead"]["coefficients"])
     assert fit["execute"]["heldout_error"]["count"] > 0 and "median_abs_rel" in fit["execute"]["heldout_error"]
     sources = {t["source"] for t in raw["timings"]["execute"]}

@@ -1,7 +1,7 @@
 """The profiler's grid stays inside what the engine can schedule, and its plans look like the Scheduler's."""
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.sim.clock import VirtualClock
-from sloserve.sim.features import StepShape, execute_features
+from sloserve.sim.features import ExecuteFeatures, StepShape
 from sloserve.sim.shapes import Chunk, GridLimits, PlanBuilder, shape_of, step_grid
 
 
@@ -24,7 +24,9 @@ def test_plans_are_built_from_real_requests_and_blocks():
     assert [s.samples for s in plan.scheduled] == [True, True, False]
     assert [len(s.block_table) for s in plan.scheduled] == [3, 2, 3]
     assert StepShape.of(plan) == shape_of(step)
-    assert execute_features(StepShape.of(plan))[:4] == [1.0, 51, 2, 3]
+    features = ExecuteFeatures((1, 32, 64))(StepShape.of(plan))
+    assert features[:3] == [0.0, 13 / 32, 19 / 32]  # 51 tokens: between the knots 32 and 64
+    assert features[3:5] == [2, 3]  # samples, requests
     builder.release(plan)
     assert manager.num_free_blocks == 64
 
