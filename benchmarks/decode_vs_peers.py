@@ -173,16 +173,55 @@ def warm_up(system, workload: Workload) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_once(system, measure: str, workload: Workload, batch_runs: dict) -> float:
-    if measure == "prefill_s":
-        return system.prefill_seconds(workload.prefill_prompt)
-    if measure == "decode_tok_s":
-        return system.decode_tokens_per_s(workload.decode_prompt, workload.decode_new)
-    # Both batch figures come from one run per round: the batch is the slow part of a round.
-    if system not in batch_runs:
-        batch_runs[system] = system.batch_tokens_per_s(workload.batch_prompts, workload.batch_outputs)
-    key = "total_tok_s" if measure == "batch_total_tok_s" else "generated_tok_s"
-    return batch_runs[system][key]
+RUNS = ("prefill", "decode", "batch")
+# A sample taken while other processes used more than this share of a core is retried: with
+# as many threads as cores, any other runnable process stalls every barrier.
+QUIET = 0.1
+
+
+def run_once(system, run: str, workload: Workload) -> dict:
+    if run == "prefill":
+        return {"prefill_s": system.prefill_seconds(workload.prefill_prompt)}
+    if run == "decode":
+        return {"decode_tok_s": system.decode_tokens_per_s(workload.decode_prompt,
+                                                           workload.decode_new)}
+    res = system.batch_tokens_per_s(workload.batch_prompts, workload.batch_outputs)
+    return {"batch_total_tok_s": res["total_tok_s"], "batch_gen_tok_s": res["generated_tok_s"],
+            "batch_mode": res["mode"]}
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have used, from /proc/stat (None off Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def with_interference(fn):
+    """Run fn; return its result and the cores' worth of other processes' work meanwhile."""
+    busy0, own0, wall0 = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+    result = fn()
+    busy1, own1, wall = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter() - wall0
+    if busy0 is None or busy1 is None:
+        return result, None
+    return result, max((busy1 - busy0) - (own1 - own0), 0.0) / wall
+
+
+def measure(system, run: str, workload: Workload, retries: int) -> tuple[dict, float | None]:
+    """The least disturbed of up to 1+retries attempts, and how disturbed it was."""
+    best = None
+    for attempt in range(retries + 1):
+        values, noise = with_interference(lambda: run_once(system, run, workload))
+        if best is None or (noise is not None and noise < best[1]):
+            best = (values, noise)
+        if noise is None or noise <= QUIET:
+            break
+        log(f"  {system.name} {run}: other processes used {noise:.2f} cores meanwhile; "
+            f"{'retrying' if attempt < retries else 'keeping the least disturbed try'}")
+    return best
 
 
 def build_all(dtype: str, names: list[str], args, workload: Workload, workdir: str,
@@ -199,33 +238,42 @@ def build_all(dtype: str, names: list[str], args, workload: Workload, workdir: s
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         systems[name] = system
-        results[name] = {m: [] for m in MEASURES}
+        results[name] = {**{m: [] for m in MEASURES}, "interference": []}
     return systems
 
 
 def run_dtype(dtype: str, names: list[str], args, workload: Workload, workdir: str) -> dict:
-    """Interleave the systems of one dtype round by round, measure by measure."""
+    """Interleave the systems of one dtype round by round, run by run."""
     results: dict[str, dict] = {}
     systems = build_all(dtype, names, args, workload, workdir, results)
     for rnd in range(args.rounds):
-        batch_runs: dict = {}
-        for measure in MEASURES:
+        for run in RUNS:
             for name, system in list(systems.items()):
                 try:
-                    value = measure_once(system, measure, workload, batch_runs)
+                    values, noise = measure(system, run, workload, args.retries)
                 except Exception as exc:
                     traceback.print_exc()
                     results[name] = {"error": f"{type(exc).__name__}: {exc}"}
                     del systems[name]
                     continue
-                results[name][measure].append(value)
-                if system in batch_runs:
-                    results[name]["batch_mode"] = batch_runs[system]["mode"]
-                log(f"[{dtype}] round {rnd + 1}/{args.rounds} {name:9s} {measure:18s} {value:.4g}")
+                _record(results[name], values, noise)
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in MEASURES)
+                log(f"[{dtype}] round {rnd + 1}/{args.rounds} {name:9s} {shown}"
+                    + (f" (others: {noise:.2f} cores)" if noise is not None else ""))
     for system in systems.values():
         if hasattr(system, "close"):
             system.close()
     return results
+
+
+def _record(result: dict, values: dict, noise: float | None) -> None:
+    for key, value in values.items():
+        if key in MEASURES:
+            result[key].append(value)
+        else:
+            result[key] = value
+    if noise is not None:
+        result["interference"].append(noise)
 
 
 def log(message: str) -> None:
@@ -253,6 +301,8 @@ def summarize_all(raw: dict) -> dict:
                 continue
             out[dtype][name] = {m: summarize(res[m], m) for m in MEASURES if res[m]}
             out[dtype][name]["batch_mode"] = res.get("batch_mode", "")
+            # Other processes' CPU (in cores) during each kept run: 0 is an undisturbed sample.
+            out[dtype][name]["interference"] = res["interference"]
     return out
 
 
@@ -321,10 +371,12 @@ def format_report(report: dict) -> str:
         f"versions: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}"
         + (f", {m['llama.cpp']}" if "llama.cpp" in m else ""),
         f"settings: threads {s['threads']}, rounds {s['rounds']}, {s['workload']}",
-        "cells: best / median over rounds (best = min for prefill ms, max for tok/s)",
+        "cells: best / median over rounds (best = min for prefill ms, max for tok/s); "
+        "others cores: other processes' CPU during a kept run",
     ]
-    lines += _busy_warning(m, s["threads"]) + [""]
-    header = f"{'dtype':9s} {'system':10s}" + "".join(f"{LABELS[x]:>22s}" for x in MEASURES)
+    lines += _busy_warning(report) + [""]
+    header = (f"{'dtype':9s} {'system':10s}" + "".join(f"{LABELS[x]:>22s}" for x in MEASURES)
+              + f"{'others cores max':>18s}")
     lines += [header, "-" * len(header)]
     for dtype, per_system in report["results"].items():
         for name, stats in per_system.items():
@@ -332,22 +384,31 @@ def format_report(report: dict) -> str:
                 lines.append(f"{dtype:9s} {name:10s}  unavailable: {stats['error']}")
                 continue
             row = "".join(f"{_cell(stats.get(x), x):>22s}" for x in MEASURES)
+            noise = stats["interference"]
+            row += f"{max(noise):>18.2f}" if noise else f"{'-':>18s}"
             lines.append(f"{dtype:9s} {name:10s}{row}")
     lines += _ratio_lines(report["ratios"])
     lines += _batch_mode_lines(report["results"])
     return "\n".join(lines)
 
 
-def _busy_warning(machine: dict, threads: int) -> list[str]:
-    # Other runnable processes preempt the benchmark's threads; with >1 thread every OpenMP
-    # barrier then waits out a time slice, and timings come out many times too slow.
-    # The start figure is others' load alone; the end one also counts our own threads.
-    cores = machine["cores"]
-    start, end = machine["load_avg_start"], machine.get("load_avg_end", 0.0)
-    if start <= max(cores - threads, 0) + 0.5 and end <= cores + 0.5:
+def _busy_warning(report: dict) -> list[str]:
+    """Say when other processes ran alongside the kept samples, which makes them too slow."""
+    noise = [x for per in report["results"].values() for stats in per.values()
+             for x in stats.get("interference", [])]
+    if noise:
+        disturbed = sum(x > QUIET for x in noise)
+        if not disturbed:
+            return []
+        return [f"WARNING: {disturbed} of {len(noise)} kept runs had other processes using up "
+                f"to {max(noise):.2f} cores alongside: those figures are too slow"]
+    # No /proc/stat: fall back to the load average (start: others only; end: ours too).
+    m, threads = report["machine"], report["settings"]["threads"]
+    start, end = m["load_avg_start"], m.get("load_avg_end", 0.0)
+    if start <= max(m["cores"] - threads, 0) + 0.5 and end <= m["cores"] + 0.5:
         return []
-    return [f"WARNING: load average {start:.1f} at start, {end:.1f} at end on {cores} cores "
-            f"({threads} threads used): the machine was busy, timings are not trustworthy"]
+    return [f"WARNING: load average {start:.1f} at start, {end:.1f} at end on {m['cores']} "
+            "cores: the machine was busy, timings are not trustworthy"]
 
 
 def _ratio_lines(all_ratios: dict) -> list[str]:
@@ -382,6 +443,8 @@ def parse_args(argv=None):
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS))
     ap.add_argument("--quick", action="store_true", help="short workload, 1 round: a smoke run")
     ap.add_argument("--json", metavar="PATH", help="also save every sample and summary here")
+    ap.add_argument("--retries", type=int, default=2,
+                    help=f"extra tries of a run disturbed by other processes (> {QUIET} cores)")
     ap.add_argument("--sloserve-batched-tokens", type=int, default=2048,
                     help="sloserve max_num_batched_tokens (llama.cpp's n_batch is 2048 too)")
     args = ap.parse_args(argv)
