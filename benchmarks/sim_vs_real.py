@@ -57,6 +57,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for the profile and results files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the profile and the server (OMP_NUM_THREADS); default 1 leaves "
+                        "the second core to the server's event loop and the load generator")
     args = p.parse_args()
     n = args.requests or (40 if args.quick else 120)
     burst = args.capacity_requests or (24 if args.quick else 48)
@@ -67,13 +70,15 @@ def main() -> None:
     save_word_tokenizer(model_dir, SMOLLM2_135M["vocab_size"])
     knobs_args = ["--load-format", "dummy", "--max-num-batched-tokens", "512", "--max-num-seqs", "64"]
 
-    print(f"machine: {describe_machine()}; load average {os.getloadavg()}")
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    print(f"machine: {describe_machine()}; torch threads of profile and server: {args.threads}; "
+          f"load average {os.getloadavg()}")
     profile_path = args.profile or str(out / "profile.json")
     if args.profile is None:
         cmd = ["sloserve", "profile", str(model_dir), *knobs_args, "-o", profile_path] + (["--quick"] if args.quick else [])
         print("$ " + " ".join(cmd))
         t = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
         print(f"profiled in {time.perf_counter() - t:.0f} s")
     prof = Profile.load(profile_path)
     e = prof.engine
@@ -87,7 +92,7 @@ def main() -> None:
                              LengthDist(args.output_len, "uniform", args.range_ratio), vocab_size=e["vocab_size"])
     port = args.port or _free_port()
     server = subprocess.Popen(["sloserve", "serve", str(model_dir), *knobs_args, "--port", str(port),
-                               "--log-level", "warning"])
+                               "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"
     cfg = ClientConfig(base, "/v1/completions", model_dir.name, temperature=0.0, ignore_eos=True)
     rows = []
