@@ -177,6 +177,7 @@ RUNS = ("prefill", "decode", "batch")
 # A sample taken while other processes used more than this share of a core is retried: with
 # as many threads as cores, any other runnable process stalls every barrier.
 QUIET = 0.1
+RETRY_PAUSE_S = 5.0
 
 
 def run_once(system, run: str, workload: Workload) -> dict:
@@ -221,6 +222,9 @@ def measure(system, run: str, workload: Workload, retries: int) -> tuple[dict, f
             break
         log(f"  {system.name} {run}: other processes used {noise:.2f} cores meanwhile; "
             f"{'retrying' if attempt < retries else 'keeping the least disturbed try'}")
+        if attempt < retries:
+            # Other work comes in bursts longer than a prefill: retrying at once hits the same one.
+            time.sleep(RETRY_PAUSE_S * (attempt + 1))
     return best
 
 
