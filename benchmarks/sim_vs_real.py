@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--capacity-requests", type=int, default=None, help="burst size for capacity (default 48; 24 quick)")
     p.add_argument("--sim-requests", type=int, default=10000, help="requests of the simulator speed run")
     p.add_argument("--profile", default=None, help="reuse this profile instead of profiling first")
+    p.add_argument("--real", default=None, help="reuse the measured runs (real-*.json) of an earlier --out folder: "
+                   "predict them again, e.g. with another --profile, without serving")
     p.add_argument("--out", default=None, help="folder for the profile and results files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
@@ -73,8 +75,8 @@ def main() -> None:
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     print(f"machine: {describe_machine()}; torch threads of profile and server: {args.threads}; "
           f"load average {os.getloadavg()}")
-    profile_path = args.profile or str(out / "profile.json")
-    if args.profile is None:
+    profile_path = args.profile or str(Path(args.real or out) / "profile.json")
+    if args.profile is None and args.real is None:
         cmd = ["sloserve", "profile", str(model_dir), *knobs_args, "-o", profile_path] + (["--quick"] if args.quick else [])
         print("$ " + " ".join(cmd))
         t = time.perf_counter()
@@ -90,6 +92,21 @@ def main() -> None:
 
     source = SyntheticSource(LengthDist(args.input_len, "uniform", args.range_ratio),
                              LengthDist(args.output_len, "uniform", args.range_ratio), vocab_size=e["vocab_size"])
+    if args.real:
+        rows = [_row(label, real.runs[0].rate if label != "burst" else 0.0, Workload.from_dict(real.config["workload"]),
+                     (real.runs[0], real.config.get("server_metrics", {})), prof, knobs)
+                for label, real in _load_real(Path(args.real))]
+    else:
+        rows = _measure(args, model_dir, knobs_args, env, source, prof, knobs, n, burst)
+    for label, _, w, (real_run, server_side), (sim_run_, sim_outcome) in rows:
+        _save(out, label, w, real_run, server_side, sim_run_, sim_outcome, prof, profile_path, knobs)
+    _print_table(rows)
+    _sim_speed(prof, knobs, rows[-1][2].source, rows[-1][1], args.sim_requests, args.seed)
+    print(f"results: {out} (render any with `sloserve bench report FILE`)")
+
+
+def _measure(args, model_dir: Path, knobs_args, env, source, prof: Profile, knobs: EngineKnobs, n: int, burst: int):
+    """Serve the model, measure its capacity with a burst, then each load level; predict each the same way."""
     port = args.port or _free_port()
     server = subprocess.Popen(["sloserve", "serve", str(model_dir), *knobs_args, "--port", str(port),
                                "--log-level", "warning"], env=env)
@@ -102,22 +119,25 @@ def main() -> None:
         capacity_w = Workload(source, Arrivals("burst"), burst, seed=args.seed)
         real = _real(capacity_w, cfg, base, "capacity")
         capacity = len(real[0].records) / real[0].duration_s
-        sim = _sim(prof, knobs, capacity_w, "capacity")
+        rows.append(_row("burst", capacity, capacity_w, real, prof, knobs))
         print(f"capacity (burst of {burst}): measured {capacity:.3g} req/s, predicted "
-              f"{burst / sim[0].duration_s:.3g} req/s")
-        rows.append(("burst", capacity, capacity_w, real, sim))
+              f"{burst / rows[-1][4][0].duration_s:.3g} req/s")
         for load in (float(x) for x in args.loads.split(",")):
             w = Workload(source, Arrivals("poisson", load * capacity), n, seed=args.seed)
-            rows.append((f"{load:.0%}", load * capacity, w, _real(w, cfg, base, f"load={load:g}"),
-                         _sim(prof, knobs, w, f"load={load:g}")))
+            rows.append(_row(f"{load:.0%}", load * capacity, w, _real(w, cfg, base, f"load={load:g}"), prof, knobs))
     finally:
         server.terminate()
         server.wait(timeout=60)
-    for label, _, w, (real_run, _), (sim_run_, sim_outcome) in rows:
-        _save(out, label, w, real_run, sim_run_, sim_outcome, prof, profile_path, knobs)
-    _print_table(rows)
-    _sim_speed(prof, knobs, source, rows[-1][1], args.sim_requests, args.seed)
-    print(f"results: {out} (render any with `sloserve bench report FILE`)")
+    return rows
+
+
+def _row(label: str, rate: float, w: Workload, real, prof: Profile, knobs: EngineKnobs):
+    return label, rate, w, real, _sim(prof, knobs, w, f"{label},simulated")
+
+
+def _load_real(folder: Path):
+    labels = ["burst"] + sorted(p.stem.removeprefix("real-") for p in folder.glob("real-*pct.json"))
+    return [(label.replace("pct", "%"), BenchResults.load(str(folder / f"real-{label}.json"))) for label in labels]
 
 
 def save_word_tokenizer(path: Path, vocab_size: int) -> None:
@@ -176,7 +196,8 @@ def _print_table(rows) -> None:
                 if label != "burst":
                     errors[metric].append(abs(rel))
                 print(f"{label:>6} {rate:7.3g} {metric:>6} p{pct:<3g} {m * 1e3:12.1f} {pr * 1e3:13.1f} {rel:+8.1%}")
-        ttft_e, tpot_e = (engine_side[k] for k in ("time_to_first_token_seconds", "time_per_output_token_seconds"))
+        ttft_e, tpot_e = (engine_side.get(k, float("nan")) for k in ("time_to_first_token_seconds",
+                                                                       "time_per_output_token_seconds"))
         print(f"{'':>6} {'':>7} means: TTFT client {real_s.ttft.mean * 1e3:.1f} / server {ttft_e * 1e3:.1f} / "
               f"sim {sim_s.ttft.mean * 1e3:.1f} ms; TPOT client {real_s.tpot.mean * 1e3:.2f} / server "
               f"{tpot_e * 1e3:.2f} / sim {sim_s.tpot.mean * 1e3:.2f} ms")
@@ -198,11 +219,11 @@ def _sim_speed(prof: Profile, knobs: EngineKnobs, source, rate: float, num: int,
           f"({outcome.num_steps} steps), {outcome.duration_s / wall:.0f}x faster than real time")
 
 
-def _save(out: Path, label: str, w: Workload, real_run, sim_run_, outcome, prof, profile_path, knobs) -> None:
+def _save(out: Path, label: str, w: Workload, real_run, server_side: dict, sim_run_, outcome, prof, profile_path,
+          knobs) -> None:
     safe = label.replace("%", "pct")
-    real = BenchResults({"workload": w.to_dict(), "percentiles": list(PCTS), "slo": None, "command": sys.argv},
-                        capture_environment(),
-                        [real_run], None, "client", time.time())
+    real = BenchResults({"workload": w.to_dict(), "percentiles": list(PCTS), "slo": None, "command": sys.argv,
+                         "server_metrics": server_side}, capture_environment(), [real_run], None, "client", time.time())
     real.save(str(out / f"real-{safe}.json"))
     sim = sim_results([sim_run_], w, prof, profile_path, knobs, "fcfs", None, PCTS, sys.argv, [outcome])
     sim.save(str(out / f"sim-{safe}.json"))

@@ -55,6 +55,9 @@ def profile(
         raise typer.BadParameter(str(error)) from None
     result.save(output)
     _print_fit(console, result)
+    load, spread = result.machine.get("load_average"), result.settings["repeat_spread_median"]
+    console.print(f"  repeats of a shape differ by {spread:.1%} (median); load average before "
+                  f"{load[0] if load else float('nan'):.2f} (machine has {result.machine['cores']} cores)")
     console.print(f"Wrote {output}")
 
 

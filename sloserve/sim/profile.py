@@ -92,6 +92,8 @@ def describe_machine(device: str = "cpu") -> dict:
     return {
         "cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device,
+        # Other work on the machine while profiling skews every timing: keep the evidence.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 

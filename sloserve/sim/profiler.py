@@ -51,13 +51,14 @@ class TimingExecutor:
 def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable[[str], None] = lambda _: None) -> Profile:
     from sloserve.llm import build_engine  # composition happens at the top; the profile uses the served engine
 
+    machine = describe_machine(config.device)  # before the work, so the load average is other people's
     engine = build_engine(config)
     executor = engine.executor
     limits = GridLimits(config.max_num_batched_tokens, config.max_num_seqs, engine.max_model_len,
                         executor.num_kv_blocks, config.block_size)
     grid = step_grid(limits, settings.quick)
     log(f"timing {len(grid)} step shapes x {settings.repeats} repeats (+{settings.warmups} warm-up rounds)")
-    grid_timings = time_grid(executor, PlanBuilder(BlockManager(executor.num_kv_blocks, config.block_size),
+    grid_timings, spread = time_grid(executor, PlanBuilder(BlockManager(executor.num_kv_blocks, config.block_size),
                                                     engine.vocab_size), grid, settings.repeats, settings.warmups)
     log(f"timing a real engine run of {settings.engine_requests} requests")
     engine_timings, overhead_timings = time_engine_run(engine, settings)
@@ -66,13 +67,13 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
     overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     return Profile(
-        machine=describe_machine(config.device),
+        machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
         model=_model_info(config, executor),
         engine=_engine_info(config, engine),
         token_knots=features.knots,
         execute=execute,
         overhead=overhead,
-        settings=dataclasses.asdict(settings),
+        settings=dataclasses.asdict(settings) | {"repeat_spread_median": spread},
         execute_timings=execute_timings,
         overhead_timings=overhead_timings,
         created_unix=time.time(),
@@ -80,8 +81,9 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
 
 
 def time_grid(executor: Executor, builder: PlanBuilder, grid: list[list[Chunk]], repeats: int,
-              warmups: int) -> list[Timing]:
-    """Median execute() time per shape; whole-grid rounds spread any burst of noise over all shapes."""
+              warmups: int) -> tuple[list[Timing], float]:
+    """Median execute() time per shape, and the median over shapes of (slowest - fastest) / median
+    repeat: a noise gauge. Whole-grid rounds spread any burst of noise over all shapes."""
     seconds: list[list[float]] = [[] for _ in grid]
     for round_ in range(warmups + repeats):
         for i, step in enumerate(grid):
@@ -92,7 +94,8 @@ def time_grid(executor: Executor, builder: PlanBuilder, grid: list[list[Chunk]],
             builder.release(plan)
             if round_ >= warmups:
                 seconds[i].append(elapsed)
-    return [Timing(shape_of(step), statistics.median(s), "grid") for step, s in zip(grid, seconds)]
+    spread = statistics.median((max(s) - min(s)) / statistics.median(s) for s in seconds)
+    return [Timing(shape_of(step), statistics.median(s), "grid") for step, s in zip(grid, seconds)], spread
 
 
 def time_engine_run(engine: LLMEngine, settings: ProfileSettings) -> tuple[list[Timing], list[Timing]]:
