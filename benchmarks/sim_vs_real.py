@@ -1,7 +1,10 @@
 """Simulator vs real server: predicted and measured TTFT/TPOT percentiles at 30/60/85% of capacity, and sim speed."""
 
-# Run: python benchmarks/sim_vs_real.py [--quick] [--requests 120] [--loads 0.3,0.6,0.85] [--profile profile.json]
-#      [--out DIR] [--sim-requests 10000]
+# Run: python benchmarks/sim_vs_real.py [--quick] [--requests 120] [--output-len 64] [--loads 0.3,0.6,0.85]
+#      [--threads 1] [--profile profile.json] [--real EARLIER_OUT] [--out DIR] [--sim-requests 10000]
+# Reported run (2-core CPU, ~13 min): --threads 1 --requests 100 --output-len 32. With 2 intra-op threads the
+# server (event loop + load generator on the same 2 cores) gains nothing over 1 thread while the isolated profile
+# runs 1.6x faster, so a 2-thread profile under-predicts the server's latency by 40-80%: profile as you serve.
 # One SmolLM2-135M-shaped model with random weights (only speed matters) is profiled with `sloserve profile`,
 # served with `sloserve serve` in a subprocess and loaded with the bench runner; the simulator replays the same
 # workload (same seed, same arrival times, same engine knobs) on virtual time. Both write bench results files.
