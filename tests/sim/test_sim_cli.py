@@ -49,6 +49,7 @@ def test_simulate_writes_a_bench_report_and_a_fixed_seed_repeats_it(tiny_profile
     assert first.exit_code == 0, first.output
     again = simulate(path, tmp_path / "b", "--seed", "3")
     other = simulate(path, tmp_path / "c", "--seed", "4")
+    assert again.exit_code == 0 and other.exit_code == 0, again.output + other.output
     a, b, c = (json.loads((tmp_path / d / "results.json").read_text()) for d in "abc")
     assert a["source"] == "simulator" and a["config"]["simulated"] and a["environment"]["simulated"]
     assert a["runs"] == b["runs"]  # records, token times and all
