@@ -24,6 +24,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     tokenizer: str | None = None  # None: the model directory
+    # sloserve's C++ CPU kernels for the small per-layer ops (built on first use); False: plain PyTorch ops.
+    use_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -1,10 +1,17 @@
-"""Paged attention: write new keys/values into the block-indexed cache, attend through block tables."""
+"""Paged attention: decodes and prefill chunks attend to keys/values read through block tables.
+
+New keys and values are already in the cache when attention runs (ops.rope_and_cache_ puts them there).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from sloserve.model.ops import Ops
 
 
 @dataclass(slots=True)
@@ -22,11 +29,27 @@ class AttentionMetadata:
     """Built once per step and shared by every layer. Decode rows come first in the batch."""
 
     slot_mapping: torch.Tensor  # [tokens]: cache slot that each new token's key/value goes to
+    block_size: int
     num_decodes: int = 0
-    decode_gather: torch.Tensor | None = None  # [decodes * max_context] cache slots, padded
-    decode_context: int = 0  # max_context
-    decode_mask: torch.Tensor | None = None  # [decodes, 1, 1, max_context]; None: no padding
+    block_tables: torch.Tensor | None = None  # [decodes, blocks of the longest context]
+    context_lens: torch.Tensor | None = None  # [decodes]: cached tokens including the new one
+    max_context: int = 0
     prefills: list[PrefillSpan] = field(default_factory=list)
+    _padded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def padded_decode_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache slots of every decode's context padded to the longest, and the mask hiding the padding
+        (None: no padding). Built on first use, then shared by every layer of the step."""
+        if self._padded is None:
+            bs, longest = self.block_size, self.max_context
+            offsets = torch.arange(bs, device=self.block_tables.device)
+            gather = (self.block_tables[:, :, None] * bs + offsets).view(self.num_decodes, -1)[:, :longest]
+            positions = torch.arange(longest, device=gather.device)[None, :]
+            mask = None
+            if int(self.context_lens.min()) != longest:
+                mask = (positions < self.context_lens[:, None]).view(self.num_decodes, 1, 1, longest)
+            self._padded = (gather.reshape(-1), mask)
+        return self._padded
 
 
 def paged_attention(
@@ -37,21 +60,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    ops: Ops,
 ) -> torch.Tensor:
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    group = q.shape[1] // num_kv_heads
     parts = []
     if meta.num_decodes:
-        n, ctx = meta.num_decodes, meta.decode_context
-        keys = k_cache.index_select(0, meta.decode_gather).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, meta.decode_gather).view(n, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        # One query token per request: fold the query heads sharing a KV head into the query
-        # axis, so grouped-query attention needs no repeated keys.
-        queries = q[:n].view(n, num_kv_heads, group, head_dim)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask, scale=scale)
-        parts.append(out.reshape(n, -1, head_dim))
+        parts.append(ops.decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale))
     for span in meta.prefills:
         # [1, heads, tokens, head_dim]: only 4-D inputs reach PyTorch's flash kernel on CPU; 3-D ones
         # fall back to the math path, which is 4-10x slower on a 512-token prompt.

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sloserve.model.attention import AttentionMetadata, paged_attention
 from sloserve.model.linear import Linear
+from sloserve.model.ops import Ops
 
 
 @dataclass(slots=True)
@@ -33,31 +33,21 @@ class ModelShape:
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the arithmetic is the model's ops (Hugging Face's: float32 statistics)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Hugging Face's arithmetic (float32 statistics, weight applied in the model dtype), written
-        # out: in PyTorch 2.13 F.rms_norm costs ~40 us a call on CPU, these few ops ~8 us.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Hugging Face layout) in three ops.
-
-    rotate_half(x) = [-x2, x1] is roll(x) = [x2, x1] times the sign carried by `signed_sin`, so the
-    result equals Hugging Face's x*cos + rotate_half(x)*sin bit for bit. cos/sin: [tokens, 1, head_dim].
-    """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
-
 
 class DecoderLayer(nn.Module):
-    def __init__(self, s: ModelShape) -> None:
+    """Pre-norm attention and SwiGLU MLP. The residual stream travels beside the hidden state, so each
+    residual add fuses with the norm after it (vLLM's fused_add_rms_norm)."""
+
+    def __init__(self, s: ModelShape, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         self.q_size, self.kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.scale = s.head_dim**-0.5
@@ -70,28 +60,42 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(s.hidden_size, 2 * s.intermediate_size, bias=False)
         self.down_proj = Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
-        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+    def forward(self, x, residual, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
+        """x: the last layer's output, not yet added to `residual` (None before the first layer)."""
+        ops, t = self.ops, x.shape[0]
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, norm.weight, norm.eps)
+        else:
+            h = ops.add_rms_norm_(x, residual, norm.weight, norm.eps)
+        qkv = self.qkv_proj(h)
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])), dim=1)
-        # Queries and keys rotate together: one pass of RoPE's elementwise ops instead of two.
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        x = x + self.o_proj(attn.reshape(t, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+            self._qk_norm_(qkv)
+        ops.rope_and_cache_(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        heads = qkv.view(t, -1, self.head_dim)
+        q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops)
+        norm = self.post_attention_layernorm
+        h = ops.add_rms_norm_(self.o_proj(attn.reshape(t, self.q_size)), residual, norm.weight, norm.eps)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
+
+    def _qk_norm_(self, qkv: torch.Tensor) -> None:
+        """Qwen3: RMSNorm over each query and key head, before RoPE, in place."""
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)
+        for norm, part in ((self.q_norm, heads[:, : self.num_heads]), (self.k_norm, heads[:, self.num_heads : self.num_heads + self.num_kv_heads])):
+            normed = self.ops.rms_norm(part.reshape(-1, self.head_dim), norm.weight, norm.eps)
+            part.copy_(normed.view_as(part))
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, s: ModelShape, inv_freq: torch.Tensor, rope_scaling: float, max_positions: int) -> None:
+    def __init__(
+        self, s: ModelShape, inv_freq: torch.Tensor, rope_scaling: float, max_positions: int, ops: Ops
+    ) -> None:
         super().__init__()
         self.shape = s
+        self.ops = ops
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(s, ops) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = Linear(s.hidden_size, s.vocab_size, bias=False)
         if s.tie_word_embeddings:
@@ -119,9 +123,11 @@ class LlamaForCausalLM(nn.Module):
         sample_rows: torch.Tensor,  # rows whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos = self.cos_table[positions].to(x.dtype).unsqueeze(1)
-        sin = self.signed_sin_table[positions].to(x.dtype).unsqueeze(1)
+        cos = self.cos_table[positions].to(x.dtype)
+        sin = self.signed_sin_table[positions].to(x.dtype)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, meta, k_cache, v_cache)
+            x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         # Only sampled rows need the vocabulary projection: a prefill chunk needs one row, not all.
-        return self.lm_head(self.norm(x.index_select(0, sample_rows))).float()
+        x, residual = x.index_select(0, sample_rows), residual.index_select(0, sample_rows)
+        return self.lm_head(self.ops.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)).float()

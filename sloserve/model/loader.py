@@ -12,6 +12,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sloserve.config import DTYPES, EngineConfig
 from sloserve.model.llama import LlamaForCausalLM, ModelShape
+from sloserve.model.ops import select_ops
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -104,8 +105,9 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config, cfg.dtype)
     max_model_len = resolve_max_model_len(config, cfg.max_model_len)
     inv_freq, rope_scale = rope_frequencies(config, shape.head_dim)
+    ops = select_ops(dtype, cfg.device, cfg.use_kernels)
     with torch.device(cfg.device):
-        model = LlamaForCausalLM(shape, inv_freq, rope_scale, max_model_len)
+        model = LlamaForCausalLM(shape, inv_freq, rope_scale, max_model_len, ops)
     if cfg.load_format == "dummy":
         init_dummy_weights(model, getattr(config, "initializer_range", 0.02), cfg.seed)
     else:

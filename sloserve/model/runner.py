@@ -55,7 +55,7 @@ class ModelExecutor:
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if s.samples:
                 sample_rows.append(len(positions) - 1)
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots))
+        meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs)
         if decodes:
             self._decode_metadata(meta, decodes)
         row = len(decodes)
@@ -77,19 +77,14 @@ class ModelExecutor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledRequest]) -> None:
-        bs = self.block_size
         contexts = [s.request.num_computed_tokens + 1 for s in decodes]
-        longest = max(contexts)
-        num_blocks = -(-longest // bs)
-        tables = self._tensor([s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table)) for s in decodes])
-        offsets = torch.arange(bs, device=self.device)
-        gather = (tables[:, :, None] * bs + offsets).view(len(decodes), -1)[:, :longest]
+        num_blocks = -(-max(contexts) // self.block_size)
         meta.num_decodes = len(decodes)
-        meta.decode_context = longest
-        meta.decode_gather = gather.reshape(-1)
-        if min(contexts) != longest:
-            valid = torch.arange(longest, device=self.device)[None, :] < self._tensor(contexts)[:, None]
-            meta.decode_mask = valid.view(len(decodes), 1, 1, longest)
+        meta.max_context = max(contexts)
+        meta.context_lens = self._tensor(contexts)
+        meta.block_tables = self._tensor(
+            [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table)) for s in decodes]
+        )
 
     def _prefill_span(self, row: int, s: ScheduledRequest) -> PrefillSpan:
         start, n = s.request.num_computed_tokens, s.num_new_tokens

@@ -26,14 +26,15 @@ def hf_greedy(model_dir, prompts):
     return outs
 
 
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "torch_ops"])
 @pytest.mark.parametrize("kind", ["llama", "smollm", "mistral", "qwen2", "qwen3"])
-def test_greedy_matches_transformers(kind, tiny_model_dir):
+def test_greedy_matches_transformers(kind, use_kernels, tiny_model_dir):
     model_dir = tiny_model_dir(kind)
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(2, 384, (n,), generator=g).tolist() for n in PROMPT_LENS]
     expected = hf_greedy(model_dir, prompts)
     for name, knobs in SCENARIOS.items():
-        llm = LLM(str(model_dir), dtype="float32", **knobs)
+        llm = LLM(str(model_dir), dtype="float32", use_kernels=use_kernels, **knobs)
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
         assert [o.token_ids for o in outs] == expected, f"{kind} differs under {name}"
         if name == "preemption":

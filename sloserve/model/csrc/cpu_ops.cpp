@@ -1,0 +1,298 @@
+// Fused CPU kernels for the small ops of a decoder layer; sloserve/model/kernels.py builds and loads them.
+//
+// On a CPU a small model's decode step is dominated by per-op overhead, not arithmetic: each kernel here
+// replaces a chain of 3-10 PyTorch ops, and decode attention reads keys and values through the block
+// table in place instead of gathering them into a padded copy every layer.
+// The arithmetic follows Hugging Face's op by op (float32 statistics, a rounding to the model dtype
+// wherever PyTorch would store an intermediate), so results match the PyTorch path (sloserve/model/ops.py)
+// up to float32 summation order. Built with -ffp-contract=off so no multiply-add is fused behind our back.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using BF16 = c10::BFloat16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(BF16 v) {  // a shift, which the compiler vectorizes (c10's conversion it does not)
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename T> inline T from_float(float v) { return static_cast<T>(v); }  // round to nearest even
+template <typename T> inline float rounded(float v) { return to_float(from_float<T>(v)); }
+
+// e^x for the x <= 0 of a softmax after its maximum is subtracted, in plain float arithmetic that the
+// compiler vectorizes (std::exp stays a scalar call): x = n ln2 + r, e^r by its degree-6 Taylor
+// polynomial (|r| <= ln2/2, relative error < 2e-7), 2^n written into the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);  // e^-87 ~ 1.6e-38: the smallest scale 2^n with a normal exponent
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 split in two: exact n*hi
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Rows per parallel chunk so that a chunk has ~16k elements of work: a decode step's single row stays
+// on the calling thread, where waking the pool would cost more than the work.
+inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
+
+// The model dtypes these kernels serve; float16 models take the PyTorch path.
+template <typename F>
+void dispatch(at::ScalarType dtype, const F& f) {
+  if (dtype == at::kFloat) {
+    f(float{});
+  } else {
+    TORCH_CHECK(dtype == at::kBFloat16, "sloserve kernels take float32 or bfloat16, got ", dtype);
+    f(BF16{});
+  }
+}
+
+void check_rows(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, " must be 2-D with contiguous rows");
+}
+
+void check_weight(const torch::Tensor& weight, const torch::Tensor& x) {
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "norm weight: contiguous, one per column, in the dtype of x");
+}
+
+template <typename T>
+inline void rms_norm_row(T* out, const T* x, const T* w, int64_t dim, float eps) {
+  float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+  for (int64_t i = 0; i < dim; ++i) {
+    float v = to_float(x[i]);
+    sum_sq += v * v;
+  }
+  const float inv_rms = 1.f / std::sqrt(sum_sq / static_cast<float>(dim) + eps);
+  for (int64_t i = 0; i < dim; ++i) out[i] = from_float<T>(to_float(w[i]) * rounded<T>(to_float(x[i]) * inv_rms));
+}
+
+// out = RMSNorm(x) * weight.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_rows(x, "x");
+  check_weight(weight, x);
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  const int64_t rows = x.size(0), dim = x.size(1), stride = x.stride(0);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) rms_norm_row(op + r * dim, xp + r * stride, wp, dim, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// The residual stream's add and the next norm in one pass: residual += x, then x = RMSNorm(residual) * weight.
+void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  check_rows(x, "x");
+  check_weight(weight, x);
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes() &&
+              residual.scalar_type() == x.scalar_type(), "x, residual: same shape and dtype, contiguous");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* xr = xp + r * dim;
+        scalar_t* res = rp + r * dim;
+        for (int64_t i = 0; i < dim; ++i) res[i] = from_float<scalar_t>(to_float(res[i]) + to_float(xr[i]));
+        rms_norm_row(xr, res, wp, dim, static_cast<float>(eps));
+      }
+    });
+  });
+}
+
+// silu(gate) * up for x = [gate | up], Hugging Face's two roundings included.
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  check_rows(x, "x");
+  const int64_t rows = x.size(0), width = x.size(1) / 2, stride = x.stride(0);
+  auto out = torch::empty({rows, width}, x.options());
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(width), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gate = xp + r * stride;
+        const scalar_t* up = gate + width;
+        scalar_t* o = op + r * width;
+        for (int64_t i = 0; i < width; ++i) {
+          const float g = to_float(gate[i]);
+          o[i] = from_float<scalar_t>(rounded<scalar_t>(g / (1.f + std::exp(-g))) * to_float(up[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Rotary embedding of the query and key heads of a fused q|k|v matrix, in place, and the new keys and
+// values written to their cache slots. cos/signed_sin: [tokens, head_dim] in the model dtype (Hugging
+// Face's cast); signed_sin carries rotate_half's sign, so rotate_half(x) * sin = swap_halves(x) * signed_sin.
+void rope_and_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor signed_sin, torch::Tensor k_cache,
+                     torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim) {
+  check_rows(qkv, "qkv");
+  TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous() && cos.scalar_type() == qkv.scalar_type(), "cos/sin: contiguous, model dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "int64 slot mapping");
+  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 1024, "unsupported head_dim");
+  const int64_t tokens = qkv.size(0), stride = qkv.stride(0), half = head_dim / 2;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t kv_row = num_kv_heads * head_dim;
+  dispatch(qkv.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* base = qkv.data_ptr<scalar_t>();
+    const scalar_t* cos_p = cos.data_ptr<scalar_t>();
+    const scalar_t* sin_p = signed_sin.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, grain_rows((num_heads + 2 * num_kv_heads) * head_dim), [&](int64_t begin, int64_t end) {
+      float x[1024];
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* c = cos_p + t * head_dim;
+        const scalar_t* s = sin_p + t * head_dim;
+        scalar_t* row = base + t * stride;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+          scalar_t* head = row + h * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) x[i] = to_float(head[i]);
+          for (int64_t i = 0; i < head_dim; ++i) {
+            const float swapped = x[i < half ? i + half : i - half];
+            head[i] = from_float<scalar_t>(rounded<scalar_t>(x[i] * to_float(c[i])) +
+                                           rounded<scalar_t>(swapped * to_float(s[i])));
+          }
+        }
+        std::memcpy(kc + slots[t] * kv_row, row + num_heads * head_dim, kv_row * sizeof(scalar_t));
+        std::memcpy(vc + slots[t] * kv_row, row + (num_heads + num_kv_heads) * head_dim, kv_row * sizeof(scalar_t));
+      }
+    });
+  });
+}
+
+// One query token per request attending to its whole context through its block table.
+// q: [requests, heads, head_dim] (rows may be strided); caches: [slots, kv_heads, head_dim].
+// Work items are (request, kv head): the query heads sharing a KV head read each key and value once.
+// HD > 0 fixes head_dim at compile time, so the per-token loops over it unroll into whole vectors.
+template <typename T, int64_t HD>
+void decode_attention_kernel(T* out, const T* q, int64_t q_stride, const T* kc, const T* vc, const int64_t* tables,
+                             int64_t table_width, const int64_t* context_lens, int64_t requests, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, float scale) {
+  const int64_t head_dim = HD > 0 ? HD : runtime_head_dim;
+  const int64_t group = num_heads / num_kv_heads;
+  int64_t total_context = 0;
+  for (int64_t r = 0; r < requests; ++r) total_context += context_lens[r];
+  // A short step runs on the calling thread: waking the pool costs more than ~64k multiply-adds.
+  const int64_t items = requests * num_kv_heads;
+  const int64_t grain = total_context * num_heads * head_dim < 65536 ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(group * head_dim);
+    float row[HD > 0 ? HD : 1024];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / num_kv_heads, kvh = item % num_kv_heads, ctx = context_lens[r];
+      const int64_t* table = tables + r * table_width;
+      scores.resize(group * ctx);
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qh = q + r * q_stride + (kvh * group + g) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(qh[d]);
+      }
+      // Blocks outer, offsets inner: no integer division per token.
+      for (int64_t b = 0, t0 = 0; t0 < ctx; ++b, t0 += block_size) {
+        const T* keys = kc + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+        for (int64_t j = 0; j < std::min(block_size, ctx - t0); ++j) {
+          const T* k = keys + j * num_kv_heads * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(k[d]);  // converted once for the group
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * head_dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+            scores[g * ctx + t0 + j] = dot * scale;
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * ctx;
+        const float peak = *std::max_element(sg, sg + ctx);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < ctx; ++t) {
+          sg[t] = exp_nonpositive(sg[t] - peak);
+          total += sg[t];
+        }
+        const float inv_total = 1.f / total;
+        for (int64_t t = 0; t < ctx; ++t) sg[t] *= inv_total;
+      }
+      // One query head at a time, so its output row stays in registers across the whole context.
+      for (int64_t g = 0; g < group; ++g) {
+        const float* pg = scores.data() + g * ctx;
+        std::fill(row, row + head_dim, 0.f);
+        for (int64_t b = 0, t0 = 0; t0 < ctx; ++b, t0 += block_size) {
+          const T* values = vc + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+          for (int64_t j = 0; j < std::min(block_size, ctx - t0); ++j) {
+            const T* v = values + j * num_kv_heads * head_dim;
+            const float p = pg[t0 + j];
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) row[d] += p * to_float(v[d]);
+          }
+        }
+        T* oh = out + (r * num_heads + kvh * group + g) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) oh[d] = from_float<T>(row[d]);
+      }
+    }
+  });
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+                               torch::Tensor context_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [requests, heads, head_dim], heads packed");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && block_tables.is_contiguous(), "contiguous caches and tables");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables and lengths");
+  const int64_t requests = q.size(0), num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
+  TORCH_CHECK(num_heads % num_kv_heads == 0, "heads must be a multiple of KV heads");
+  auto out = torch::empty({requests, num_heads, head_dim}, q.options());
+  dispatch(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto kernel = head_dim == 64    ? decode_attention_kernel<scalar_t, 64>
+                  : head_dim == 128 ? decode_attention_kernel<scalar_t, 128>
+                                    : decode_attention_kernel<scalar_t, 0>;
+    kernel(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), k_cache.data_ptr<scalar_t>(),
+           v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int64_t>(), block_tables.size(1),
+           context_lens.data_ptr<int64_t>(), requests, num_heads, num_kv_heads, head_dim, block_size,
+           static_cast<float>(scale));
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm_", &add_rms_norm_);
+  m.def("silu_and_mul", &silu_and_mul);
+  m.def("rope_and_cache_", &rope_and_cache_);
+  m.def("decode_attention", &decode_attention);
+}

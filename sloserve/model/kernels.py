@@ -1,0 +1,56 @@
+"""sloserve's C++ CPU kernels (csrc/cpu_ops.cpp): compiled on first use, cached per machine, optional.
+
+They are built with PyTorch's own extension builder the first time a process asks for them (about a
+minute; later processes load the cached library in well under a second). Where no compiler is at hand
+the engine runs the same arithmetic as plain PyTorch ops (sloserve/model/ops.py), only slower.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# Without contraction the compiler keeps every multiply and add separately rounded, as PyTorch does.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """Names the build after this CPU's instruction sets: -march=native code must not meet another CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+@functools.cache
+def load_kernels() -> ModuleType | None:
+    """The compiled kernels, or None (with a warning) where they cannot be built."""
+    if platform.system() != "Linux":
+        logger.warning("sloserve's C++ kernels are built on Linux only; using the PyTorch ops path")
+        return None
+    # The ninja that pip installs lies beside this interpreter, which need not be on PATH (an unactivated venv).
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, (os.environ.get("PATH"), bin_dir)))
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"sloserve_cpu_ops_{_cpu_tag()}",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: all mean "use the PyTorch path"
+        logger.warning("sloserve's C++ kernels are unavailable (%s); using the slower PyTorch ops path", exc)
+        return None
