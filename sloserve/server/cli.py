@@ -41,6 +41,7 @@ def serve(
     block_size: int = typer.Option(16),
     seed: int = typer.Option(0),
     policy: str = typer.Option("fcfs", help="fcfs | priority"),
+    kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
     max_waiting_tokens: int = typer.Option(131072, help="waiting prompt tokens beyond which new requests get 429"),
@@ -73,6 +74,7 @@ def serve(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            use_kernels=kernels,
         )
         settings = ServerSettings(
             served_model_names=list(served_model_name or [model_dir.name]),

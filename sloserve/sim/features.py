@@ -20,7 +20,9 @@ _ATTENTION_TERMS = (
     "prefill_ctx_attn",  # chunks on cached context: new tokens x attended tokens (masked kernel)
     "prefill_ctx",       # attended tokens of those chunks, gathered from the paged cache
     "decode_ctx",        # sum of decode context lengths
-    "decode_padded",     # decodes x longest decode context: the runner pads decode rows to it
+    # The PyTorch ops path pads decode rows to the longest context; the C++ kernel reads each context
+    # in place (decode_ctx alone), and the fit then gives these two terms no weight.
+    "decode_padded",     # decodes x longest decode context
     "decode_masked",     # the same rectangle when contexts differ: padding needs a mask and a slower kernel
 )
 

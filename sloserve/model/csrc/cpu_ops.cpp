@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,24 +18,32 @@
 
 namespace {
 
-using BF16 = c10::BFloat16;
+// bfloat16 values are handled as their raw bits (uint16_t): plain integer and float arithmetic on them
+// vectorizes, c10::BFloat16's struct and branches do not.
+using BF16 = uint16_t;
 
 inline float to_float(float v) { return v; }
-inline float to_float(BF16 v) {  // a shift, which the compiler vectorizes (c10's conversion it does not)
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+inline float to_float(BF16 v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+template <typename T> inline T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline BF16 from_float<BF16>(float v) {  // round to nearest even, as PyTorch does; NaN stays NaN
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded_bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return v != v ? BF16{0x7FC0} : static_cast<BF16>(rounded_bits);
 }
-template <typename T> inline T from_float(float v) { return static_cast<T>(v); }  // round to nearest even
 template <typename T> inline float rounded(float v) { return to_float(from_float<T>(v)); }
 
-// e^x for the x <= 0 of a softmax after its maximum is subtracted, in plain float arithmetic that the
-// compiler vectorizes (std::exp stays a scalar call): x = n ln2 + r, e^r by its degree-6 Taylor
-// polynomial (|r| <= ln2/2, relative error < 2e-7), 2^n written into the exponent bits.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);  // e^-87 ~ 1.6e-38: the smallest scale 2^n with a normal exponent
-  const float n = std::floor(x * 1.44269504f + 0.5f);
+template <typename T> inline T* ptr(const torch::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+// e^x in plain float arithmetic that the compiler vectorizes (std::exp stays a scalar call, ~10x slower
+// here): x = n ln2 + r, e^r by its degree-6 Taylor polynomial (|r| <= ln2/2, relative error < 2e-7),
+// 2^n written into the exponent bits. Saturates at e^-87 and e^88 instead of 0 and inf.
+// The spelling matters to gcc's vectorizer: std::floor, std::min/max and nested ternaries all stop it,
+// hence the two flat clamps and rounding by adding and subtracting 1.5 * 2^23.
+inline float fast_exp(float x) {
+  x = x < -87.f ? -87.f : x;  // 2^n stays a normal float: n in [-126, 127]
+  x = x > 88.f ? 88.f : x;
+  const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 split in two: exact n*hi
   float p = 1.f / 720.f;
   p = p * r + 1.f / 120.f;
@@ -43,10 +52,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 // Rows per parallel chunk so that a chunk has ~16k elements of work: a decode step's single row stays
@@ -93,9 +99,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   const int64_t rows = x.size(0), dim = x.size(1), stride = x.stride(0);
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* xp = ptr<scalar_t>(x);
+    const scalar_t* wp = ptr<scalar_t>(weight);
+    scalar_t* op = ptr<scalar_t>(out);
     at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) rms_norm_row(op + r * dim, xp + r * stride, wp, dim, static_cast<float>(eps));
     });
@@ -112,9 +118,9 @@ void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight
   const int64_t rows = x.size(0), dim = x.size(1);
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* rp = residual.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* xp = ptr<scalar_t>(x);
+    scalar_t* rp = ptr<scalar_t>(residual);
+    const scalar_t* wp = ptr<scalar_t>(weight);
     at::parallel_for(0, rows, grain_rows(dim), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* xr = xp + r * dim;
@@ -126,6 +132,15 @@ void add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight
   });
 }
 
+template <typename T>
+inline void silu_and_mul_row(T* __restrict out, const T* __restrict gate, const T* __restrict up, int64_t width) {
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const float g = to_float(gate[i]);
+    out[i] = from_float<T>(rounded<T>(g / (1.f + fast_exp(-g))) * to_float(up[i]));
+  }
+}
+
 // silu(gate) * up for x = [gate | up], Hugging Face's two roundings included.
 torch::Tensor silu_and_mul(torch::Tensor x) {
   check_rows(x, "x");
@@ -133,18 +148,10 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   auto out = torch::empty({rows, width}, x.options());
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* xp = ptr<scalar_t>(x);
+    scalar_t* op = ptr<scalar_t>(out);
     at::parallel_for(0, rows, grain_rows(width), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* gate = xp + r * stride;
-        const scalar_t* up = gate + width;
-        scalar_t* o = op + r * width;
-        for (int64_t i = 0; i < width; ++i) {
-          const float g = to_float(gate[i]);
-          o[i] = from_float<scalar_t>(rounded<scalar_t>(g / (1.f + std::exp(-g))) * to_float(up[i]));
-        }
-      }
+      for (int64_t r = begin; r < end; ++r) silu_and_mul_row(op + r * width, xp + r * stride, xp + r * stride + width, width);
     });
   });
   return out;
@@ -166,11 +173,11 @@ void rope_and_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor signed_
   const int64_t kv_row = num_kv_heads * head_dim;
   dispatch(qkv.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    scalar_t* base = qkv.data_ptr<scalar_t>();
-    const scalar_t* cos_p = cos.data_ptr<scalar_t>();
-    const scalar_t* sin_p = signed_sin.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    scalar_t* base = ptr<scalar_t>(qkv);
+    const scalar_t* cos_p = ptr<scalar_t>(cos);
+    const scalar_t* sin_p = ptr<scalar_t>(signed_sin);
+    scalar_t* kc = ptr<scalar_t>(k_cache);
+    scalar_t* vc = ptr<scalar_t>(v_cache);
     at::parallel_for(0, tokens, grain_rows((num_heads + 2 * num_kv_heads) * head_dim), [&](int64_t begin, int64_t end) {
       float x[1024];
       for (int64_t t = begin; t < end; ++t) {
@@ -240,7 +247,7 @@ void decode_attention_kernel(T* out, const T* q, int64_t q_stride, const T* kc, 
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int64_t t = 0; t < ctx; ++t) {
-          sg[t] = exp_nonpositive(sg[t] - peak);
+          sg[t] = fast_exp(sg[t] - peak);
           total += sg[t];
         }
         const float inv_total = 1.f / total;
@@ -279,8 +286,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
     auto kernel = head_dim == 64    ? decode_attention_kernel<scalar_t, 64>
                   : head_dim == 128 ? decode_attention_kernel<scalar_t, 128>
                                     : decode_attention_kernel<scalar_t, 0>;
-    kernel(out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), q.stride(0), k_cache.data_ptr<scalar_t>(),
-           v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int64_t>(), block_tables.size(1),
+    kernel(ptr<scalar_t>(out), ptr<scalar_t>(q), q.stride(0), ptr<scalar_t>(k_cache),
+           ptr<scalar_t>(v_cache), block_tables.data_ptr<int64_t>(), block_tables.size(1),
            context_lens.data_ptr<int64_t>(), requests, num_heads, num_kv_heads, head_dim, block_size,
            static_cast<float>(scale));
   });
