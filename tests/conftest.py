@@ -22,6 +22,15 @@ TINY = dict(
     bos_token_id=0,
 )
 
+@pytest.fixture(scope="session", autouse=True)
+def built_kernels():
+    """Compile sloserve's C++ kernels (once per machine, ~30 s) before any test starts a server
+    subprocess with a startup deadline: on a fresh machine the first engine would compile them."""
+    from sloserve.model.kernels import load_kernels
+
+    return load_kernels()
+
+
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from sloserve.model.attention import AttentionMetadata
-from sloserve.model.kernels import load_kernels
 from sloserve.model.ops import KernelOps, TorchOps
 
 # float32: only the order of a sum differs; bfloat16: one rounding step of the model dtype.
@@ -12,8 +11,8 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[
 
 
 @pytest.fixture(scope="module")
-def ops():
-    kernels = load_kernels()
+def ops(built_kernels):
+    kernels = built_kernels
     # This machine has a compiler: the kernels must build here, or every test below would pass vacuously.
     assert kernels is not None, "sloserve's C++ kernels failed to build"
     return KernelOps(kernels), TorchOps()
@@ -71,14 +70,21 @@ def test_rope_and_cache(ops, dtype):
     assert not k_cache[untouched].any()
 
 
+# Few requests split their KV heads across threads; many give each thread whole requests.
+CONTEXTS = {"few": [1, 13], "many": [1, 13, 8, 30] + torch.randint(1, 40, (60,), generator=torch.Generator().manual_seed(5)).tolist()}
+
+
 @DTYPES
-def test_decode_attention_reads_through_block_tables(ops, dtype):
+@pytest.mark.parametrize("batch", CONTEXTS)
+def test_decode_attention_reads_through_block_tables(ops, dtype, batch):
     """Ragged contexts spread over shuffled blocks, grouped-query heads, a strided query view."""
     fast, ref = ops
     block_size, heads, kv_heads, head_dim = 4, 6, 2, 32
-    contexts = [1, 13, 8, 30]
-    k_cache, v_cache = rand(64, kv_heads, head_dim, dtype=dtype, seed=1), rand(64, kv_heads, head_dim, dtype=dtype, seed=2)
-    order = torch.randperm(16, generator=torch.Generator().manual_seed(3)).tolist()
+    contexts = CONTEXTS[batch]
+    num_blocks = sum(-(-n // block_size) for n in contexts)
+    k_cache = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=1)
+    v_cache = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=2)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
     width = -(-max(contexts) // block_size)
     tables, start = [], 0
     for n in contexts:

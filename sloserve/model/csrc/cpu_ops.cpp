@@ -202,7 +202,9 @@ void rope_and_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor signed_
 
 // One query token per request attending to its whole context through its block table.
 // q: [requests, heads, head_dim] (rows may be strided); caches: [slots, kv_heads, head_dim].
-// Work items are (request, kv head): the query heads sharing a KV head read each key and value once.
+// A work item is a request's KV heads (all of them, or one each when there are too few requests to
+// keep every thread busy): keys are then read as whole contiguous rows, block by block, which the
+// hardware prefetcher streams; reading one head's 128 bytes of each row ran at a third of the speed.
 // HD > 0 fixes head_dim at compile time, so the per-token loops over it unroll into whole vectors.
 template <typename T, int64_t HD>
 void decode_attention_kernel(T* out, const T* q, int64_t q_stride, const T* kc, const T* vc, const int64_t* tables,
@@ -210,63 +212,76 @@ void decode_attention_kernel(T* out, const T* q, int64_t q_stride, const T* kc, 
                              int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, float scale) {
   const int64_t head_dim = HD > 0 ? HD : runtime_head_dim;
   const int64_t group = num_heads / num_kv_heads;
+  const int64_t kv_per_item = requests >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t items_per_request = num_kv_heads / kv_per_item, heads_per_item = kv_per_item * group;
+  const int64_t token_stride = num_kv_heads * head_dim;  // elements from one cached token to the next
   int64_t total_context = 0;
   for (int64_t r = 0; r < requests; ++r) total_context += context_lens[r];
   // A short step runs on the calling thread: waking the pool costs more than ~64k multiply-adds.
-  const int64_t items = requests * num_kv_heads;
+  const int64_t items = requests * items_per_request;
   const int64_t grain = total_context * num_heads * head_dim < 65536 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(group * head_dim);
+    std::vector<float> scores, qf(heads_per_item * head_dim);
     float row[HD > 0 ? HD : 1024];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / num_kv_heads, kvh = item % num_kv_heads, ctx = context_lens[r];
+      const int64_t r = item / items_per_request, kv0 = (item % items_per_request) * kv_per_item;
+      const int64_t ctx = context_lens[r], first_head = kv0 * group;
       const int64_t* table = tables + r * table_width;
-      scores.resize(group * ctx);
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qh = q + r * q_stride + (kvh * group + g) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] = to_float(qh[d]);
+      scores.resize(heads_per_item * ctx);
+      for (int64_t h = 0; h < heads_per_item; ++h) {
+        const T* qh = q + r * q_stride + (first_head + h) * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] = to_float(qh[d]);
       }
-      // Blocks outer, offsets inner: no integer division per token.
+      // Scores. Blocks outer, offsets inner: no integer division per token.
       for (int64_t b = 0, t0 = 0; t0 < ctx; ++b, t0 += block_size) {
-        const T* keys = kc + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+        const int64_t base = table[b] * block_size * token_stride + kv0 * head_dim;
         for (int64_t j = 0; j < std::min(block_size, ctx - t0); ++j) {
-          const T* k = keys + j * num_kv_heads * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(k[d]);  // converted once for the group
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * head_dim;
-            float dot = 0.f;
+          const T* k_row = kc + base + j * token_stride;
+          // The values come next: fetch them while the keys are being worked on.
+          for (int64_t off = 0; off < kv_per_item * head_dim * (int64_t)sizeof(T); off += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(vc + base + j * token_stride) + off);
+          for (int64_t kh = 0; kh < kv_per_item; ++kh) {
+            const T* k = k_row + kh * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(k[d]);  // converted once for the group
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = kh * group + g;
+              const float* qh = qf.data() + h * head_dim;
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
-            scores[g * ctx + t0 + j] = dot * scale;
+              for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * row[d];
+              scores[h * ctx + t0 + j] = dot * scale;
+            }
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * ctx;
-        const float peak = *std::max_element(sg, sg + ctx);
+      for (int64_t h = 0; h < heads_per_item; ++h) {
+        float* sh = scores.data() + h * ctx;
+        float peak = sh[0];
+        for (int64_t t = 1; t < ctx; ++t) peak = sh[t] > peak ? sh[t] : peak;
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int64_t t = 0; t < ctx; ++t) {
-          sg[t] = fast_exp(sg[t] - peak);
-          total += sg[t];
+          sh[t] = fast_exp(sh[t] - peak);
+          total += sh[t];
         }
         const float inv_total = 1.f / total;
-        for (int64_t t = 0; t < ctx; ++t) sg[t] *= inv_total;
+        for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv_total;
       }
-      // One query head at a time, so its output row stays in registers across the whole context.
-      for (int64_t g = 0; g < group; ++g) {
-        const float* pg = scores.data() + g * ctx;
+      // Weighted values, one query head at a time so its output row stays in registers.
+      for (int64_t h = 0; h < heads_per_item; ++h) {
+        const float* ph = scores.data() + h * ctx;
+        const int64_t kh = h / group;
         std::fill(row, row + head_dim, 0.f);
         for (int64_t b = 0, t0 = 0; t0 < ctx; ++b, t0 += block_size) {
-          const T* values = vc + (table[b] * block_size * num_kv_heads + kvh) * head_dim;
+          const T* values = vc + table[b] * block_size * token_stride + (kv0 + kh) * head_dim;
           for (int64_t j = 0; j < std::min(block_size, ctx - t0); ++j) {
-            const T* v = values + j * num_kv_heads * head_dim;
-            const float p = pg[t0 + j];
+            const T* v = values + j * token_stride;
+            const float p = ph[t0 + j];
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; ++d) row[d] += p * to_float(v[d]);
           }
         }
-        T* oh = out + (r * num_heads + kvh * group + g) * head_dim;
+        T* oh = out + (r * num_heads + first_head + h) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) oh[d] = from_float<T>(row[d]);
       }
     }
