@@ -41,6 +41,7 @@ def load_kernels() -> ModuleType | None:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join(filter(None, (os.environ.get("PATH"), bin_dir)))
+    logger.info("loading sloserve's C++ kernels (compiled on this machine's first use: ~30 s)")
     try:
         from torch.utils.cpp_extension import load
 
