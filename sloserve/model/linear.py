@@ -17,6 +17,9 @@ def _can_pack(weight: torch.Tensor) -> bool:
     )
 
 
+PACKED_MAX_ROWS = 384
+
+
 class Linear(nn.Module):
     """y = x W^T + b, with W packed for oneDNN after `pack()` where that helps."""
 
@@ -31,7 +34,9 @@ class Linear(nn.Module):
             self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        # The layout packed for small batches loses to oneDNN's own choice on prefill-sized ones
+        # (measured: 1.4x slower at 512 rows, 1.2x at 2048; 1.2-1.5x faster at 1-256 rows).
+        if self.packed is not None and x.shape[0] < PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
