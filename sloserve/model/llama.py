@@ -82,7 +82,8 @@ class DecoderLayer(nn.Module):
     def _qk_norm_(self, qkv: torch.Tensor) -> None:
         """Qwen3: RMSNorm over each query and key head, before RoPE, in place."""
         heads = qkv.view(qkv.shape[0], -1, self.head_dim)
-        for norm, part in ((self.q_norm, heads[:, : self.num_heads]), (self.k_norm, heads[:, self.num_heads : self.num_heads + self.num_kv_heads])):
+        queries, keys = heads[:, : self.num_heads], heads[:, self.num_heads : self.num_heads + self.num_kv_heads]
+        for norm, part in ((self.q_norm, queries), (self.k_norm, keys)):
             normed = self.ops.rms_norm(part.reshape(-1, self.head_dim), norm.weight, norm.eps)
             part.copy_(normed.view_as(part))
 

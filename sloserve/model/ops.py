@@ -78,23 +78,23 @@ class KernelOps:
     """The same ops as TorchOps, each one call into sloserve's compiled kernels (float32, bfloat16)."""
 
     def __init__(self, kernels) -> None:
-        self.k = kernels
+        self.kernels = kernels
 
     def rms_norm(self, x, weight, eps):
-        return self.k.rms_norm(x, weight, eps)
+        return self.kernels.rms_norm(x, weight, eps)
 
     def add_rms_norm_(self, x, residual, weight, eps):
-        self.k.add_rms_norm_(x, residual, weight, eps)
+        self.kernels.add_rms_norm_(x, residual, weight, eps)
         return x
 
     def silu_and_mul(self, x):
-        return self.k.silu_and_mul(x)
+        return self.kernels.silu_and_mul(x)
 
     def rope_and_cache_(self, qkv, cos, signed_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
-        self.k.rope_and_cache_(qkv, cos, signed_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+        self.kernels.rope_and_cache_(qkv, cos, signed_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
 
     def decode_attention(self, q, k_cache, v_cache, meta, scale):
-        return self.k.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size, scale)
+        return self.kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size, scale)
 
 
 def select_ops(dtype: torch.dtype, device: str, use_kernels: bool = True) -> Ops:

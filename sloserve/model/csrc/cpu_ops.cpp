@@ -55,6 +55,9 @@ inline float fast_exp(float x) {
   return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
+// Per-thread scratch rows are stack arrays of this many floats.
+constexpr int64_t kMaxHeadDim = 1024;
+
 // Rows per parallel chunk so that a chunk has ~16k elements of work: a decode step's single row stays
 // on the calling thread, where waking the pool would cost more than the work.
 inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
@@ -167,7 +170,7 @@ void rope_and_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor signed_
   TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous() && cos.scalar_type() == qkv.scalar_type(), "cos/sin: contiguous, model dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "int64 slot mapping");
-  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 1024, "unsupported head_dim");
+  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, "unsupported head_dim");
   const int64_t tokens = qkv.size(0), stride = qkv.stride(0), half = head_dim / 2;
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t kv_row = num_kv_heads * head_dim;
@@ -179,7 +182,7 @@ void rope_and_cache_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor signed_
     scalar_t* kc = ptr<scalar_t>(k_cache);
     scalar_t* vc = ptr<scalar_t>(v_cache);
     at::parallel_for(0, tokens, grain_rows((num_heads + 2 * num_kv_heads) * head_dim), [&](int64_t begin, int64_t end) {
-      float x[1024];
+      float x[kMaxHeadDim];
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* c = cos_p + t * head_dim;
         const scalar_t* s = sin_p + t * head_dim;
@@ -222,7 +225,7 @@ void decode_attention_kernel(T* out, const T* q, int64_t q_stride, const T* kc, 
   const int64_t grain = total_context * num_heads * head_dim < 65536 ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(heads_per_item * head_dim);
-    float row[HD > 0 ? HD : 1024];
+    float row[HD > 0 ? HD : kMaxHeadDim];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / items_per_request, kv0 = (item % items_per_request) * kv_per_item;
       const int64_t ctx = context_lens[r], first_head = kv0 * group;
@@ -295,6 +298,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables and lengths");
   const int64_t requests = q.size(0), num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(1);
   TORCH_CHECK(num_heads % num_kv_heads == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(head_dim <= kMaxHeadDim, "unsupported head_dim");
   auto out = torch::empty({requests, num_heads, head_dim}, q.options());
   dispatch(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
