@@ -17,11 +17,9 @@ def build_engine(config: EngineConfig, policy: str = "fcfs") -> LLMEngine:
     loaded = load_model(config)
     return LLMEngine(
         ModelExecutor(loaded, config),
+        config.scheduler_config(),
         max_model_len=loaded.max_model_len,
         vocab_size=loaded.vocab_size,
-        block_size=config.block_size,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs,
         eos_token_ids=loaded.eos_token_ids,
         tokenizer=loaded.tokenizer,
         policy=POLICIES[policy](),

@@ -8,14 +8,6 @@ from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.model.attention import AttentionMetadata, PrefillSpan
 from sloserve.model.loader import LoadedModel
 from sloserve.model.sampler import Sampler
-from sloserve.request import Request
-
-
-def token_slice(request: Request, start: int, end: int) -> list[int]:
-    prompt = request.prompt_token_ids
-    if end <= len(prompt):
-        return prompt[start:end]
-    return (prompt + request.output_token_ids)[start:end]
 
 
 class ModelExecutor:
@@ -36,7 +28,7 @@ class ModelExecutor:
         self.sampler = Sampler(config.seed)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         self.sampler.forget(plan.finished_request_ids)
         # Decode rows (one new token) first, then prefill chunks: attention batches the former.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
@@ -48,9 +40,9 @@ class ModelExecutor:
         slots: list[int] = []
         sample_rows: list[int] = []
         for s in ordered:
-            start, table = s.request.num_computed_tokens, s.block_table
+            start, table = s.num_computed_tokens, s.block_table
             end = start + s.num_new_tokens
-            input_ids += token_slice(s.request, start, end)
+            input_ids += s.token_ids
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if s.samples:
@@ -64,20 +56,20 @@ class ModelExecutor:
             row += s.num_new_tokens
         if not sample_rows:
             self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches, self._tensor([0]))
-            return [None] * len(plan.scheduled)
+            return [[] for _ in plan.scheduled]
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches, self._tensor(sample_rows))
         sampling = [s for s in ordered if s.samples]
         tokens = self.sampler.sample(
-            logits, [s.request.request_id for s in sampling], [s.request.sampling_params for s in sampling]
+            logits, [s.request_id for s in sampling], [s.sampling_params for s in sampling]
         )
-        by_request = {id(s): t for s, t in zip(sampling, tokens)}
-        return [by_request.get(id(s)) for s in plan.scheduled]
+        by_request = {id(s): [t] for s, t in zip(sampling, tokens)}
+        return [by_request.get(id(s), []) for s in plan.scheduled]
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledRequest]) -> None:
-        contexts = [s.request.num_computed_tokens + 1 for s in decodes]
+        contexts = [s.num_computed_tokens + 1 for s in decodes]
         num_blocks = -(-max(contexts) // self.block_size)
         meta.num_decodes = len(decodes)
         meta.max_context = max(contexts)
@@ -87,7 +79,7 @@ class ModelExecutor:
         )
 
     def _prefill_span(self, row: int, s: ScheduledRequest) -> PrefillSpan:
-        start, n = s.request.num_computed_tokens, s.num_new_tokens
+        start, n = s.num_computed_tokens, s.num_new_tokens
         if start == 0:  # no cached context: plain causal attention over the chunk itself
             return PrefillSpan(row, row + n, None, None)
         bs, table, context = self.block_size, s.block_table, start + n

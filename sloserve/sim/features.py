@@ -53,7 +53,7 @@ class StepShape:
     def of(cls, plan: SchedulerOutput) -> StepShape:
         return cls(
             [s.num_new_tokens for s in plan.scheduled],
-            [s.request.num_computed_tokens for s in plan.scheduled],
+            [s.num_computed_tokens for s in plan.scheduled],
             [s.samples for s in plan.scheduled],
         )
 

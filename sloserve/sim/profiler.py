@@ -39,9 +39,9 @@ class TimingExecutor:
         self.num_kv_blocks = inner.num_kv_blocks
         self.last: tuple[StepShape, float, float] | None = None  # shape, execute seconds, seconds spent on the shape
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         start = time.perf_counter()
-        shape = StepShape.of(plan)  # before the engine advances num_computed_tokens
+        shape = StepShape.of(plan)
         ready = time.perf_counter()
         tokens = self.inner.execute(plan)
         self.last = (shape, time.perf_counter() - ready, ready - start)

@@ -10,6 +10,7 @@ from sloserve.bench.records import RequestRecord
 from sloserve.bench.workload import RequestSpec
 from sloserve.engine.engine import LLMEngine
 from sloserve.engine.policy import Policy
+from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
 from sloserve.sim.clock import VirtualClock
 from sloserve.sim.executor import SimulatedExecutor, StepTimeModel
@@ -26,6 +27,9 @@ class EngineKnobs:
     block_size: int
     vocab_size: int
 
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size)
+
 
 @dataclass(slots=True)
 class SimOutcome:
@@ -40,8 +44,7 @@ def build_sim_engine(model: StepTimeModel, knobs: EngineKnobs, policy: Policy, c
     """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock."""
     executor = SimulatedExecutor(model, clock, knobs.num_kv_blocks)
     return LLMEngine(
-        executor, max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size, block_size=knobs.block_size,
-        max_num_batched_tokens=knobs.max_num_batched_tokens, max_num_seqs=knobs.max_num_seqs,
+        executor, knobs.scheduler_config(), max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size,
         clock=clock, policy=policy,
     )
 

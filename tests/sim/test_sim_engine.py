@@ -93,8 +93,7 @@ def test_simulated_schedule_order_equals_the_real_engines(tiny_model_dir, policy
         num_kv_blocks = inner.num_kv_blocks
 
         def execute(self, plan):
-            order.extend(s.request.request_id for s in plan.scheduled
-                         if s.request.num_computed_tokens == 0 and not s.request.num_preemptions)
+            order.extend(s.request_id for s in plan.scheduled if s.request_id not in order)
             return inner.execute(plan)
 
     real.executor = Recorder()
