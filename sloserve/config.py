@@ -28,6 +28,7 @@ class EngineConfig:
     tokenizer: str | None = None  # None: the model directory
     # sloserve's C++ CPU kernels for the small per-layer ops (built on first use); False: plain PyTorch ops.
     use_kernels: bool = True
+    policy: str = "fcfs"  # scheduling policy: fcfs | priority | slo
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -37,8 +38,9 @@ class EngineConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.scheduler_config()  # validates the scheduler's knobs and the policy name
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
 
     def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size)
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, self.policy)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from sloserve.engine.clock import Clock, MonotonicClock
+from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.detokenizer import IncrementalDetokenizer
 from sloserve.engine.executor import Executor
+from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
-from sloserve.engine.policy import FCFS, Policy
+from sloserve.engine.policy import Policy, make_policy
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
 
@@ -22,6 +24,7 @@ class LLMEngine:
         tokenizer=None,
         clock: Clock | None = None,
         policy: Policy | None = None,
+        predictor: StepPredictor | None = None,
     ) -> None:
         self.executor = executor
         self.max_model_len = max_model_len
@@ -31,7 +34,10 @@ class LLMEngine:
         self.clock = clock or MonotonicClock()
         self.config = config or SchedulerConfig()
         self.block_manager = BlockManager(executor.num_kv_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.block_manager, policy or FCFS(), self.config)
+        # With no profile, a conservative default that the engine's own measured steps soon replace.
+        self.predictor = predictor or StepPredictor(StepCostModel.default(self.config.max_num_batched_tokens))
+        policy = policy or make_policy(self.config.policy, self.clock, self.predictor, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, policy, self.config, self.predictor)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
 
     @property
@@ -101,10 +107,10 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = self.clock.now()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        start = self.clock.now()
         for s in plan.scheduled:
             request = self.requests[s.request_id]
             if request.first_scheduled_time is None:
@@ -114,6 +120,8 @@ class LLMEngine:
         outputs = []
         for request, tokens in self.scheduler.update_from_output(plan, sampled):
             outputs.append(self._process_tokens(request, tokens, now))
+        # The whole step, scheduling and stop checks included: what the predictor is asked about.
+        self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
         return outputs
 
     def _process_tokens(self, request: Request, tokens: list[int], now: float) -> RequestOutput:

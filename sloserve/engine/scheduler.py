@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sloserve.engine.cost import StepTimeModel, largest_chunk
+from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
-from sloserve.engine.policy import Policy
+from sloserve.engine.policy import POLICIES, Policy
 from sloserve.request import Request, RequestStatus, SamplingParams
 
 
@@ -16,11 +18,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     block_size: int = 16
+    policy: str = "fcfs"  # a name in POLICIES; the engine builds it with its clock and predictor
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
 
 
 @dataclass(slots=True)
@@ -65,10 +70,13 @@ class Scheduler:
     is cut into chunks that share steps with decodes (Sarathi-Serve's stall-free batching).
     """
 
-    def __init__(self, block_manager: BlockManager, policy: Policy, config: SchedulerConfig) -> None:
+    def __init__(self, block_manager: BlockManager, policy: Policy, config: SchedulerConfig,
+                 predictor: StepTimeModel | None = None, min_chunk: int = 16) -> None:
         self.block_manager = block_manager
         self.policy = policy
         self.config = config
+        self.predictor = predictor  # needed only by policies that limit a step's time
+        self.min_chunk = min_chunk  # the smallest prefill chunk a step time limit may cut to
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -85,31 +93,65 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
+        batch: list[Request] = []  # the requests of out.scheduled, in the same order
         self.running.sort(key=self.policy.rank)
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._chunk(request, budget, batch, out)
             if self._allocate(request, n, out):
-                out.scheduled.append(self._plan(request, n))
+                self._add(request, n, batch, out)
                 budget -= n
                 i += 1
             # else: `request` itself was preempted, and it was the last one left
 
-        if not out.preempted_request_ids:  # a step that had to preempt admits nobody new
+        if not out.preempted_request_ids:  # a step that had to preempt for running requests admits nobody new
             self.waiting.sort(key=self.policy.rank)
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            while self.waiting and budget > 0 and self.waiting[0].request_id not in out.preempted_request_ids:
                 request = self.waiting[0]
-                n = min(request.num_tokens - request.num_computed_tokens, budget)
-                if not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
+                n = self._chunk(request, budget, batch, out)
+                ok, refund = self._make_room(request, n, batch, out)
+                budget += refund
+                if not ok:
                     break
                 self.waiting.pop(0)
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
-                out.scheduled.append(self._plan(request, n))
+                self._add(request, n, batch, out)
                 budget -= n
         return out
+
+    def _chunk(self, request: Request, budget: int, batch: list[Request], out: SchedulerOutput) -> int:
+        """The request's next tokens within the budget; a prefill chunk is cut to the policy's step time limit."""
+        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        if n <= self.min_chunk or self.predictor is None:
+            return n
+        limit = self.policy.step_time_limit(batch)
+        if limit is None:
+            return n
+        return largest_chunk(self.predictor, StepShape.of(out), request.num_computed_tokens, n, self.min_chunk, limit)
+
+    def _make_room(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput) -> tuple[bool, int]:
+        """Find a seat and blocks for a waiting request, preempting running requests the policy lets it.
+
+        Returns whether it fits, and the budget handed back by preempted requests planned this step.
+        """
+        refund = 0
+        while (len(self.running) >= self.config.max_num_seqs
+               or not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n)):
+            victim = max(self.running, key=self.policy.rank, default=None)
+            if victim is None or not self.policy.preempts(request, victim):
+                return False, refund
+            for j, planned in enumerate(batch):
+                if planned is victim:
+                    refund += out.scheduled.pop(j).num_new_tokens
+                    batch.pop(j)
+                    break
+            self.running.remove(victim)
+            self._preempt(victim)
+            out.preempted_request_ids.append(victim.request_id)
+        return True, refund
 
     def update_from_output(self, plan: SchedulerOutput, sampled: list[list[int]]) -> list[tuple[Request, list[int]]]:
         """Advance each scheduled request by its computed tokens and append what it sampled.
@@ -148,9 +190,10 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.append(request)
 
-    def _plan(self, request: Request, n: int) -> ScheduledRequest:
+    def _add(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput) -> None:
         start = request.num_computed_tokens
-        return ScheduledRequest(
+        batch.append(request)
+        out.scheduled.append(ScheduledRequest(
             request_id=request.request_id,
             token_ids=token_slice(request, start, start + n),
             num_computed_tokens=start,
@@ -159,7 +202,7 @@ class Scheduler:
             # A copy: the plan must not change under an executor when the table grows next step.
             block_table=list(self.block_manager.block_tables[request.request_id]),
             sampling_params=request.sampling_params,
-        )
+        ))
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request wherever it is and free its blocks."""

@@ -40,7 +40,7 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="default: the model's max_position_embeddings"),
     block_size: int = typer.Option(16),
     seed: int = typer.Option(0),
-    policy: str = typer.Option("fcfs", help="fcfs | priority"),
+    policy: str = typer.Option("fcfs", help="fcfs | priority | slo"),
     kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
@@ -56,7 +56,6 @@ def serve(
     import uvicorn
 
     from sloserve.config import EngineConfig
-    from sloserve.engine.policy import POLICIES
     from sloserve.llm import build_engine
     from sloserve.server.admission import AdmissionLimits
     from sloserve.server.app import build_app
@@ -67,14 +66,12 @@ def serve(
     if not (model_dir / "config.json").is_file():
         hint = "" if model else " (the bundled demo model is not installed yet: pass a model directory)"
         raise typer.BadParameter(f"{model_dir} is not a Hugging Face model directory{hint}", param_hint="MODEL")
-    if policy not in POLICIES:
-        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
     try:
         config = EngineConfig(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            use_kernels=kernels,
+            use_kernels=kernels, policy=policy,
         )
         settings = ServerSettings(
             served_model_names=list(served_model_name or [model_dir.name]),
@@ -89,7 +86,7 @@ def serve(
     level = logging.getLevelNamesMapping().get(log_level.upper(), logging.DEBUG)  # uvicorn's "trace": debug
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     try:
-        engine = build_engine(config, policy)
+        engine = build_engine(config)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     app = build_app(engine, settings)

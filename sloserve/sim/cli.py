@@ -86,7 +86,7 @@ def simulate(
     num_kv_blocks: Optional[int] = O(None, help="KV-cache blocks (default: the profile's)."),
     kv_cache_memory: Optional[str] = O(None, help="KV-cache memory, e.g. 2GiB (blocks from the profile's bytes per block)."),
     max_model_len: Optional[int] = O(None, help="Default: the profile's."),
-    policy: str = O("fcfs", help="fcfs | priority."),
+    policy: str = O("fcfs", help="fcfs | priority | slo."),
     slo: Optional[str] = O(None, help="e.g. ttft=200ms,tpot=50ms,e2e=2s."),
     percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
     result_dir: Optional[str] = O(None, help="Output folder (default: sim-results/<time>)."),
@@ -132,7 +132,7 @@ def simulate(
     for warning in _extrapolation(prof, knobs):
         console.print(f"[yellow]warning:[/yellow] {warning}")
     clock = VirtualClock()
-    engine = build_sim_engine(prof, knobs, POLICIES[policy](), clock)
+    engine = build_sim_engine(prof.step_model, knobs, policy, clock)
     start = time.perf_counter()
     outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s)
     wall = time.perf_counter() - start

@@ -1,17 +1,10 @@
 """SimulatedExecutor: runs no model; advances the virtual clock by the predicted step time."""
 from __future__ import annotations
 
-from typing import Protocol
-
+from sloserve.engine.cost import StepTimeModel
+from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.sim.clock import VirtualClock
-from sloserve.sim.features import StepShape
-
-
-class StepTimeModel(Protocol):
-    def step_seconds(self, shape: StepShape) -> float:
-        """Predicted seconds from one step's start to the next: the executor's and the engine's own work."""
-        ...
 
 
 class SimulatedExecutor:

@@ -15,8 +15,8 @@ from sloserve.engine.executor import Executor
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.request import SamplingParams
-from sloserve.sim.cost_model import fit_with_holdout
-from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
+from sloserve.engine.cost_model import fit_with_holdout
+from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
 from sloserve.sim.profile import Profile, Timing, describe_machine
 from sloserve.sim.shapes import Chunk, GridLimits, PlanBuilder, shape_of, step_grid
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.request import SamplingParams
-from sloserve.sim.features import StepShape, token_knots
+from sloserve.engine.features import StepShape, token_knots
 
 
 @dataclass(slots=True)
