@@ -1,31 +1,11 @@
 """`sloserve serve`: load a model, build the OpenAI-compatible app, run it under uvicorn until signalled."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
 
-import sloserve
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
-
-
-def default_model_dir() -> Path:
-    return Path(sloserve.__file__).parent / "assets" / "demo-target"
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '2GiB', '512MB', '1.5g' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise typer.BadParameter(f"{text!r} is not a size; write bytes or e.g. 512MiB, 2GiB")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size < 1:
-        raise typer.BadParameter(f"{text!r} must be at least one byte")
-    return size
-
+from sloserve.cli_args import default_model_dir, parse_bytes, parse_slo_classes
 
 def serve(
     model: str | None = typer.Argument(None, help="Hugging Face model directory (default: the bundled demo model)"),

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from serverkit import MODEL_NAME
 from sloserve.cli import app
-from sloserve.server.cli import default_model_dir, parse_bytes
+from sloserve.cli_args import default_model_dir, parse_bytes
 
 
 @pytest.mark.parametrize("text,expected", [("1024", 1024), ("2GiB", 2 << 30), ("512MB", 512 * 10**6), ("1.5k", 1500)])
