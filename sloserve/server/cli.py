@@ -20,7 +20,12 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="default: the model's max_position_embeddings"),
     block_size: int = typer.Option(16),
     seed: int = typer.Option(0),
-    policy: str = typer.Option("fcfs", help="fcfs | priority | slo"),
+    policy: str = typer.Option("fcfs", help="fcfs | priority (preempts lower priority) | slo (least slack, TPOT-sized prefill)"),
+    slo_class: list[str] | None = typer.Option(None, help="a named SLO class, e.g. interactive=ttft:200ms,tpot:50ms (repeatable)"),
+    default_slo_class: str | None = typer.Option(None, help="the class of requests that name none and give no slo"),
+    admission: str = typer.Option("queue", help="none | queue (the waiting caps) | slo (the caps, and 429 for requests predicted to miss their TTFT)"),
+    profile: str | None = typer.Option(None, help="a profile.json (`sloserve profile`) to start the step-time predictor from"),
+    profile_out: str | None = typer.Option(None, help="on shutdown, save the online-calibrated step-time model here (for `sloserve simulate`)"),
     kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
@@ -41,6 +46,7 @@ def serve(
     from sloserve.server.app import build_app
     from sloserve.server.graceful import GracefulServer
     from sloserve.server.settings import ServerSettings
+    from sloserve.sim.profile import Profile
 
     model_dir = Path(model) if model else default_model_dir()
     if not (model_dir / "config.json").is_file():
@@ -57,16 +63,19 @@ def serve(
             served_model_names=list(served_model_name or [model_dir.name]),
             max_body_bytes=parse_bytes(max_body_size),
             max_tokens_cap=max_tokens_cap,
-            admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens),
+            admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens,
+                                      mode=admission),
             shutdown_grace_s=shutdown_grace_period,
+            slo_classes=parse_slo_classes(slo_class, default_slo_class),
         )
-    except ValueError as error:
+        step_model = Profile.load(profile).step_model if profile else None
+    except (ValueError, OSError, KeyError) as error:
         raise typer.BadParameter(str(error)) from None
     # uvicorn configures only its own loggers; sloserve's (drain, step failures) go to the same stream.
     level = logging.getLevelNamesMapping().get(log_level.upper(), logging.DEBUG)  # uvicorn's "trace": debug
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     try:
-        engine = build_engine(config)
+        engine = build_engine(config, step_model)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     app = build_app(engine, settings)
@@ -75,3 +84,11 @@ def serve(
     typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({engine.block_manager.num_blocks} KV blocks, "
                f"max model len {engine.max_model_len}) on http://{host}:{port}")
     GracefulServer(uv_config, drain=app.state.server.drain).run()
+    if profile_out:
+        from sloserve.sim.served_profile import served_profile
+
+        try:
+            served_profile(config, engine).save(profile_out)
+            typer.echo(f"sloserve: saved the calibrated step-time model to {profile_out}")
+        except ValueError as error:
+            typer.echo(f"sloserve: no profile saved: {error}", err=True)

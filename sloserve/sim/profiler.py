@@ -68,8 +68,8 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     return Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
-        model=_model_info(config, executor),
-        engine=_engine_info(config, engine),
+        model=model_info(config, executor),
+        engine=engine_info(config, engine),
         token_knots=features.knots,
         execute=execute,
         overhead=overhead,
@@ -129,7 +129,7 @@ def _fit(terms, features, timings: list[Timing], every: int):
     return fit_with_holdout(terms, x, np.array([t.seconds for t in timings]), every)
 
 
-def _model_info(config: EngineConfig, executor) -> dict:
+def model_info(config: EngineConfig, executor) -> dict:
     model = executor.model
     dtype = next(model.parameters()).dtype
     return {
@@ -139,7 +139,7 @@ def _model_info(config: EngineConfig, executor) -> dict:
     }
 
 
-def _engine_info(config: EngineConfig, engine: LLMEngine) -> dict:
+def engine_info(config: EngineConfig, engine: LLMEngine) -> dict:
     executor = engine.executor
     # Measured from the cache the executor really allocated, so it cannot disagree with its sizing.
     kv_bytes = sum(k.nbytes + v.nbytes for k, v in executor.kv_caches)
