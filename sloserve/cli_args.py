@@ -28,6 +28,14 @@ def parse_bytes(text: str) -> int:
     return size
 
 
+def prefix_caching_option():
+    """`--enable-prefix-caching/--no-enable-prefix-caching` (vLLM's flag), on by default: serve and simulate take it."""
+    import typer
+
+    return typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
+                        help="reuse the KV cache of prompt prefixes earlier requests computed")
+
+
 def parse_percentiles(text: str) -> tuple[float, ...]:
     vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
     if not vals or any(not 0 <= v <= 100 for v in vals):

@@ -33,6 +33,7 @@ class EngineConfig:
     # sloserve's C++ CPU kernels for the small per-layer ops (built on first use); False: plain PyTorch ops.
     use_kernels: bool = True
     policy: str = "fcfs"  # scheduling policy: fcfs | priority | slo
+    enable_prefix_caching: bool = True  # reuse the KV of prompt prefixes other requests computed
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -57,4 +58,5 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
 
     def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, self.policy)
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, self.policy,
+                               self.enable_prefix_caching)

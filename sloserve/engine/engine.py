@@ -33,7 +33,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.clock = clock or MonotonicClock()
         self.config = config or SchedulerConfig()
-        self.block_manager = BlockManager(executor.num_kv_blocks, self.config.block_size)
+        self.block_manager = BlockManager(executor.num_kv_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
         # With no profile, a conservative default that the engine's own measured steps soon replace.
         self.predictor = predictor or StepPredictor(StepCostModel.default(self.config.max_num_batched_tokens))
         policy = policy or make_policy(self.config.policy, self.clock, self.predictor, self.config.max_num_batched_tokens)

@@ -19,6 +19,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     block_size: int = 16
     policy: str = "fcfs"  # a name in POLICIES; the engine builds it with its clock and predictor
+    enable_prefix_caching: bool = True  # share computed full blocks between requests (vLLM's flag)
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
@@ -110,11 +111,16 @@ class Scheduler:
             self.waiting.sort(key=self.policy.rank)
             while self.waiting and budget > 0 and self.waiting[0].request_id not in out.preempted_request_ids:
                 request = self.waiting[0]
+                # A cached prefix is not recomputed: the request starts after it (prefix caching).
+                cached = self.block_manager.cached_prefix(request.all_token_ids)
+                request.num_computed_tokens = len(cached) * self.block_manager.block_size
                 n = self._chunk(request, budget, batch, out)
-                ok, refund = self._make_room(request, n, batch, out)
+                ok, refund = self._make_room(request, n, batch, out, cached)
                 budget += refund
                 if not ok:
+                    request.num_computed_tokens = 0
                     break
+                self.block_manager.record_lookup(request.num_tokens, request.num_computed_tokens)
                 self.waiting.pop(0)
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
@@ -132,14 +138,15 @@ class Scheduler:
             return n
         return largest_chunk(self.predictor, StepShape.of(out), request.num_computed_tokens, n, self.min_chunk, limit)
 
-    def _make_room(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput) -> tuple[bool, int]:
+    def _make_room(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput,
+                   cached: list[int]) -> tuple[bool, int]:
         """Find a seat and blocks for a waiting request, preempting running requests the policy lets it.
 
         Returns whether it fits, and the budget handed back by preempted requests planned this step.
         """
         refund = 0
         while (len(self.running) >= self.config.max_num_seqs
-               or not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n)):
+               or not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n, cached)):
             victim = max(self.running, key=self.policy.rank, default=None)
             if victim is None or not self.policy.preempts(request, victim):
                 return False, refund
@@ -167,6 +174,9 @@ class Scheduler:
             if request is None:
                 continue
             request.num_computed_tokens += s.num_new_tokens
+            # Blocks this step filled now hold real KV: from here on other requests may share them.
+            self.block_manager.cache_full_blocks(
+                request.request_id, request.num_computed_tokens, lambda a, b, r=request: token_slice(r, a, b))
             if tokens:
                 request.output_token_ids.extend(tokens)
                 updated.append((request, tokens))

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from sloserve.cli_args import prefix_caching_option
+
 # Heavy imports (torch, numpy, rich) happen inside the commands: `sloserve` imports this for every subcommand.
 O = typer.Option
 
@@ -87,6 +89,7 @@ def simulate(
     kv_cache_memory: Optional[str] = O(None, help="KV-cache memory, e.g. 2GiB (blocks from the profile's bytes per block)."),
     max_model_len: Optional[int] = O(None, help="Default: the profile's."),
     policy: str = O("fcfs", help="fcfs | priority | slo."),
+    enable_prefix_caching: bool = prefix_caching_option(),
     slo: Optional[str] = O(None, help="e.g. ttft=200ms,tpot=50ms,e2e=2s."),
     percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
     result_dir: Optional[str] = O(None, help="Output folder (default: sim-results/<time>)."),
@@ -117,6 +120,7 @@ def simulate(
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
         knobs = _knobs(prof, max_num_batched_tokens, max_num_seqs, num_kv_blocks, kv_cache_memory, max_model_len)
+        knobs.enable_prefix_caching = enable_prefix_caching
         tok = HFTokenizer(tokenizer) if tokenizer else None
         vocab = random_vocab_size or (tok.vocab_size if tok else knobs.vocab_size)
         # Token ids: the simulator needs lengths, and ids are what the completions API would send.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +28,11 @@ class EngineKnobs:
     max_model_len: int
     block_size: int
     vocab_size: int
+    enable_prefix_caching: bool = True
 
     def scheduler_config(self, policy: str = "fcfs") -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, policy)
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, policy,
+                               self.enable_prefix_caching)
 
 
 @dataclass(slots=True)
@@ -39,6 +42,20 @@ class SimOutcome:
     num_steps: int
     busy_s: float  # virtual time spent in steps (the rest is idle)
     first_scheduled: list[int] = field(default_factory=list)  # spec indices in the order the scheduler first ran them
+
+
+def prompt_token_ids(spec: RequestSpec, vocab_size: int) -> list[int]:
+    """The ids the simulated engine sees: the spec's own, or stand-ins derived from its text.
+
+    The prefix cache addresses blocks by content, so stand-ins must differ where texts differ and
+    agree where they agree (a shared system prompt): the i-th id hashes the i-th word (cycling
+    with a round number when the text has fewer words than the spec's token count).
+    """
+    if isinstance(spec.prompt, list):
+        return [t % vocab_size for t in spec.prompt]
+    words = spec.prompt.split() or [""]
+    return [zlib.crc32(f"{i // len(words)}:{words[i % len(words)]}".encode()) % vocab_size
+            for i in range(max(1, spec.prompt_len))]
 
 
 def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock) -> LLMEngine:
@@ -83,7 +100,7 @@ def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *
             send_s = spec.arrival_s if free_slots is None else max(spec.arrival_s, heapq.heappop(free_slots))
             if free_slots is not None and duration_s is not None and send_s >= duration_s:
                 continue  # as the runner: past the time limit a request still waiting for a slot is never sent
-            prompt = [t % vocab for t in spec.prompt] if isinstance(spec.prompt, list) else [1] * spec.prompt_len
+            prompt = prompt_token_ids(spec, vocab)
             record = RequestRecord(spec.index, spec.arrival_s, send_s, spec.prompt_len, spec.output_len,
                                    prompt_tokens=len(prompt), output_tokens_source="usage")
             params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)

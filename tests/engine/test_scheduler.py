@@ -36,7 +36,8 @@ def test_long_prompt_is_chunked_while_decodes_keep_flowing():
 
 
 def test_preemption_takes_the_worst_ranked_and_recomputes_it_later():
-    blocks = BlockManager(4, 4)  # 16 token slots
+    # 16 token slots; no prefix caching, so the identical prompts share nothing and all is recomputed.
+    blocks = BlockManager(4, 4, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, FCFS(), config(64, 8))
     first, second = make_request("first", 8, 0.0), make_request("second", 8, 1.0)
     scheduler.add(first)
