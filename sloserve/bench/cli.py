@@ -71,6 +71,7 @@ def bench(
 
     from sloserve.bench.client import ClientConfig, fetch_first_model
     from sloserve.bench.results import BenchResults, capture_environment
+    from sloserve.bench.server_counters import prefix_cache_counters, prefix_cache_delta
     from sloserve.bench.session import default_result_dir, run_once, run_sweep, write_outputs
     from sloserve.bench.slo import SLO
     from sloserve.bench.sweep import SweepConfig
@@ -113,6 +114,7 @@ def bench(
             console.print(f"[red]error:[/red] could not list models at {base_url} ({e}); pass --model")
             raise typer.Exit(2)
     created = time.time()
+    counters_before = prefix_cache_counters(base_url, api_key)
     try:
         if sweep_cfg is not None:
             runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console)
@@ -123,9 +125,14 @@ def bench(
         raise typer.Exit(2)
     config = {"workload": workload.to_dict(), "client": cfg.to_dict(), "slo": slo_obj.to_dict() if slo_obj else None,
               "percentiles": list(pcts), "num_warmups": num_warmups, "tokenizer": tokenizer,
-              "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv)}
+              "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv),
+              "server_prefix_cache": prefix_cache_delta(counters_before, prefix_cache_counters(base_url, api_key))}
     results = BenchResults(config, capture_environment(), runs, sweep_info, "client", created)
     write_outputs(results, result_dir or default_result_dir(), console, plots=not no_plots)
+    cache = config["server_prefix_cache"]
+    if cache and cache["hit_rate"] is not None:  # warm-ups included: the server's counters cannot tell them apart
+        console.print(f"Prefix cache hit rate (server /metrics, warm-ups included): {cache['hit_rate']:.1%} "
+                      f"of {cache['queries']:.0f} prompt tokens")
     if not any(r.success for run in runs for r in run.records):
         console.print("[red]no request succeeded[/red]")
         raise typer.Exit(1)

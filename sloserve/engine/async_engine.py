@@ -52,6 +52,8 @@ class EngineStats:
     num_used_blocks: int = 0
     num_blocks: int = 0
     step_time_error: float = float("nan")  # median |predicted - measured| / measured of recent steps
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens found cached
 
 
 class RequestStream:
@@ -300,6 +302,8 @@ class AsyncLLMEngine:
             num_used_blocks=blocks.num_used_blocks,
             num_blocks=blocks.num_blocks,
             step_time_error=self.engine.predictor.error().median,
+            prefix_cache_queries=blocks.stats.queries,
+            prefix_cache_hits=blocks.stats.hits,
         )
         if self.track_load:
             self.load = LoadSnapshot.of(scheduler)

@@ -6,7 +6,7 @@ from __future__ import annotations
 # text format, and appends `_total` to counters itself.
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sloserve.engine.async_engine import AsyncLLMEngine
 from sloserve.request import RequestOutput
@@ -42,6 +42,11 @@ class _EngineStateCollector:
             "Median |predicted - measured| / measured step time over recent steps (each predicted before it ran).",
             value=stats.step_time_error,
         )
+        # vLLM's prefix-cache pair, in tokens: hit rate = hits / queries over any window.
+        yield CounterMetricFamily("sloserve:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                                  value=stats.prefix_cache_queries)
+        yield CounterMetricFamily("sloserve:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                                  value=stats.prefix_cache_hits)
 
 
 class ServerMetrics:

@@ -1,0 +1,152 @@
+"""Prefix caching on vs off on the real server under `sloserve bench`: TTFT, throughput and hit rate per scenario."""
+
+# Run: python benchmarks/prefix_cache.py [--rounds 3] [--requests 8] [--output-len 16] [--threads 1] [--out DIR]
+# Two `sloserve serve` processes hold the same SmolLM2-135M-shaped random-weight model, one with
+# --no-enable-prefix-caching; each round runs every scenario against both, alternating which goes first,
+# so load from others on a shared machine falls on both alike. Scenarios (`sloserve bench`, one request
+# at a time so TTFT is the server's own latency, not queueing):
+#   (a) shared: a 1,000-token prefix every prompt shares (the system prompt) + a 50-token unique question;
+#       each round draws a new prefix (--seed), and the bench's one warm-up request computes it once.
+#   (c) unique: 1,050 fresh tokens per prompt, nothing to share: the overhead of caching.
+# The hit rate comes from the server's /metrics (prefix_cache_hits / prefix_cache_queries, in tokens).
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from transformers import LlamaConfig
+
+from sloserve.bench.metrics import summarize
+from sloserve.bench.results import BenchResults
+from sloserve.sim.profile import describe_machine
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sim_vs_real import SMOLLM2_135M, _free_port, _wait_ready, save_word_tokenizer  # noqa: E402
+
+SCENARIOS = {
+    "a_shared_prefix": ["--random-prefix-len", "1000", "--random-input-len", "50"],
+    "c_no_sharing": ["--random-input-len", "1050"],
+}
+SYSTEMS = ("caching_on", "caching_off")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=8, help="measured requests per scenario, system and round")
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="prefix_cache-"))
+    model_dir = out / "smollm2-135m-dummy"
+    LlamaConfig(**SMOLLM2_135M).save_pretrained(model_dir)
+    save_word_tokenizer(model_dir, SMOLLM2_135M["vocab_size"])
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    print(f"machine: {describe_machine()}; {args.threads} torch thread(s) per server; load average {os.getloadavg()}")
+
+    servers, bases = {}, {}
+    try:
+        for system in SYSTEMS:
+            port = _free_port()
+            flag = "--enable-prefix-caching" if system == "caching_on" else "--no-enable-prefix-caching"
+            servers[system] = subprocess.Popen(
+                ["sloserve", "serve", str(model_dir), "--load-format", "dummy", "--max-num-batched-tokens", "512",
+                 flag, "--port", str(port), "--log-level", "warning"], env=env)
+            bases[system] = f"http://127.0.0.1:{port}"
+        for system in SYSTEMS:
+            _wait_ready(bases[system], servers[system])
+        runs: dict[tuple[str, str], list] = {}
+        for r in range(args.rounds):
+            for scenario, flags in SCENARIOS.items():
+                order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
+                for system in order:
+                    run = _bench(bases[system], model_dir.name, flags, args, seed=1000 * r + 17,
+                                 result_dir=out / f"{scenario}-{system}-r{r}")
+                    runs.setdefault((scenario, system), []).append(run)
+                    print(f"  round {r} {scenario} {system}: TTFT p50 {run['ttft_p50'] * 1000:.0f} ms, "
+                          f"hit rate {run['hit_rate']:.1%}, load {os.getloadavg()[0]:.2f}")
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+        for proc in servers.values():
+            proc.wait(timeout=60)
+    table = _table(runs)
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "machine": describe_machine(), "rows": table},
+                                                 indent=2))
+    _print(table, args)
+    print(f"load average at the end {os.getloadavg()}; results in {out}")
+
+
+def _bench(base: str, model: str, flags: list[str], args, seed: int, result_dir: Path) -> dict:
+    """One `sloserve bench` run; the hit rate is the server's counters' change across it."""
+    before = _prefix_counters(base)
+    subprocess.run(["sloserve", "bench", "--base-url", base, "--model", model, *flags,
+                    "--random-output-len", str(args.output_len), "--num-prompts", str(args.requests),
+                    "--arrival", "synchronous", "--num-warmups", "1", "--seed", str(seed), "--temperature", "0",
+                    "--ignore-eos", "--no-plots", "--result-dir", str(result_dir)],
+                   check=True, stdout=subprocess.DEVNULL)
+    after = _prefix_counters(base)
+    queries, hits = after[0] - before[0], after[1] - before[1]
+    results = BenchResults.load(str(result_dir / "results.json"))
+    run = results.runs[0]
+    s = summarize(run.records, run.duration_s, (50.0, 99.0))
+    if s.failed:
+        raise RuntimeError(f"{s.failed} requests failed in {result_dir}")
+    return {"records": run.records, "duration_s": run.duration_s, "ttft_p50": s.ttft.percentiles[50.0],
+            "hit_rate": hits / queries if queries else 0.0}
+
+
+def _prefix_counters(base: str) -> tuple[float, float]:
+    """(queries, hits) in tokens from /metrics, under vLLM's names or sloserve's."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    values = []
+    for name in ("prefix_cache_queries_total", "prefix_cache_hits_total"):
+        m = re.search(rf"^(?:vllm|sloserve):{name}(?:\{{.*?\}})? (\S+)$", text, re.M)
+        values.append(float(m.group(1)) if m else 0.0)
+    return values[0], values[1]
+
+
+def _table(runs: dict) -> list[dict]:
+    rows = []
+    for (scenario, system), rs in runs.items():
+        records = [rec for r in rs for rec in r["records"]]
+        s = summarize(records, sum(r["duration_s"] for r in rs), (50.0, 99.0))  # pooled over rounds
+        per_round = [r["ttft_p50"] * 1000 for r in rs]
+        rows.append({"scenario": scenario, "system": system, "requests": len(records),
+                     "ttft_p50_ms": s.ttft.percentiles[50.0] * 1000, "ttft_p99_ms": s.ttft.percentiles[99.0] * 1000,
+                     "round_p50_min_ms": min(per_round), "round_p50_median_ms": statistics.median(per_round),
+                     "output_tok_s": s.output_throughput, "req_s": s.request_throughput,
+                     "hit_rate": statistics.mean(r["hit_rate"] for r in rs)})
+    return rows
+
+
+def _print(rows: list[dict], args) -> None:
+    print(f"\nsynchronous requests, {args.requests} per scenario/system/round x {args.rounds} rounds, "
+          f"{args.output_len} output tokens; TTFT pooled over rounds; rounds alternate which system goes first")
+    print(f"{'scenario':<16} {'system':<12} {'TTFT p50':>9} {'p99':>8} {'round p50 min/med':>18} "
+          f"{'out tok/s':>9} {'req/s':>6} {'hit rate':>8}")
+    by = {(r["scenario"], r["system"]): r for r in rows}
+    for r in rows:
+        print(f"{r['scenario']:<16} {r['system']:<12} {r['ttft_p50_ms']:8.0f}ms {r['ttft_p99_ms']:6.0f}ms "
+              f"{r['round_p50_min_ms']:8.0f}/{r['round_p50_median_ms']:<6.0f}ms    {r['output_tok_s']:9.1f} "
+              f"{r['req_s']:6.3f} {r['hit_rate']:8.1%}")
+    for scenario in SCENARIOS:
+        on, off = by[(scenario, "caching_on")], by[(scenario, "caching_off")]
+        print(f"{scenario}: TTFT p50 off/on = {off['ttft_p50_ms'] / on['ttft_p50_ms']:.2f}x, "
+              f"throughput on/off = {on['output_tok_s'] / off['output_tok_s']:.3f}")
+    print("targets: (a) TTFT p50 off/on >= 5x; (c) on within 3% of off (TTFT p50 on/off <= 1.03)")
+
+
+if __name__ == "__main__":
+    main()
