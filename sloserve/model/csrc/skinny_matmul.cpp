@@ -1,0 +1,267 @@
+// y = x W^T (+ b) for the few rows of a decode or speculative-verify step: a weight-streaming kernel.
+//
+// With 1-16 rows of x a matmul reads every weight once and does next to no arithmetic per byte, so its
+// speed is the memory's. Each output row is a dot product along a contiguous weight row (PyTorch's own
+// [N, K] layout, so the prefill path's oneDNN reads the same single copy); four weight rows stream at
+// once and each weight vector loaded serves up to four rows of x from registers. Threads split the
+// output rows. Weights: float32, bfloat16, or int8 with one float32 scale per output row (weight-only
+// quantization: the int8 values become float32 in registers and the scale multiplies the finished dot
+// product, so activations keep their full precision).
+//
+// One body per instruction set, chosen at run time by the caller (sloserve/model/skinny.py reads the
+// CPU's flags): AVX512-BF16 dot products, AVX-512, AVX2+FMA, and portable C++. Each is compiled with its
+// own target attribute, so the file builds on a CPU without AVX-512 and any path can be forced for tests.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr int kRowBlock = 4;  // weight rows streamed together
+constexpr int kMaxTile = 4;   // rows of x sharing each loaded weight vector
+
+using BF16 = uint16_t;  // raw bits, as in cpu_ops.cpp
+inline float bf16_to_float(BF16 v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+inline BF16 float_to_bf16(float v) {  // round to nearest even, as PyTorch does; NaN stays NaN
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  return v != v ? BF16{0x7FC0} : static_cast<BF16>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// What one (block of rows, tile of x rows) call needs: pointers already offset to its first row.
+template <typename W, typename X>
+struct Tile {
+  const W* w;        // first weight row; rows are k apart
+  const X* x;        // first x row; rows are x_stride apart
+  int64_t k, x_stride;
+};
+
+// ---- portable C++: also the reference for the vector bodies' control flow ----------------------
+inline float widen(float v) { return v; }
+inline float widen(BF16 v) { return bf16_to_float(v); }
+inline float widen(int8_t v) { return static_cast<float>(v); }
+
+template <int R, int MT, typename W>
+void dots_portable(const Tile<W, float>& t, float (*out)[kMaxTile]) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < t.k; ++i) sum += widen(t.w[r * t.k + i]) * t.x[m * t.x_stride + i];
+      out[r][m] = sum;
+    }
+}
+
+// ---- AVX2 + FMA: 8 lanes; the K tail (< 8) is finished in scalar code --------------------------
+#define AVX2_TARGET __attribute__((target("avx2,fma"), always_inline)) inline
+AVX2_TARGET __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+AVX2_TARGET __m256 load8(const BF16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+AVX2_TARGET __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+AVX2_TARGET float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int R, int MT, typename W>
+__attribute__((target("avx2,fma"))) void dots_avx2(const Tile<W, float>& t, float (*out)[kMaxTile]) {
+  __m256 acc[R][MT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * MT; ++i) acc[i / MT][i % MT] = _mm256_setzero_ps();
+  const int64_t body = t.k / 8 * 8;
+  for (int64_t i = 0; i < body; i += 8) {
+    __m256 xv[MT];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(t.x + m * t.x_stride + i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(t.w + r * t.k + i);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float sum = hsum8(acc[r][m]);
+      for (int64_t i = body; i < t.k; ++i) sum += widen(t.w[r * t.k + i]) * t.x[m * t.x_stride + i];
+      out[r][m] = sum;
+    }
+}
+
+// ---- AVX-512: 16 lanes; the K tail is a masked load (zeros add nothing) --------------------------
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+AVX512_TARGET __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+AVX512_TARGET __m512 load16(const BF16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+AVX512_TARGET __m512 load16(const int8_t* p, __mmask16 k) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+
+template <int R, int MT, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dots_avx512(const Tile<W, float>& t, float (*out)[kMaxTile]) {
+  __m512 acc[R][MT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * MT; ++i) acc[i / MT][i % MT] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < t.k; i += 16) {
+    const __mmask16 mask = t.k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (t.k - i)) - 1);
+    __m512 xv[MT];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, t.x + m * t.x_stride + i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = load16(t.w + r * t.k + i, mask);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// ---- AVX512-BF16: bfloat16 weights times bfloat16 x, 32 products per instruction -----------------
+#define BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
+template <int R, int MT>
+__attribute__((target(BF16_TARGET))) void dots_avx512bf16(const Tile<BF16, BF16>& t, float (*out)[kMaxTile]) {
+  __m512 acc[R][MT];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * MT; ++i) acc[i / MT][i % MT] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < t.k; i += 32) {
+    const __mmask32 mask = t.k - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (t.k - i)) - 1);
+    __m512bh xv[MT];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, t.x + m * t.x_stride + i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, t.w + r * t.k + i);
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// ---- driver -------------------------------------------------------------------------------------
+// One body, its row-block and x-tile sizes fixed at compile time (the accumulators must be registers).
+template <typename W, typename X, int R, int MT>
+void dots(Isa isa, const Tile<W, X>& t, float (*out)[kMaxTile]) {
+  if constexpr (std::is_same_v<X, BF16>) {
+    dots_avx512bf16<R, MT>(t, out);  // x stays bfloat16 only for the dot-product instruction
+  } else if (isa == kAvx512 || isa == kAvx512Bf16) {
+    dots_avx512<R, MT>(t, out);
+  } else if (isa == kAvx2) {
+    dots_avx2<R, MT>(t, out);
+  } else {
+    dots_portable<R, MT>(t, out);
+  }
+}
+
+template <typename W, typename X, int R>
+void dots_tile(Isa isa, int tile, const Tile<W, X>& t, float (*out)[kMaxTile]) {
+  switch (tile) {
+    case 1: return dots<W, X, R, 1>(isa, t, out);
+    case 2: return dots<W, X, R, 2>(isa, t, out);
+    case 3: return dots<W, X, R, 3>(isa, t, out);
+    default: return dots<W, X, R, 4>(isa, t, out);
+  }
+}
+
+template <typename W, typename X, typename Y>
+void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x, int64_t x_stride, Y* y,
+         int64_t m_rows, int64_t n, int64_t k) {
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  // ~64 KiB of weights per chunk at least: a small matrix stays on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * k * int64_t(sizeof(W))));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    float sums[kRowBlock][kMaxTile];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = b * kRowBlock, rows = std::min<int64_t>(kRowBlock, n - row);
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxTile) {
+        const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m_rows - m0));
+        for (int64_t r0 = 0; r0 < rows;) {  // a full block of rows, else the ragged rows one at a time
+          const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride};
+          const int step = rows - r0 == kRowBlock ? kRowBlock : 1;
+          if (step == kRowBlock) dots_tile<W, X, kRowBlock>(isa, tile, t, sums);
+          else dots_tile<W, X, 1>(isa, tile, t, sums);
+          for (int r = 0; r < step; ++r) {
+            const int64_t col = row + r0 + r;
+            for (int m = 0; m < tile; ++m) {
+              float v = sums[r][m];
+              if (scales) v *= scales[col];
+              if (bias) v += bias[col];
+              Y* dst = y + (m0 + m) * n + col;
+              if constexpr (std::is_same_v<Y, BF16>) *dst = float_to_bf16(v);
+              else *dst = v;
+            }
+          }
+          r0 += step;
+        }
+      }
+    }
+  });
+}
+
+template <typename W, typename Y>
+void run_on(Isa isa, const torch::Tensor& w, const float* scales, const float* bias, const torch::Tensor& x,
+            torch::Tensor& y) {
+  const int64_t m = x.size(0), n = w.size(0), k = w.size(1);
+  const W* wp = static_cast<const W*>(w.data_ptr());
+  Y* yp = static_cast<Y*>(y.data_ptr());
+  if constexpr (std::is_same_v<W, BF16>) {
+    if (isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16)
+      return run(isa, wp, scales, bias, static_cast<const BF16*>(x.data_ptr()), x.stride(0), yp, m, n, k);
+  }
+  // The other bodies multiply in float32: a bfloat16 x widens once here, not once per weight row.
+  const torch::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  run(isa, wp, scales, bias, static_cast<const float*>(xf.data_ptr()), xf.stride(0), yp, m, n, k);
+}
+
+}  // namespace
+
+// x [M, K] float32/bfloat16 with contiguous rows; weight [N, K] contiguous, float32/bfloat16/int8;
+// scales [N] float32 for int8 weights (else None); bias [N] in x's dtype or None. Returns [M, N] in x's dtype.
+torch::Tensor skinny_matmul(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scales,
+                            std::optional<torch::Tensor> bias, int64_t isa_code) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with contiguous rows");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1), "weight: contiguous [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
+  TORCH_CHECK(isa_code >= kPortable && isa_code <= kAvx512Bf16, "unknown instruction set code ", isa_code);
+  const bool quantized = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized || weight.scalar_type() == x.scalar_type(), "weight: x's dtype, or int8 with scales");
+  TORCH_CHECK(quantized == scales.has_value(), "int8 weights take per-row scales, others none");
+  const int64_t n = weight.size(0);
+  torch::Tensor scale_f, bias_f;
+  if (quantized) {
+    scale_f = scales->to(at::kFloat).contiguous();
+    TORCH_CHECK(scale_f.numel() == n, "one scale per output row");
+  }
+  if (bias) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_f.numel() == n, "one bias per output row");
+  }
+  auto y = torch::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0 || n == 0) return y;
+  const Isa isa = static_cast<Isa>(isa_code);
+  const float* sp = quantized ? scale_f.data_ptr<float>() : nullptr;
+  const float* bp = bias ? bias_f.data_ptr<float>() : nullptr;
+  const bool bf16_out = x.scalar_type() == at::kBFloat16;
+  auto go = [&](auto w_tag) {
+    using W = decltype(w_tag);
+    if (bf16_out) run_on<W, BF16>(isa, weight, sp, bp, x, y);
+    else run_on<W, float>(isa, weight, sp, bp, x, y);
+  };
+  if (quantized) go(int8_t{});
+  else if (weight.scalar_type() == at::kBFloat16) go(BF16{});
+  else go(float{});
+  return y;
+}
