@@ -13,7 +13,8 @@ ISAS: dict[str, tuple[int, frozenset[str]]] = {
     "portable": (0, frozenset()),
     "avx2": (1, frozenset({"avx2", "fma"})),
     "avx512": (2, frozenset({"avx512f", "avx512bw", "avx512vl"})),
-    "avx512_bf16": (3, frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})),
+    # bfloat16 dot products, and VNNI byte dot products for int8 weights (every such CPU has both)
+    "avx512_bf16": (3, frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"})),
 }
 # Forces a slower body (CI runs the fallbacks on a CPU that has them all): portable | avx2 | avx512.
 ISA_ENV = "SLOSERVE_CPU_ISA"

@@ -12,7 +12,8 @@ from sloserve.model.skinny import ISA_ENV, ISAS, MAX_ROWS, SkinnyMatmul, best_is
 RUNNABLE = [name for name, (_, needs) in ISAS.items() if needs <= cpu_flags()]
 # Ragged on purpose: K not a multiple of any vector width, N not a multiple of the 4-row block,
 # M across the 4-row x tiles (1, 3, 5, 16) and beyond them.
-SHAPES = [(1, 1, 1), (1, 7, 77), (3, 13, 130), (5, 33, 15), (16, 9, 64), (17, 5, 33)]
+# A long row (3000) crosses many vector steps and the integer dot products' partial sums.
+SHAPES = [(1, 1, 1), (1, 7, 77), (3, 13, 130), (5, 33, 15), (16, 9, 64), (17, 5, 33), (2, 6, 3000)]
 # float32: only the order of a sum differs; bfloat16: the output's one rounding step.
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
 
@@ -74,10 +75,11 @@ def test_refuses_mismatched_inputs(kernels):
 def test_isa_choice_follows_the_cpu_flags(monkeypatch):
     monkeypatch.delenv(ISA_ENV, raising=False)
     avx512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl"})
+    assert select_isa(avx512 | {"avx512_bf16"}) == "avx512"  # the bfloat16 body does int8 with VNNI too
     assert select_isa(frozenset()) == "portable"
     assert select_isa(frozenset({"avx2", "fma"})) == "avx2"
     assert select_isa(avx512) == "avx512"
-    assert select_isa(avx512 | {"avx512_bf16"}) == "avx512_bf16"
+    assert select_isa(avx512 | {"avx512_bf16", "avx512_vnni"}) == "avx512_bf16"
     monkeypatch.setenv(ISA_ENV, "avx2")
     assert select_isa(avx512) == "avx2"  # forced down
     with pytest.raises(ValueError, match="lacks avx512bw, avx512f, avx512vl"):

@@ -5,12 +5,13 @@
 // [N, K] layout, so the prefill path's oneDNN reads the same single copy); four weight rows stream at
 // once and each weight vector loaded serves up to four rows of x from registers. Threads split the
 // output rows. Weights: float32, bfloat16, or int8 with one float32 scale per output row (weight-only
-// quantization: the int8 values become float32 in registers and the scale multiplies the finished dot
-// product, so activations keep their full precision).
+// quantization: the scale multiplies the finished dot product; the int8 values meet x either widened
+// to float32 in registers or, with VNNI and a bfloat16 x, in byte dot products against x held as
+// 16-bit fixed point, finer than bfloat16 itself: see Fixed16).
 //
 // One body per instruction set, chosen at run time by the caller (sloserve/model/skinny.py reads the
-// CPU's flags): AVX512-BF16 dot products, AVX-512, AVX2+FMA, and portable C++. Each is compiled with its
-// own target attribute, so the file builds on a CPU without AVX-512 and any path can be forced for tests.
+// CPU's flags): AVX512-BF16 (+VNNI) dot products, AVX-512, AVX2+FMA, and portable C++. Each is compiled
+// with its own target attribute, so the file builds on a CPU without AVX-512 and any path can be forced.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,6 +19,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -40,6 +42,17 @@ struct Tile {
   const W* w;        // first weight row; rows are k apart
   const X* x;        // first x row; rows are x_stride apart
   int64_t k, x_stride;
+  const float* x_scales = nullptr;  // Fixed16 rows only: each row's scale
+};
+
+// An x row as 16-bit fixed point for integer dot products with int8 weights: x ~= scale * q with
+// |q| <= 32767, stored as the two bytes of u = q + 32768 (high bytes, then low bytes, k each), so
+// that sum(w q) = 256 (sum(w hi) - 128 sum(w)) + sum(w lo), every term an unsigned x signed byte
+// product that VNNI sums exactly. Only a bfloat16 x takes this path: its own rounding (8 bits) is
+// coarser than this one (15 bits of the row's largest value), so the dot product loses nothing that
+// bfloat16 had.
+struct Fixed16 {
+  uint8_t byte;
 };
 
 // ---- portable C++: also the reference for the vector bodies' control flow ----------------------
@@ -56,6 +69,10 @@ void dots_portable(const Tile<W, float>& t, float (*out)[kMaxTile]) {
       out[r][m] = sum;
     }
 }
+
+// The vector bodies below keep R x MT accumulators in registers: every loop over them is fully
+// unrolled (a loop left rolled makes gcc keep the array in memory and store it every step).
+#define UNROLL _Pragma("GCC unroll 16")
 
 // ---- AVX2 + FMA: 8 lanes; the K tail (< 8) is finished in scalar code --------------------------
 #define AVX2_TARGET __attribute__((target("avx2,fma"), always_inline)) inline
@@ -74,31 +91,29 @@ AVX2_TARGET float hsum8(__m256 v) {
 
 template <int R, int MT, typename W>
 __attribute__((target("avx2,fma"))) void dots_avx2(const Tile<W, float>& t, float (*out)[kMaxTile]) {
-  __m256 acc[R][MT];
-#pragma GCC unroll 16
-  for (int i = 0; i < R * MT; ++i) acc[i / MT][i % MT] = _mm256_setzero_ps();
+  __m256 acc[R * MT];
+  UNROLL for (int i = 0; i < R * MT; ++i) acc[i] = _mm256_setzero_ps();
   const int64_t body = t.k / 8 * 8;
   for (int64_t i = 0; i < body; i += 8) {
     __m256 xv[MT];
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(t.x + m * t.x_stride + i);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
+    UNROLL for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(t.x + m * t.x_stride + i);
+    UNROLL for (int r = 0; r < R; ++r) {
       const __m256 wv = load8(t.w + r * t.k + i);
-#pragma GCC unroll 4
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      UNROLL for (int m = 0; m < MT; ++m) acc[r * MT + m] = _mm256_fmadd_ps(wv, xv[m], acc[r * MT + m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) {
-      float sum = hsum8(acc[r][m]);
+  UNROLL for (int r = 0; r < R; ++r) {
+    UNROLL for (int m = 0; m < MT; ++m) {
+      float sum = hsum8(acc[r * MT + m]);
       for (int64_t i = body; i < t.k; ++i) sum += widen(t.w[r * t.k + i]) * t.x[m * t.x_stride + i];
       out[r][m] = sum;
     }
+  }
 }
 
-// ---- AVX-512: 16 lanes; the K tail is a masked load (zeros add nothing) --------------------------
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+// ---- AVX-512: 16 lanes; the K tail is one masked step (zeros add nothing) ------------------------
+#define AVX512_ISA "avx512f,avx512bw,avx512vl"
+#define AVX512_TARGET __attribute__((target(AVX512_ISA), always_inline)) inline
 AVX512_TARGET __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 AVX512_TARGET __m512 load16(const BF16* p, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
@@ -108,47 +123,100 @@ AVX512_TARGET __m512 load16(const int8_t* p, __mmask16 k) {
 }
 
 template <int R, int MT, typename W>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void dots_avx512(const Tile<W, float>& t, float (*out)[kMaxTile]) {
-  __m512 acc[R][MT];
-#pragma GCC unroll 16
-  for (int i = 0; i < R * MT; ++i) acc[i / MT][i % MT] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < t.k; i += 16) {
-    const __mmask16 mask = t.k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (t.k - i)) - 1);
-    __m512 xv[MT];
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, t.x + m * t.x_stride + i);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 wv = load16(t.w + r * t.k + i, mask);
-#pragma GCC unroll 4
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-    }
+AVX512_TARGET void step16(const Tile<W, float>& t, int64_t i, __mmask16 mask, __m512* acc) {
+  __m512 xv[MT];
+  UNROLL for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, t.x + m * t.x_stride + i);
+  UNROLL for (int r = 0; r < R; ++r) {
+    const __m512 wv = load16(t.w + r * t.k + i, mask);
+    UNROLL for (int m = 0; m < MT; ++m) acc[r * MT + m] = _mm512_fmadd_ps(wv, xv[m], acc[r * MT + m]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int R, int MT, typename W>
+__attribute__((target(AVX512_ISA))) void dots_avx512(const Tile<W, float>& t, float (*out)[kMaxTile]) {
+  __m512 acc[R * MT];
+  UNROLL for (int i = 0; i < R * MT; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t body = t.k / 16 * 16;
+  for (int64_t i = 0; i < body; i += 16) step16<R, MT>(t, i, __mmask16(0xFFFF), acc);
+  if (body < t.k) step16<R, MT>(t, body, __mmask16((1u << (t.k - body)) - 1), acc);
+  UNROLL for (int r = 0; r < R; ++r) {
+    UNROLL for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r * MT + m]);
+  }
 }
 
 // ---- AVX512-BF16: bfloat16 weights times bfloat16 x, 32 products per instruction -----------------
-#define BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
+#define BF16_ISA "avx512f,avx512bw,avx512vl,avx512bf16"
 template <int R, int MT>
-__attribute__((target(BF16_TARGET))) void dots_avx512bf16(const Tile<BF16, BF16>& t, float (*out)[kMaxTile]) {
-  __m512 acc[R][MT];
-#pragma GCC unroll 16
-  for (int i = 0; i < R * MT; ++i) acc[i / MT][i % MT] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < t.k; i += 32) {
-    const __mmask32 mask = t.k - i >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (t.k - i)) - 1);
-    __m512bh xv[MT];
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, t.x + m * t.x_stride + i);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, t.w + r * t.k + i);
-#pragma GCC unroll 4
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+__attribute__((target(BF16_ISA), always_inline)) inline void step32(const Tile<BF16, BF16>& t, int64_t i,
+                                                                     __mmask32 mask, __m512* acc) {
+  __m512bh xv[MT];
+  UNROLL for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, t.x + m * t.x_stride + i);
+  UNROLL for (int r = 0; r < R; ++r) {
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, t.w + r * t.k + i);
+    UNROLL for (int m = 0; m < MT; ++m) acc[r * MT + m] = _mm512_dpbf16_ps(acc[r * MT + m], xv[m], wv);
+  }
+}
+
+template <int R, int MT>
+__attribute__((target(BF16_ISA))) void dots_avx512bf16(const Tile<BF16, BF16>& t, float (*out)[kMaxTile]) {
+  __m512 acc[R * MT];
+  UNROLL for (int i = 0; i < R * MT; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t body = t.k / 32 * 32;
+  for (int64_t i = 0; i < body; i += 32) step32<R, MT>(t, i, __mmask32(0xFFFFFFFFu), acc);
+  if (body < t.k) step32<R, MT>(t, body, __mmask32((1u << (t.k - body)) - 1), acc);
+  UNROLL for (int r = 0; r < R; ++r) {
+    UNROLL for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r * MT + m]);
+  }
+}
+
+// ---- AVX512-VNNI: int8 weights times Fixed16 x, 64 byte products per instruction ------------------
+#define VNNI_ISA "avx512f,avx512bw,avx512vl,avx512vnni"
+template <int R, int MT>
+__attribute__((target(VNNI_ISA), always_inline)) inline void step64(const Tile<int8_t, Fixed16>& t, int64_t i,
+                                                                     __mmask64 mask, __m512i* hi, __m512i* lo,
+                                                                     __m512i* sums) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(t.x);
+  __m512i xh[MT], xl[MT];
+  UNROLL for (int m = 0; m < MT; ++m) {
+    xh[m] = _mm512_maskz_loadu_epi8(mask, x + m * t.x_stride + i);
+    xl[m] = _mm512_maskz_loadu_epi8(mask, x + m * t.x_stride + t.k + i);
+  }
+  UNROLL for (int r = 0; r < R; ++r) {
+    const __m512i wv = _mm512_maskz_loadu_epi8(mask, t.w + r * t.k + i);
+    sums[r] = _mm512_dpbusd_epi32(sums[r], ones, wv);
+    UNROLL for (int m = 0; m < MT; ++m) {
+      hi[r * MT + m] = _mm512_dpbusd_epi32(hi[r * MT + m], xh[m], wv);
+      lo[r * MT + m] = _mm512_dpbusd_epi32(lo[r * MT + m], xl[m], wv);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int R, int MT>
+__attribute__((target(VNNI_ISA))) void dots_vnni(const Tile<int8_t, Fixed16>& t, float (*out)[kMaxTile]) {
+  if constexpr (MT > 2) {  // registers hold two rows of x at a time: 2 x R x 2 accumulators, R row sums
+    dots_vnni<R, 2>(t, out);
+    float rest[kRowBlock][kMaxTile];
+    const Tile<int8_t, Fixed16> t2{t.w, t.x + 2 * t.x_stride, t.k, t.x_stride, t.x_scales + 2};
+    dots_vnni<R, MT - 2>(t2, rest);
+    for (int r = 0; r < R; ++r)
+      for (int m = 2; m < MT; ++m) out[r][m] = rest[r][m - 2];
+  } else {
+    __m512i hi[R * MT], lo[R * MT], sums[R];
+    UNROLL for (int i = 0; i < R * MT; ++i) hi[i] = lo[i] = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_si512();
+    const int64_t body = t.k / 64 * 64;
+    for (int64_t i = 0; i < body; i += 64) step64<R, MT>(t, i, ~__mmask64(0), hi, lo, sums);
+    if (body < t.k) step64<R, MT>(t, body, (__mmask64(1) << (t.k - body)) - 1, hi, lo, sums);
+    UNROLL for (int r = 0; r < R; ++r) {
+      // Each lane's partial sums fit int32 (|w| <= 127, bytes <= 255, k < 2^16); the whole in int64.
+      const int64_t sum_w = _mm512_reduce_add_epi32(sums[r]);
+      UNROLL for (int m = 0; m < MT; ++m) {
+        const int64_t h = _mm512_reduce_add_epi32(hi[r * MT + m]), l = _mm512_reduce_add_epi32(lo[r * MT + m]);
+        out[r][m] = static_cast<float>(256 * (h - 128 * sum_w) + l) * t.x_scales[m];
+      }
+    }
+  }
 }
 
 // ---- driver -------------------------------------------------------------------------------------
@@ -157,6 +225,8 @@ template <typename W, typename X, int R, int MT>
 void dots(Isa isa, const Tile<W, X>& t, float (*out)[kMaxTile]) {
   if constexpr (std::is_same_v<X, BF16>) {
     dots_avx512bf16<R, MT>(t, out);  // x stays bfloat16 only for the dot-product instruction
+  } else if constexpr (std::is_same_v<X, Fixed16>) {
+    dots_vnni<R, MT>(t, out);
   } else if (isa == kAvx512 || isa == kAvx512Bf16) {
     dots_avx512<R, MT>(t, out);
   } else if (isa == kAvx2) {
@@ -178,7 +248,7 @@ void dots_tile(Isa isa, int tile, const Tile<W, X>& t, float (*out)[kMaxTile]) {
 
 template <typename W, typename X, typename Y>
 void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x, int64_t x_stride, Y* y,
-         int64_t m_rows, int64_t n, int64_t k) {
+         int64_t m_rows, int64_t n, int64_t k, const float* x_scales = nullptr) {
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   // ~64 KiB of weights per chunk at least: a small matrix stays on the calling thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * k * int64_t(sizeof(W))));
@@ -189,7 +259,7 @@ void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x
       for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxTile) {
         const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m_rows - m0));
         for (int64_t r0 = 0; r0 < rows;) {  // a full block of rows, else the ragged rows one at a time
-          const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride};
+          const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride, x_scales ? x_scales + m0 : nullptr};
           const int step = rows - r0 == kRowBlock ? kRowBlock : 1;
           if (step == kRowBlock) dots_tile<W, X, kRowBlock>(isa, tile, t, sums);
           else dots_tile<W, X, 1>(isa, tile, t, sums);
@@ -211,6 +281,25 @@ void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x
   });
 }
 
+// Rows of a bfloat16 x as Fixed16: [m][high bytes of k, low bytes of k], and each row's scale.
+void to_fixed16(const BF16* x, int64_t x_stride, int64_t m_rows, int64_t k, Fixed16* out, float* row_scales) {
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const BF16* row = x + m * x_stride;
+    float amax = 0.f;
+    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::abs(bf16_to_float(row[i])));
+    const float scale = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / scale;
+    row_scales[m] = scale;
+    uint8_t* hi = reinterpret_cast<uint8_t*>(out + m * 2 * k);
+    uint8_t* lo = hi + k;
+    for (int64_t i = 0; i < k; ++i) {
+      const float q = std::clamp(std::nearbyint(bf16_to_float(row[i]) * inv), -32767.f, 32767.f);
+      const uint32_t u = static_cast<uint32_t>(static_cast<int32_t>(q) + 32768);
+      hi[i] = static_cast<uint8_t>(u >> 8);
+      lo[i] = static_cast<uint8_t>(u & 0xFFu);
+    }
+  }
+}
+
 template <typename W, typename Y>
 void run_on(Isa isa, const torch::Tensor& w, const float* scales, const float* bias, const torch::Tensor& x,
             torch::Tensor& y) {
@@ -220,6 +309,14 @@ void run_on(Isa isa, const torch::Tensor& w, const float* scales, const float* b
   if constexpr (std::is_same_v<W, BF16>) {
     if (isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16)
       return run(isa, wp, scales, bias, static_cast<const BF16*>(x.data_ptr()), x.stride(0), yp, m, n, k);
+  }
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16) {
+      std::vector<Fixed16> fixed(2 * m * k);
+      std::vector<float> x_scales(m);
+      to_fixed16(static_cast<const BF16*>(x.data_ptr()), x.stride(0), m, k, fixed.data(), x_scales.data());
+      return run(isa, wp, scales, bias, fixed.data(), 2 * k, yp, m, n, k, x_scales.data());
+    }
   }
   // The other bodies multiply in float32: a bfloat16 x widens once here, not once per weight row.
   const torch::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
