@@ -19,11 +19,12 @@ ISAS: dict[str, tuple[int, frozenset[str]]] = {
 # Forces a slower body (CI runs the fallbacks on a CPU that has them all): portable | avx2 | avx512.
 ISA_ENV = "SLOSERVE_CPU_ISA"
 
-# Up to how many rows of x the kernel beats oneDNN/MKL (F.linear), by weight dtype: measured on the
-# shapes of SmolLM2-135M and the bundled demo model with benchmarks/skinny_crossover.py (AMD EPYC,
-# AVX512-BF16, 2 threads; the last row where the kernel still won on median). int8 has no oneDNN
-# rival below prefill sizes: above the limit its weights are widened per call for F.linear.
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 16, torch.int8: 64}
+# Up to how many rows of x the kernel runs a matmul; larger batches go to oneDNN/MKL (F.linear).
+# Measured with benchmarks/skinny_crossover.py on SmolLM2-135M's shapes (AMD EPYC, AVX512-BF16, 1 and
+# 2 threads, a shared machine: fastest of 7 interleaved reps): the kernel won float32 at every row count
+# up to 128 (MKL takes no fast path on AMD), bfloat16 up to 4 rows (oneDNN's AVX512-BF16 GEMM wins from
+# 8), int8 up to 128 (above, widening the int8 weight for oneDNN pays off only at prefill sizes).
+MAX_ROWS = {torch.float32: 128, torch.bfloat16: 4, torch.int8: 128}
 
 
 def best_isa(flags: frozenset[str]) -> str:
