@@ -20,11 +20,12 @@ ISAS: dict[str, tuple[int, frozenset[str]]] = {
 ISA_ENV = "SLOSERVE_CPU_ISA"
 
 # Up to how many rows of x the kernel runs a matmul; larger batches go to oneDNN/MKL (F.linear).
-# Measured with benchmarks/skinny_crossover.py on SmolLM2-135M's shapes (AMD EPYC, AVX512-BF16, 1 and
-# 2 threads, a shared machine: fastest of 7 interleaved reps): the kernel won float32 at every row count
-# up to 128 (MKL takes no fast path on AMD), bfloat16 up to 4 rows (oneDNN's AVX512-BF16 GEMM wins from
-# 8), int8 up to 128 (above, widening the int8 weight for oneDNN pays off only at prefill sizes).
-MAX_ROWS = {torch.float32: 128, torch.bfloat16: 4, torch.int8: 128}
+# Measured with benchmarks/skinny_crossover.py on SmolLM2-135M's shapes (AMD EPYC, AVX512-BF16, 2
+# threads, a shared machine: fastest of 5-7 interleaved reps): float32 won at every row count up to 128
+# (MKL takes no fast path on AMD); bfloat16 won 2.5-5.6x up to 16 rows and was even at 32 (oneDNN's
+# AVX512-BF16 GEMM catches up there); int8 won up to 128 (widening the int8 weight for oneDNN pays off
+# only at prefill sizes).
+MAX_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.int8: 128}
 
 
 def best_isa(flags: frozenset[str]) -> str:

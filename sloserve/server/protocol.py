@@ -48,6 +48,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     priority: int = 0
     slo: SLOParams | None = None
+    slo_class: str | None = None  # a class the server defines (--slo-class); also the X-SLO-Class header
     return_token_ids: bool = False
 
     @model_validator(mode="before")

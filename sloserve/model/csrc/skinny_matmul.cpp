@@ -43,6 +43,7 @@ struct Tile {
   const X* x;        // first x row; rows are x_stride apart
   int64_t k, x_stride;
   const float* x_scales = nullptr;  // Fixed16 rows only: each row's scale
+  int64_t prefetch = 0;             // bytes from this block to the one to prefetch (prefetch_offset)
 };
 
 // An x row as 16-bit fixed point for integer dot products with int8 weights: x ~= scale * q with
@@ -74,6 +75,23 @@ void dots_portable(const Tile<W, float>& t, float (*out)[kMaxTile]) {
 // unrolled (a loop left rolled makes gcc keep the array in memory and store it every step).
 #define UNROLL _Pragma("GCC unroll 16")
 
+// A weight row is only a few cache lines long: too short for the hardware prefetcher to get going on
+// each new row. So while a block of R rows is read, V elements per row per step, the same share of a
+// block ~kAheadBytes further on is prefetched (the rows of a thread's blocks are contiguous). Measured
+// on SmolLM2-135M's shapes (AMD EPYC, 2 threads): 27-29 -> 40-47 GB/s in bfloat16, 20 -> 41 in int8.
+constexpr int64_t kAheadBytes = 12 << 10;
+inline int64_t prefetch_offset(int64_t k, int64_t elem_size) {  // whole blocks, at least one
+  const int64_t block = kRowBlock * k * elem_size;
+  return (kAheadBytes + block - 1) / block * block;
+}
+template <int R, int V, typename W>
+inline void prefetch_ahead(const W* w, int64_t k, int64_t i, int64_t offset) {
+  if constexpr (R == kRowBlock) {
+    const char* next = reinterpret_cast<const char*>(w) + offset + R * i * int64_t(sizeof(W));
+    UNROLL for (int line = 0; line < R * V * int(sizeof(W)) / 64; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+  }
+}
+
 // ---- AVX2 + FMA: 8 lanes; the K tail (< 8) is finished in scalar code --------------------------
 #define AVX2_TARGET __attribute__((target("avx2,fma"), always_inline)) inline
 AVX2_TARGET __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -95,6 +113,7 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const Tile<W, float>& t, floa
   UNROLL for (int i = 0; i < R * MT; ++i) acc[i] = _mm256_setzero_ps();
   const int64_t body = t.k / 8 * 8;
   for (int64_t i = 0; i < body; i += 8) {
+    prefetch_ahead<R, 8>(t.w, t.k, i, t.prefetch);
     __m256 xv[MT];
     UNROLL for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(t.x + m * t.x_stride + i);
     UNROLL for (int r = 0; r < R; ++r) {
@@ -137,7 +156,10 @@ __attribute__((target(AVX512_ISA))) void dots_avx512(const Tile<W, float>& t, fl
   __m512 acc[R * MT];
   UNROLL for (int i = 0; i < R * MT; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t body = t.k / 16 * 16;
-  for (int64_t i = 0; i < body; i += 16) step16<R, MT>(t, i, __mmask16(0xFFFF), acc);
+  for (int64_t i = 0; i < body; i += 16) {
+    prefetch_ahead<R, 16>(t.w, t.k, i, t.prefetch);
+    step16<R, MT>(t, i, __mmask16(0xFFFF), acc);
+  }
   if (body < t.k) step16<R, MT>(t, body, __mmask16((1u << (t.k - body)) - 1), acc);
   UNROLL for (int r = 0; r < R; ++r) {
     UNROLL for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r * MT + m]);
@@ -162,7 +184,10 @@ __attribute__((target(BF16_ISA))) void dots_avx512bf16(const Tile<BF16, BF16>& t
   __m512 acc[R * MT];
   UNROLL for (int i = 0; i < R * MT; ++i) acc[i] = _mm512_setzero_ps();
   const int64_t body = t.k / 32 * 32;
-  for (int64_t i = 0; i < body; i += 32) step32<R, MT>(t, i, __mmask32(0xFFFFFFFFu), acc);
+  for (int64_t i = 0; i < body; i += 32) {
+    prefetch_ahead<R, 32>(t.w, t.k, i, t.prefetch);
+    step32<R, MT>(t, i, __mmask32(0xFFFFFFFFu), acc);
+  }
   if (body < t.k) step32<R, MT>(t, body, __mmask32((1u << (t.k - body)) - 1), acc);
   UNROLL for (int r = 0; r < R; ++r) {
     UNROLL for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r * MT + m]);
@@ -197,7 +222,7 @@ __attribute__((target(VNNI_ISA))) void dots_vnni(const Tile<int8_t, Fixed16>& t,
   if constexpr (MT > 2) {  // registers hold two rows of x at a time: 2 x R x 2 accumulators, R row sums
     dots_vnni<R, 2>(t, out);
     float rest[kRowBlock][kMaxTile];
-    const Tile<int8_t, Fixed16> t2{t.w, t.x + 2 * t.x_stride, t.k, t.x_stride, t.x_scales + 2};
+    const Tile<int8_t, Fixed16> t2{t.w, t.x + 2 * t.x_stride, t.k, t.x_stride, t.x_scales + 2, t.prefetch};
     dots_vnni<R, MT - 2>(t2, rest);
     for (int r = 0; r < R; ++r)
       for (int m = 2; m < MT; ++m) out[r][m] = rest[r][m - 2];
@@ -206,7 +231,10 @@ __attribute__((target(VNNI_ISA))) void dots_vnni(const Tile<int8_t, Fixed16>& t,
     UNROLL for (int i = 0; i < R * MT; ++i) hi[i] = lo[i] = _mm512_setzero_si512();
     UNROLL for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_si512();
     const int64_t body = t.k / 64 * 64;
-    for (int64_t i = 0; i < body; i += 64) step64<R, MT>(t, i, ~__mmask64(0), hi, lo, sums);
+    for (int64_t i = 0; i < body; i += 64) {
+      prefetch_ahead<R, 64>(t.w, t.k, i, t.prefetch);
+      step64<R, MT>(t, i, ~__mmask64(0), hi, lo, sums);
+    }
     if (body < t.k) step64<R, MT>(t, body, (__mmask64(1) << (t.k - body)) - 1, hi, lo, sums);
     UNROLL for (int r = 0; r < R; ++r) {
       // Each lane's partial sums fit int32 (|w| <= 127, bytes <= 255, k < 2^16); the whole in int64.
@@ -252,6 +280,7 @@ void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   // ~64 KiB of weights per chunk at least: a small matrix stays on the calling thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * k * int64_t(sizeof(W))));
+  const int64_t prefetch = prefetch_offset(k, sizeof(W));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     float sums[kRowBlock][kMaxTile];
     for (int64_t b = begin; b < end; ++b) {
@@ -259,7 +288,8 @@ void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x
       for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxTile) {
         const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m_rows - m0));
         for (int64_t r0 = 0; r0 < rows;) {  // a full block of rows, else the ragged rows one at a time
-          const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride, x_scales ? x_scales + m0 : nullptr};
+          const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride, x_scales ? x_scales + m0 : nullptr,
+                             prefetch};
           const int step = rows - r0 == kRowBlock ? kRowBlock : 1;
           if (step == kRowBlock) dots_tile<W, X, kRowBlock>(isa, tile, t, sums);
           else dots_tile<W, X, 1>(isa, tile, t, sums);
