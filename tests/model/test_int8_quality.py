@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import sloserve
 from sloserve import LLM, SamplingParams
-from sloserve.model.attention import AttentionMetadata, PrefillSpan
+from sloserve.model.attention.cpu import AttentionMetadata, PrefillSpan
 
 TARGET = Path(sloserve.__file__).parent / "assets" / "demo-target"
 TRAINER = Path(__file__).parents[2] / "scripts" / "train_demo_model.py"
