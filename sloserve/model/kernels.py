@@ -17,7 +17,8 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "cpu_ops.cpp", Path(__file__).parent / "csrc" / "skinny_matmul.cpp")
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "skinny_matmul.cpp")
 # Without contraction the compiler keeps every multiply and add separately rounded, as PyTorch does.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
@@ -36,7 +37,7 @@ def _build_tag() -> str:
     and after the sources and flags: checkouts with different sources sharing one extension cache
     must not rebuild over each other's library."""
     digest = hashlib.sha1(f"{platform.machine()} {sorted(cpu_flags()) or platform.processor()} {CFLAGS}".encode())
-    for source in SOURCES:
+    for source in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):  # headers change the build too
         digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 

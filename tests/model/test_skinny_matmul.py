@@ -55,6 +55,16 @@ def test_matches_pytorch_on_ragged_shapes(kernels, isa, weight_dtype, x_dtype, w
         torch.testing.assert_close(got, want, **TOLERANCE[x_dtype], msg=lambda e: f"{(m, n, k)}: {e}")
 
 
+@pytest.mark.parametrize("k", [65535, 70000], ids=["longest_vnni_row", "longer"])
+def test_int8_rows_past_the_integer_path_stay_correct(kernels, k):
+    """Rows too long for exact int32 sums in the VNNI body take the float32 one instead."""
+    x = rand(1, k).to(torch.bfloat16)
+    q, scales = quantize_int8(rand(3, k, seed=1))
+    got = kernels.skinny_matmul(x, q, scales, None, ISAS[best_isa(cpu_flags())][0])
+    want = F.linear(x.float(), dequantize_int8(q, scales, torch.float32)).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
+
+
 def test_reads_strided_rows(kernels):
     x = rand(4, 96)[:, 16:80]  # rows 96 apart, 64 long
     w = rand(8, 64, seed=1)
