@@ -1,13 +1,18 @@
 """LLMEngine: add requests, step the scheduler and executor, stop and free finished requests."""
 from __future__ import annotations
 
+import logging
+
 from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.detokenizer import IncrementalDetokenizer
 from sloserve.engine.executor import Executor
+from sloserve.engine.isolation import execute_isolating
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.policy import FCFS, Policy
 from sloserve.engine.scheduler import Scheduler
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -106,9 +111,9 @@ class LLMEngine:
         for s in plan.scheduled:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = start
-        sampled = self.executor.execute(plan)
+        plan, sampled, failed = self._execute(plan)
         now = self.clock.now()
-        outputs = []
+        outputs = failed
         for s, token in zip(plan.scheduled, sampled):
             request = s.request
             request.num_computed_tokens += s.num_new_tokens
@@ -121,6 +126,16 @@ class LLMEngine:
                 self._finish(request, status)
             outputs.append(RequestOutput.of(request))
         return outputs
+
+    def _execute(self, plan):
+        """Run the plan; a request whose step raises fails alone (status error), the rest carry on."""
+        step = execute_isolating(self.executor.execute, plan)
+        failed = []
+        for s, error in step.failed:
+            logger.error("request %s failed in the executor and was ended alone: %r", s.request.request_id, error)
+            self._finish(s.request, RequestStatus.FINISHED_ERROR)
+            failed.append(RequestOutput.of(s.request))
+        return step.plan, step.sampled, failed
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
