@@ -32,16 +32,21 @@ class Admission:
             raise APIError(503, "the server is shutting down and accepts no new requests", code="shutting_down")
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", code="engine_stopped")
-        waiting = self.engine.num_waiting
+        # A burst that free running slots will take at the next step is not a queue.
+        waiting = self.engine.num_waiting - self.free_running_slots
         if waiting >= self.limits.max_waiting_requests:
             raise self._overloaded(f"{waiting} requests are already waiting (limit {self.limits.max_waiting_requests})")
         tokens = self.engine.num_waiting_tokens
         # An empty queue admits any single prompt: the model-length check already bounds it.
-        if waiting and tokens + num_prompt_tokens > self.limits.max_waiting_tokens:
+        if waiting > 0 and tokens + num_prompt_tokens > self.limits.max_waiting_tokens:
             raise self._overloaded(
                 f"{tokens} prompt tokens are already waiting and this request adds {num_prompt_tokens} "
                 f"(limit {self.limits.max_waiting_tokens})"
             )
+
+    @property
+    def free_running_slots(self) -> int:
+        return max(0, self.engine.engine.scheduler.max_num_seqs - self.engine.stats.num_running)
 
     def _overloaded(self, why: str) -> APIError:
         return APIError(

@@ -15,6 +15,8 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
+_OUTPUT_LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -66,6 +68,9 @@ class ServerMetrics:
         )
         self.e2e = histogram("sloserve:e2e_request_latency_seconds", "Arrival to the end of the request.", _LATENCY_BUCKETS)
         self.queue = histogram("sloserve:request_queue_time_seconds", "Arrival to first scheduled.", _LATENCY_BUCKETS)
+        # A shift here shows inputs crafted to inflate output (the verbose-input latency attack).
+        self.output_length = histogram("sloserve:request_generation_tokens", "Output tokens per ended request.",
+                                       _OUTPUT_LENGTH_BUCKETS)
 
     def on_finished(self, out: RequestOutput, error: BaseException | None) -> None:
         """The async engine's hook: called once for every accepted request when it ends."""
@@ -74,6 +79,7 @@ class ServerMetrics:
         self._prompt_tokens.inc(len(out.prompt_token_ids))
         times = out.token_times
         self._generation_tokens.inc(len(times))
+        self.output_length.observe(len(times))
         if times:
             self.ttft.observe(times[0] - out.arrival_time)
         if len(times) > 1:
