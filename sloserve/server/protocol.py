@@ -173,7 +173,10 @@ def parse_body(raw: bytes, cls: type[Body]) -> Body:
         raise APIError(400, f"the request body is not valid JSON: {_first_line(error)}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    where = _lone_surrogate(data, "")
+    try:
+        where = _lone_surrogate(data, "")
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
     if where is not None:
         raise APIError(400, f"{where or 'the body'}: a string holds a lone UTF-16 surrogate, which is not text",
                        param=where or None)
