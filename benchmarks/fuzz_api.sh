@@ -33,7 +33,7 @@ CANARY_PID=$!
 echo "machine: $(lscpu | grep 'Model name' | sed 's/ \+/ /g'); load: $(uptime | sed 's/.*load average: //')"
 # not_a_server_error only: other checks judge schema conformance of 4xx bodies, not robustness.
 $ST run "$URL/openapi.json" -H "Authorization: Bearer $KEY" --checks not_a_server_error \
-  --phases examples,coverage,fuzzing -n "$EXAMPLES" --seed 11 --no-shrink --workers 4 --continue-on-failure \
+  --phases examples,coverage,fuzzing ${MODE:+--mode $MODE} -n "$EXAMPLES" --seed 11 --no-shrink --workers 4 --continue-on-failure \
   --suppress-health-check all --request-timeout 60 \
   --report har --report-har-path "$WORK/fuzz.har" >"$WORK/schemathesis.log" 2>&1 || true
 tail -n 25 "$WORK/schemathesis.log"

@@ -162,7 +162,7 @@ Body = TypeVar("Body", bound=BaseModel)
 def parse_body(raw: bytes, cls: type[Body]) -> Body:
     """Parse a JSON body; every failure is a 400 naming what is wrong, never an exception's text."""
     try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_json_number)
     except json.JSONDecodeError as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from None
     except UnicodeDecodeError:
@@ -185,6 +185,15 @@ def parse_body(raw: bytes, cls: type[Body]) -> Body:
     except ValidationError as error:
         message, param = validation_message(error.errors())
         raise APIError(400, message, param=param) from None
+
+
+def _json_number(text: str) -> int | float:
+    """JSON has one number type: 4.0 is the integer 4 (JSON Schema agrees), 4.5 stays a float.
+
+    Strict parsing then refuses only what is not a number ("4", true), not a spelling of one.
+    """
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _refuse_constant(name: str):

@@ -35,7 +35,7 @@ CASES = [
     ("surrogate-chat", "/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud83d"}]}', 400,
      "messages.0.content"),
     ("string-for-int", "/v1/completions", '{"prompt": "hi", "max_tokens": "4"}', 400, "max_tokens"),
-    ("float-for-int", "/v1/completions", '{"prompt": "hi", "max_tokens": 4.0}', 400, "max_tokens"),
+    ("fraction-for-int", "/v1/completions", '{"prompt": "hi", "max_tokens": 4.5}', 400, "max_tokens"),
     ("int-for-bool", "/v1/completions", '{"prompt": "hi", "echo": 0}', 400, "echo"),
     ("string-for-bool", "/v1/completions", '{"prompt": "hi", "stream": "true"}', 400, "stream"),
     ("bool-token-ids", "/v1/completions", '{"prompt": [true, false]}', 400, "prompt"),
@@ -60,6 +60,12 @@ def test_client_mistake_is_a_4xx_with_an_error_body(server, path, body, status, 
         assert error["param"] == param, error
     assert not any(s in error["message"] for s in INTERNALS), error["message"]
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_an_integral_json_number_is_an_integer(server):
+    # JSON (and JSON Schema) has one number type: 4.0 spells the integer 4.
+    r = _raw(server, "/v1/completions", '{"prompt": "hi", "max_tokens": 4.0, "ignore_eos": true, "n": 1.0}')
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_special_token_text_in_a_message_is_encoded_as_text(server):
