@@ -7,6 +7,9 @@
 #   pip install -e '.[fuzz]'            # schemathesis is an optional extra
 #   benchmarks/fuzz_api.sh [MODEL_DIR] [EXAMPLES_PER_OPERATION]
 #
+# MODE=positive|negative|all (default all) picks schemathesis' generation mode. Under CPython 3.11.7
+# hypothesis can hit that release's "AST constructor recursion depth mismatch" bug and stop early;
+# SCHEMATHESIS=/path/to/schemathesis runs one installed under another Python (3.13 was used).
 # MODEL_DIR defaults to the bundled demo model. The server runs with an API key (the fuzzer sends it)
 # so the authenticated paths are the ones fuzzed.
 set -euo pipefail

@@ -91,7 +91,11 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest})
+    cap = {"maximum": ctx.limits.max_tokens_cap}
+    install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest},
+                    {"model": {"enum": list(settings.served_model_names)}, "n": {"minimum": 1, "maximum": 1},
+                     "max_tokens": cap, "max_completion_tokens": cap}
+                    | ({"role": {"enum": sorted(ctx.tokens.roles)}} if ctx.tokens is not None else {}))
 
     @app.post("/v1/completions")
     async def completions(raw: Request):

@@ -145,4 +145,8 @@ def test_openapi_document_describes_the_request_bodies(server):
     schema = httpx.get(server.url + "/openapi.json").json()
     body = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/CompletionRequest"}
-    assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert "prompt" in fields
+    # The server's own limits are stated: its model names and the max_tokens cap.
+    assert fields["model"]["anyOf"][0] == {"enum": [MODEL_NAME]}
+    assert fields["max_tokens"]["anyOf"][0]["maximum"] == server.ctx.limits.max_tokens_cap == 200
