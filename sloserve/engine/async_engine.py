@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from sloserve.engine.admission import LoadSnapshot
 from sloserve.engine.engine import LLMEngine
 from sloserve.request import SLO, Request, RequestOutput, SamplingParams
 
@@ -50,6 +51,7 @@ class EngineStats:
     num_waiting_tokens: int = 0
     num_used_blocks: int = 0
     num_blocks: int = 0
+    step_time_error: float = float("nan")  # median |predicted - measured| / measured of recent steps
 
 
 class RequestStream:
@@ -128,6 +130,8 @@ class AsyncLLMEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sloserve-step")
         self._stopping = False
         self.dead_error: BaseException | None = None
+        self.track_load = False  # keep `load` current (TTFT admission needs it; it costs a rank per waiting request)
+        self.load = LoadSnapshot()
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -157,6 +161,11 @@ class AsyncLLMEngine:
     @property
     def num_waiting_tokens(self) -> int:
         return self.stats.num_waiting_tokens + sum(len(p.prompt_token_ids) for p in self._pending_adds.values())
+
+    @property
+    def num_free_slots(self) -> int:
+        """Running slots (max_num_seqs) not taken at the last step: what the next step can admit at once."""
+        return max(0, self.engine.scheduler.config.max_num_seqs - self.stats.num_running)
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, priority: int = 0,
@@ -295,4 +304,7 @@ class AsyncLLMEngine:
             num_waiting_tokens=sum(r.num_tokens for r in scheduler.waiting),
             num_used_blocks=blocks.num_used_blocks,
             num_blocks=blocks.num_blocks,
+            step_time_error=self.engine.predictor.error().median,
         )
+        if self.track_load:
+            self.load = LoadSnapshot.of(scheduler)

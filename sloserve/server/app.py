@@ -7,6 +7,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from sloserve.engine.async_engine import AsyncLLMEngine
@@ -14,8 +15,6 @@ from sloserve.engine.engine import LLMEngine
 from sloserve.server.admission import Admission
 from sloserve.server.body_limit import BodySizeLimit
 from sloserve.server.errors import APIError, error_body, install_error_handlers
-from fastapi.middleware.cors import CORSMiddleware
-
 from sloserve.server.guard import RequestGuard
 from sloserve.server.inputs import OPENAI_DEFAULT_MAX_TOKENS, ModelLimits, chat_prompt, completion_prompt, engine_inputs
 from sloserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -90,7 +89,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.add_middleware(RequestGuard, settings=settings.guard)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "X-SLO-Class"])
     cap = {"maximum": ctx.limits.max_tokens_cap}
     install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest},
                     {"model": {"enum": list(settings.served_model_names)}, "n": {"minimum": 1, "maximum": 1},
@@ -103,7 +102,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         ctx.check_model(body.model)
         prompt = await completion_prompt(body, ctx.tokens)
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.max_tokens,
-                               default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS)
+                               default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, slo_classes=settings.slo_classes,
+                               slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(
             raw, CompletionFormat(), inputs, body, id_prefix="cmpl",
         )
@@ -114,7 +114,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         ctx.check_model(body.model)
         prompt = await chat_prompt(body, ctx.tokens)
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
-                               default_max_tokens=None)
+                               default_max_tokens=None, slo_classes=settings.slo_classes,
+                               slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(
             raw, ChatFormat(), inputs, body, id_prefix="chatcmpl",
         )

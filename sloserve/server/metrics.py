@@ -13,6 +13,7 @@ from sloserve.request import RequestOutput
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 _OUTPUT_LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
@@ -38,6 +39,11 @@ class _EngineStateCollector:
         yield GaugeMetricFamily("sloserve:kv_cache_total_blocks", "KV-cache blocks in all.", value=stats.num_blocks)
         usage = stats.num_used_blocks / stats.num_blocks if stats.num_blocks else 0.0
         yield GaugeMetricFamily("sloserve:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", value=usage)
+        yield GaugeMetricFamily(
+            "sloserve:step_time_prediction_error",
+            "Median |predicted - measured| / measured step time over recent steps (each predicted before it ran).",
+            value=stats.step_time_error,
+        )
 
 
 class ServerMetrics:
@@ -71,9 +77,20 @@ class ServerMetrics:
         # A shift here shows inputs crafted to inflate output (the verbose-input latency attack).
         self.output_length = histogram("sloserve:request_generation_tokens", "Output tokens per ended request.",
                                        _OUTPUT_LENGTH_BUCKETS)
+        # --admission slo: the TTFT predicted at arrival, and how the actual one compared.
+        self.ttft_predicted = histogram("sloserve:predicted_time_to_first_token_seconds",
+                                        "TTFT predicted at admission (--admission slo).", _TTFT_BUCKETS)
+        self.ttft_ratio = histogram("sloserve:time_to_first_token_over_predicted",
+                                    "Per request: actual TTFT / TTFT predicted at admission.", _RATIO_BUCKETS)
+        self._predicted: dict[str, float] = {}
+
+    def predicted_ttft(self, request_id: str, seconds: float) -> None:
+        self.ttft_predicted.observe(seconds)
+        self._predicted[request_id] = seconds
 
     def on_finished(self, out: RequestOutput, error: BaseException | None) -> None:
         """The async engine's hook: called once for every accepted request when it ends."""
+        predicted = self._predicted.pop(out.request_id, None)
         reason = "error" if error is not None else (out.finish_reason or "abort")
         self._success.labels(finished_reason=reason, **self._labels).inc()
         self._prompt_tokens.inc(len(out.prompt_token_ids))
@@ -82,6 +99,8 @@ class ServerMetrics:
         self.output_length.observe(len(times))
         if times:
             self.ttft.observe(times[0] - out.arrival_time)
+            if predicted:
+                self.ttft_ratio.observe((times[0] - out.arrival_time) / predicted)
         if len(times) > 1:
             self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
         if out.finished_time is not None:

@@ -56,6 +56,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
     slo: SLOParams | None = None
+    slo_class: str | None = None  # a class the server defines (--slo-class); also the X-SLO-Class header
     return_token_ids: bool = False
 
     @model_validator(mode="before")

@@ -38,6 +38,7 @@ class Serving:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
             self.admission.check(len(inputs.prompt_token_ids))
+            predicted_ttft = self.admission.predict_ttft(inputs.prompt_token_ids, inputs.params, inputs.priority, inputs.slo)
             lease = self.budget.reserve(api_key_of(raw.scope), inputs.params.max_tokens)
         except APIError as error:
             self.metrics.rejected(error.code or str(error.status))
@@ -55,6 +56,8 @@ class Serving:
                 self.metrics.rejected("engine_stopped")
                 raise APIError(503, "the engine is not running", code="engine_stopped") from None
             raise
+        if predicted_ttft is not None:
+            self.metrics.predicted_ttft(request_id, predicted_ttft)
         env = Envelope(request_id, int(time.time()), self.model_name)
         reply = _Reply(fmt, env, inputs, body.return_token_ids, body.continuous_usage,
                        text_available=self.engine.engine.tokenizer is not None)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from sloserve.server.admission import AdmissionLimits
 from sloserve.server.guard import GuardSettings
+from sloserve.slo_classes import SLOClasses
 
 DEFAULT_MAX_TOKENS_CAP = 4096
 
@@ -21,6 +22,7 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no cross-origin reads
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
     max_output_tokens_per_key: int | None = None  # None: no per-key budget
+    slo_classes: SLOClasses = field(default_factory=SLOClasses)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -1,5 +1,6 @@
 """A step that raises fails only the request that caused it; its neighbours get exactly the tokens they would have."""
 from sloserve.engine.engine import LLMEngine
+from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
 
 from .fakes import CountingExecutor, TickingClock
@@ -15,7 +16,7 @@ class PoisonedExecutor(CountingExecutor):
 
     def execute(self, plan):
         self.calls += 1
-        if any(s.request.request_id in self.poisoned for s in plan.scheduled):
+        if any(s.request_id in self.poisoned for s in plan.scheduled):
             raise RuntimeError("invalid multinomial distribution")
         return super().execute(plan)
 
@@ -32,7 +33,7 @@ def _run(engine: LLMEngine) -> dict:
 
 
 def _engine(executor) -> LLMEngine:
-    return LLMEngine(executor, max_model_len=64, vocab_size=100, block_size=4, clock=TickingClock())
+    return LLMEngine(executor, SchedulerConfig(block_size=4), max_model_len=64, vocab_size=100, clock=TickingClock())
 
 
 def test_poisoned_requests_fail_alone_and_the_rest_finish_as_if_alone():
