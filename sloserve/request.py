@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass, field
 
 _INT64 = (-(2**63), 2**63 - 1)
+_FLOAT32_MIN_NORMAL = 2.0**-126  # ~1.1755e-38
 
 
 @dataclass(slots=True)
@@ -30,8 +31,10 @@ class SamplingParams:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         temperature = _float32("temperature", self.temperature)
-        if temperature < 0 or (self.temperature > 0 and temperature == 0):
-            raise ValueError(f"temperature must be 0 (greedy) or a positive float32 (>= 1.4e-45), got {self.temperature}")
+        # Below the smallest normal float32, 1/T (how CUDA divides by a scalar) overflows float32.
+        if temperature < 0 or 0 < self.temperature < _FLOAT32_MIN_NORMAL:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {_FLOAT32_MIN_NORMAL:.4g} (the smallest "
+                             f"normal float32), got {self.temperature}")
         top_p = _float32("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (and not round to 0 in float32), got {self.top_p}")

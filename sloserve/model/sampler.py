@@ -5,7 +5,8 @@ what else shares the batch.
 
 No parameter can make a row produce NaN or an empty candidate set: logits are shifted so their
 maximum is 0 before dividing by the temperature (a tiny temperature sends the others to -inf,
-never to +inf), and the most likely token always survives the top-k/top-p cuts. A row whose logits
+never to +inf, and leaves the maximum at 0 on every device), and the most likely token always
+survives the top-k/top-p cuts. A row whose logits
 hold no finite value at all raises `SamplingError` naming its request, so the engine fails only it.
 """
 from __future__ import annotations
@@ -60,7 +61,9 @@ class Sampler:
     def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator, request_id: str) -> int:
         logits = _sanitized(logits, request_id)
         # Max at 0, so dividing by any positive temperature yields values in [-inf, 0]: no overflow to +inf.
-        logits = (logits - logits.max()) / p.temperature
+        # CUDA divides by a scalar as a multiply by its reciprocal, which is inf in float32 below ~2.9e-39:
+        # the maximum's 0 * inf is NaN there, and 0 is what 0 / T means.
+        logits = torch.nan_to_num((logits - logits.max()) / p.temperature, nan=0.0, neginf=float("-inf"))
         if 0 < p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -12,11 +12,11 @@ LOGITS = torch.tensor([[0.0, 3.0, 2.9, -1.0, 2.8], [1.0, 0.5, 4.0, -2.0, 0.0]])
 
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1e-30),            # logits / T overflowed to inf, then NaN
-    SamplingParams(temperature=1.4e-45),          # the smallest positive float32
+    SamplingParams(temperature=2.0**-126),        # the smallest temperature allowed (normal float32)
     SamplingParams(temperature=1.0, top_p=1e-40),  # a float32 subnormal: the top token still stays
     SamplingParams(temperature=1.0, top_p=1e-30, top_k=1),
     SamplingParams(temperature=3e38),
-], ids=["tiny-temperature", "min-float32-temperature", "subnormal-top-p", "top-p-and-top-k", "huge-temperature"])
+], ids=["tiny-temperature", "min-normal-float32-temperature", "subnormal-top-p", "top-p-and-top-k", "huge-temperature"])
 def test_extreme_but_valid_parameters_sample_a_real_token(params):
     sampler = Sampler(seed=0)
     tokens = sampler.sample(LOGITS, ["a", "b"], [params, params])
@@ -30,6 +30,14 @@ def test_top_p_that_rounds_to_zero_in_float32_still_keeps_the_top_token():
     params = SamplingParams(temperature=1.0)
     params.top_p = 1e-46
     assert Sampler(seed=0).sample(LOGITS, ["a", "b"], [params, params]) == [1, 2]
+
+
+def test_subnormal_temperatures_still_sample_the_top_token():
+    # Bypass validation: on CUDA, x / T is x * (1 / T), and 1 / T is inf for these (0 * inf = NaN).
+    for temperature in (1e-39, 1.4e-45):
+        params = SamplingParams(temperature=1.0)
+        params.temperature = temperature
+        assert Sampler(seed=0).sample(LOGITS, ["a", "b"], [params, params]) == [1, 2]
 
 
 def test_non_finite_logits_are_repaired_or_blamed_on_their_row():
@@ -51,6 +59,7 @@ def test_non_finite_logits_are_repaired_or_blamed_on_their_row():
     ("top_p", 1e-46, "top_p"),
     ("top_p", math.nan, "top_p"),
     ("temperature", 1e-46, "temperature"),
+    ("temperature", 1e-39, "temperature"),  # 1/T overflows float32: CUDA's scalar divide would give NaN
     ("temperature", 1e39, "temperature"),
     ("temperature", math.inf, "temperature"),
     ("temperature", math.nan, "temperature"),

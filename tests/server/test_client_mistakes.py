@@ -27,6 +27,7 @@ CASES = [
     ("float-overflow", "/v1/completions", '{"prompt": "hi", "temperature": 1e400}', 400, "temperature"),
     ("top-p-zero-in-float32", "/v1/completions", '{"prompt": "hi", "top_p": 1e-46}', 400, "top_p"),
     ("temperature-zero-in-float32", "/v1/completions", '{"prompt": "hi", "temperature": 1e-46}', 400, "temperature"),
+    ("temperature-subnormal-in-float32", "/v1/completions", '{"prompt": "hi", "temperature": 1e-39}', 400, "temperature"),
     ("temperature-inf-in-float32", "/v1/completions", '{"prompt": "hi", "temperature": 1e39}', 400, "temperature"),
     ("surrogate-prompt", "/v1/completions", '{"prompt": "a\\ud800b"}', 400, "prompt"),
     ("surrogate-model", "/v1/completions", '{"prompt": "hi", "model": "\\udfff"}', 400, "model"),

@@ -18,6 +18,7 @@ GOOD = {"model": MODEL_NAME, "prompt": "Shall I compare thee", "max_tokens": 24,
 POISONS = [
     {"prompt": "hi", "max_tokens": 1, "top_p": 1e-46},        # 0 in float32: every token filtered
     {"prompt": "hi", "max_tokens": 1, "temperature": 1e-46},  # 0 in float32: logits / 0
+    {"prompt": "hi", "max_tokens": 1, "temperature": 1e-39},  # subnormal: 1/T is inf, CUDA's x*(1/T) NaN
     {"prompt": "hi", "max_tokens": 1, "temperature": 1e39},   # inf in float32
     {"prompt": "hi", "max_tokens": 1, "temperature": 0.5, "seed": 2**64},  # outside int64
     {"prompt": "hi", "max_tokens": 1, "temperature": 0.5, "seed": -(2**63) - 1},
