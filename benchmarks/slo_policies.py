@@ -8,7 +8,8 @@ slo+admission at 0.5-2x capacity, from the simulator and (with --real) from the 
 # arrivals at multiples of the capacity FCFS reaches on a burst. Model: the bundled demo model (11M parameters),
 # --max-num-batched-tokens 256 --max-num-seqs 32 --num-kv-blocks 512; SLOs scaled to its speed on a CPU core.
 # Real-server rows serve each policy in turn (`sloserve serve`) and replay the same requests with the bench client,
-# the class named per request (slo_class) and the priority set (interactive 0, batch 1).
+# the class named per request (slo_class) and the priority set (interactive 0, batch 1), at multiples of the real
+# server's own burst capacity; each real row has a simulated twin (sim@real) of the very same requests and arrivals.
 
 from __future__ import annotations
 
@@ -164,8 +165,17 @@ def main() -> None:
             records, duration = simulated(prof, knobs, specs, classes, policy, admission)
             rows.append(("sim", load, label, summarize(records, classes, duration)))
     if args.real:
-        real_capacity = capacity  # the loads are fractions of the simulated capacity, so both see the same rates
         port = 8700 + os.getpid() % 200
+        server = serve(model_dir, profile, "fcfs", False, port, env)
+        try:  # the real server's own capacity: HTTP and the event loop share its cores, unlike the simulation's
+            burst, burst_classes = mixed_specs(args.real_requests, math.inf, args.seed, knobs.vocab_size)
+            records, duration = asyncio.run(replay(f"http://127.0.0.1:{port}", model_dir.name, burst, burst_classes))
+            real_capacity = sum(r.success for r in records) / duration
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        print(f"capacity (real server, FCFS, burst of {len(records)}): {real_capacity:.3g} req/s; the real rows and "
+              f"their simulated twins (sim@real) run at multiples of it", flush=True)
         for label, policy, admission in POLICIES:
             server = serve(model_dir, profile, policy, admission, port, env)
             try:
