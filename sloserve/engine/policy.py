@@ -70,7 +70,7 @@ class SLOPolicy:
     limit is the tightest TPOT SLO of the decodes in the step, and the scheduler cuts prefill
     chunks to stay within it (decodes first, as always). A waiting request blocked for a seat or
     blocks preempts a decode with a looser TPOT that can afford the pause (it returns ranked by
-    that slack, not to the back of the line). A request that can no longer meet its TTFT is late
+    that slack, not to the back of the line), or a late one; a request gives way at most once. A request that can no longer meet its TTFT is late
     either way: it ranks after every request that still can (and is preempted first), does not
     constrain the budget, and still completes.
     """
@@ -79,14 +79,24 @@ class SLOPolicy:
         self.clock = clock
         self.predictor = predictor
         self.budget = max_num_batched_tokens
+        # Every step ranks every waiting request: remember predictions until the predictor is refitted.
+        self._memo: dict[tuple[int, int], float] = {}
+        self._memo_model: object = None
 
     def prefill_seconds(self, num_tokens: int, context: int = 0) -> float:
         """Predicted time to compute `num_tokens` prompt tokens alone, in chunks of the token budget."""
-        seconds, done = 0.0, 0
-        while done < num_tokens:
-            chunk = min(self.budget, num_tokens - done)
-            seconds += self.predictor.step_seconds(StepShape([chunk], [context + done], [done + chunk == num_tokens]))
-            done += chunk
+        model = getattr(self.predictor, "model", self.predictor)
+        if model is not self._memo_model or len(self._memo) > 1 << 16:
+            self._memo.clear()
+            self._memo_model = model
+        seconds = self._memo.get((num_tokens, context))
+        if seconds is None:
+            seconds, done = 0.0, 0
+            while done < num_tokens:
+                chunk = min(self.budget, num_tokens - done)
+                seconds += self.predictor.step_seconds(StepShape([chunk], [context + done], [done + chunk == num_tokens]))
+                done += chunk
+            self._memo[(num_tokens, context)] = seconds
         return seconds
 
     def is_late(self, request: Request, now: float) -> bool:
@@ -128,7 +138,9 @@ class SLOPolicy:
         """A waiting request that can still be on time takes the place of a late one, or of a decode
         with a looser TPOT objective that can pause for it and still meet that objective."""
         now = self.clock.now()
-        if self.is_late(waiting, now):
+        # Each preemption throws computed tokens away: a request gives way once, so overload cannot
+        # turn into a cycle of recomputing the same requests.
+        if running.num_preemptions or self.is_late(waiting, now):
             return False
         if self.is_late(running, now):
             return True
