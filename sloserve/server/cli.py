@@ -11,6 +11,7 @@ def serve(
     model: str | None = typer.Argument(None, help="Hugging Face model directory (default: the bundled demo model)"),
     load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    quantization: str | None = typer.Option(None, help="int8: weight-only int8 with per-output-channel scales"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_num_batched_tokens: int = typer.Option(512, help="token budget of one step"),
@@ -75,7 +76,7 @@ def serve(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            use_kernels=kernels, policy=policy,
+            use_kernels=kernels, policy=policy, quantization=quantization,
         )
         settings = ServerSettings(
             served_model_names=list(served_model_name or [model_dir.name]),
