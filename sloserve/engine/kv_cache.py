@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # A full block's identity: (its parent block's chain hash, its own token ids). The KV of a block
@@ -89,7 +89,7 @@ class BlockManager:
             self.stats.queries += num_tokens
             self.stats.hits += num_cached_tokens
 
-    def allocate_slots(self, request_id: str, num_tokens: int, cached: list[int] = ()) -> bool:
+    def allocate_slots(self, request_id: str, num_tokens: int, cached: Sequence[int] = ()) -> bool:
         """Grow the request's block table to hold `num_tokens` tokens; False (and no change) if full.
 
         `cached` (from `cached_prefix`, for a request that holds no blocks yet) starts the table with
