@@ -34,7 +34,9 @@ def generate(
     llm = LLM(model, load_format=load_format, dtype=dtype)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     for text, out in zip(prompt, llm.generate(prompt, params)):
-        typer.echo(f"{text!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}, TTFT {out.ttft * 1e3:.0f} ms]")
+        completion = out.outputs[0]
+        typer.echo(f"{text!r} -> {completion.text!r}  [{len(completion.token_ids)} tokens, {completion.finish_reason}, "
+                   f"TTFT {out.ttft * 1e3:.0f} ms]")
 
 
 app.command("serve")(serve)

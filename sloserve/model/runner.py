@@ -68,7 +68,8 @@ class ModelExecutor:
         logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches, self._tensor(sample_rows))
         sampling = [s for s in ordered if s.samples]
         tokens = self.sampler.sample(
-            logits, [s.request.request_id for s in sampling], [s.request.sampling_params for s in sampling]
+            logits, [s.request.request_id for s in sampling], [s.request.sampling_params for s in sampling],
+            [s.request for s in sampling],
         )
         by_request = {id(s): t for s, t in zip(sampling, tokens)}
         return [by_request.get(id(s)) for s in plan.scheduled]

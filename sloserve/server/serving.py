@@ -138,7 +138,7 @@ class _Reply:
 
     def full(self, out: StreamOutput) -> dict:
         return self.fmt.full(
-            self.env, out.output.text, out.output.finish_reason, self.usage(out),
+            self.env, out.output.outputs[0].text, out.output.outputs[0].finish_reason, self.usage(out),
             out.token_ids if self.return_token_ids else None,
             self.prompt_token_ids if self.return_token_ids else None,
         )
@@ -147,17 +147,18 @@ class _Reply:
         return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None)
 
     def chunk(self, out: StreamOutput) -> dict | None:
-        text = out.output.text
+        completion = out.output.outputs[0]
+        text = completion.text
         visible = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
         delta = text[self.sent_chars : visible]
         self.sent_chars = visible
-        new_ids = out.output.token_ids[self.sent_tokens : out.num_tokens]
+        new_ids = completion.token_ids[self.sent_tokens : out.num_tokens]
         self.sent_tokens = out.num_tokens
         # Without a tokenizer there is no text: a chunk per step still shows progress (and TTFT).
         wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available))
         if not wanted:
             return None
-        chunk = self.fmt.chunk(self.env, delta, out.output.finish_reason, new_ids if self.return_token_ids else None)
+        chunk = self.fmt.chunk(self.env, delta, completion.finish_reason, new_ids if self.return_token_ids else None)
         if self.continuous_usage:
             chunk["usage"] = self.usage(out).as_dict()
         return chunk
