@@ -34,7 +34,9 @@ class ServerContext:
         self.settings = settings
         self.model_name = settings.served_model_names[0]
         self.engine = AsyncLLMEngine(engine)
-        self.metrics = ServerMetrics(self.engine, self.model_name)
+        self.metrics = ServerMetrics(self.engine, self.model_name, max_model_len=engine.max_model_len,
+                                     block_size=engine.block_manager.block_size, compat=settings.metrics_compat)
+        engine.executor = self.metrics.observe_steps(engine.executor)
         self.engine.on_finished = self.metrics.on_finished
         self.admission = Admission(self.engine, settings.admission)
         self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len))

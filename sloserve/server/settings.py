@@ -16,6 +16,7 @@ class ServerSettings:
     max_tokens_cap: int | None = None  # None: min(DEFAULT_MAX_TOKENS_CAP, max_model_len)
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     shutdown_grace_s: float = 30.0
+    metrics_compat: str = "none"  # "vllm": /metrics also exports vLLM's series under their vllm: names
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
