@@ -11,8 +11,19 @@ from sloserve.sim.cli import profile, simulate
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A latency-first LLM inference engine.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import sloserve
+
+        typer.echo(sloserve.__version__)
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", "-v", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
     """A latency-first LLM inference engine: serve, measure, predict, plan under SLOs."""
 
 

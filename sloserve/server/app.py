@@ -20,6 +20,7 @@ from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, p
 from sloserve.server.responses import ChatFormat, CompletionFormat
 from sloserve.server.serving import Serving
 from sloserve.server.settings import ServerSettings
+from sloserve.server.vllm_routes import register_vllm_routes
 
 logger = logging.getLogger(__name__)
 
@@ -119,5 +120,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    register_vllm_routes(app, ctx, health)
 
     return app

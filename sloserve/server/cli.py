@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import typer
@@ -27,8 +28,39 @@ def parse_bytes(text: str) -> int:
     return size
 
 
+def read_chat_template(value: str) -> str:
+    """vLLM's --chat-template: a file's path, or the Jinja template itself."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{" not in value:  # neither a file nor a template: most likely a mistyped path
+        raise typer.BadParameter(f"{value} is neither a file nor a Jinja template", param_hint="--chat-template")
+    return value
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {error.strerror} (is another server running?)",
+                                 param_hint="--port") from None
+    return sock
+
+
 def serve(
-    model: str | None = typer.Argument(None, help="Hugging Face model directory (default: the bundled demo model)"),
+    model: str | None = typer.Argument(None, help="model directory or Hugging Face hub id (default: the bundled demo model)"),
+    tokenizer: str | None = typer.Option(None, help="tokenizer directory or hub id (default: the model's)"),
+    revision: str | None = typer.Option(None, help="hub revision (branch, tag or commit) of a hub id"),
+    download_dir: str | None = typer.Option(None, help="Hugging Face cache directory (default: HF's)"),
+    trust_remote_code: bool = typer.Option(False, help="accepted for vLLM's habits; a model that needs its own "
+                                           "Python code is refused all the same (sloserve never runs it)"),
+    skip_tokenizer_init: bool = typer.Option(False, help="serve without a tokenizer: prompts as token ids, "
+                                             "outputs streamed as token ids"),
+    chat_template: str | None = typer.Option(None, help="chat template: a Jinja file or the template itself"),
     load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     host: str = typer.Option("127.0.0.1"),
@@ -40,7 +72,7 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="default: the model's max_position_embeddings"),
     block_size: int = typer.Option(16),
     seed: int = typer.Option(0),
-    policy: str = typer.Option("fcfs", help="fcfs | priority"),
+    policy: str = typer.Option("fcfs", "--scheduling-policy", "--policy", help="fcfs | priority"),
     kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
@@ -48,6 +80,7 @@ def serve(
     max_tokens_cap: int | None = typer.Option(None, help="largest max_tokens a request may ask for (default: min(4096, max model length))"),
     max_body_size: str = typer.Option("4MiB", help="largest request body; larger ones get 413"),
     shutdown_grace_period: float = typer.Option(30.0, help="seconds in-flight requests get to finish after SIGTERM"),
+    metrics_compat: str = typer.Option("none", help="none | vllm (/metrics also exports vLLM's series as vllm:*)"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (completions, chat, /metrics)."""
@@ -63,25 +96,38 @@ def serve(
     from sloserve.server.graceful import GracefulServer
     from sloserve.server.settings import ServerSettings
 
-    model_dir = Path(model) if model else default_model_dir()
-    if not (model_dir / "config.json").is_file():
-        hint = "" if model else " (the bundled demo model is not installed yet: pass a model directory)"
-        raise typer.BadParameter(f"{model_dir} is not a Hugging Face model directory{hint}", param_hint="MODEL")
+    from sloserve.model.resolve import has_tokenizer, resolve_model_dir
+
     if policy not in POLICIES:
-        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
+        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}",
+                                 param_hint="--scheduling-policy")
+    try:
+        model_dir = resolve_model_dir(model or str(default_model_dir()), revision, download_dir)
+    except FileNotFoundError as error:
+        hint = "" if model else " (the bundled demo model is not installed yet: pass a model directory)"
+        raise typer.BadParameter(f"{error}{hint}", param_hint="MODEL") from None
+    if not skip_tokenizer_init and tokenizer is None and not has_tokenizer(model_dir):
+        raise typer.BadParameter(f"{model_dir} has no tokenizer: pass --tokenizer, or --skip-tokenizer-init to serve "
+                                 "token ids only", param_hint="MODEL")
+    template = read_chat_template(chat_template) if chat_template else None
+    # Bind first: a busy port fails now, not after minutes of loading the model.
+    sock = bind_socket(host, port)
     try:
         config = EngineConfig(
-            model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
+            model=str(model_dir), tokenizer=tokenizer, revision=revision, download_dir=download_dir,
+            skip_tokenizer_init=skip_tokenizer_init, load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             use_kernels=kernels,
         )
         settings = ServerSettings(
-            served_model_names=list(served_model_name or [model_dir.name]),
+            # vLLM's default: the model as given (a hub id stays "org/name"); a directory by its name.
+            served_model_names=list(served_model_name or [model if model and not Path(model).is_dir() else model_dir.name]),
             max_body_bytes=parse_bytes(max_body_size),
             max_tokens_cap=max_tokens_cap,
             admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens),
             shutdown_grace_s=shutdown_grace_period,
+            metrics_compat=metrics_compat,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
@@ -92,9 +138,13 @@ def serve(
         engine = build_engine(config, policy)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
+    if template is not None:
+        if engine.tokenizer is None:
+            raise typer.BadParameter("--chat-template needs a tokenizer", param_hint="--chat-template")
+        engine.tokenizer.chat_template = template
     app = build_app(engine, settings)
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                timeout_graceful_shutdown=10)
     typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({engine.block_manager.num_blocks} KV blocks, "
                f"max model len {engine.max_model_len}) on http://{host}:{port}")
-    GracefulServer(uv_config, drain=app.state.server.drain).run()
+    GracefulServer(uv_config, drain=app.state.server.drain).run(sockets=[sock])

@@ -48,8 +48,10 @@ class Serving:
             self.metrics.rejected("engine_stopped")
             raise APIError(503, str(error), code="engine_stopped") from None
         env = Envelope(request_id, int(time.time()), self.model_name)
-        reply = _Reply(fmt, env, inputs, body.return_token_ids, body.continuous_usage,
-                       text_available=self.engine.engine.tokenizer is not None)
+        text_available = self.engine.engine.tokenizer is not None
+        # Without a tokenizer there is no text: token ids always travel, so clients can count tokens.
+        reply = _Reply(fmt, env, inputs, body.return_token_ids or not text_available, body.continuous_usage,
+                       text_available=text_available)
         if body.stream:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).

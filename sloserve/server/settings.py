@@ -25,6 +25,8 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be positive, got {self.max_tokens_cap}")
+        if self.metrics_compat not in ("none", "vllm"):
+            raise ValueError(f"metrics compat must be none or vllm, got {self.metrics_compat!r}")
         if self.admission.max_waiting_requests < 1 or self.admission.max_waiting_tokens < 1:
             raise ValueError("the admission limits must be positive")
 

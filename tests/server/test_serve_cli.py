@@ -38,3 +38,39 @@ def test_null_parameters_mean_defaults(server):
             "stop": None, "seed": None, "stream": None, "ignore_eos": True}
     r = httpx.post(server.url + "/v1/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def _words(result) -> str:
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_a_busy_port_fails_before_the_model_loads(chat_model_dir, monkeypatch):
+    import socket
+
+    import sloserve.llm
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(sloserve.llm, "build_engine", never)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(chat_model_dir), "--load-format", "dummy", "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in _words(result)
+
+
+def test_a_model_without_tokenizer_needs_skip_tokenizer_init(tiny_model_dir):
+    result = CliRunner().invoke(app, ["serve", str(tiny_model_dir("llama")), "--load-format", "dummy"])
+    assert result.exit_code == 2 and "--skip-tokenizer-init" in _words(result)
+
+
+def test_version_flag_and_the_policy_alias():
+    import sloserve
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == sloserve.__version__
+    for flag in ("--scheduling-policy", "--policy"):
+        bad = CliRunner().invoke(app, ["serve", flag, "nonsense"])
+        assert bad.exit_code == 2 and "unknown policy 'nonsense'" in _words(bad)

@@ -1,8 +1,13 @@
 """The calls a vLLM user writes, offline (LLM) and over HTTP (official `openai` client), and the shapes they expect."""
 from __future__ import annotations
 
+import json
+
+import httpx
 import openai
 import pytest
+
+import sloserve
 
 from serverkit import MODEL_NAME
 from sloserve.engine.detokenizer import make_detokenizer
@@ -130,3 +135,37 @@ def test_vllm_fields_at_their_defaults_pass(client):
 def test_out_of_range_penalty_is_a_400_naming_it(client):
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, presence_penalty=3.0)
+
+
+# -- vLLM's extra endpoints ---------------------------------------------------------------------------
+def test_tokenize_and_detokenize_round_trip(server, llm):
+    tokenizer = llm.get_tokenizer()
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL_NAME, "prompt": PROMPTS[0]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == tokenizer.encode(PROMPTS[0]) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 256
+    back = httpx.post(server.url + "/detokenize", json={"model": MODEL_NAME, "tokens": body["tokens"]})
+    assert back.json() == {"prompt": tokenizer.decode(body["tokens"])}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
+
+
+def test_version_and_ping(server):
+    assert httpx.get(server.url + "/version").json() == {"version": sloserve.__version__}
+    assert httpx.get(server.url + "/ping").status_code == 200
+    assert httpx.post(server.url + "/ping").status_code == 200
+
+
+def test_without_a_tokenizer_token_ids_stream(tiny_model_dir, start_server):
+    server = start_server(tiny_model_dir("llama"), served_model_names=["bare"])
+    body = {"model": "bare", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True, "stream": True}
+    lines = [line for line in httpx.post(server.url + "/v1/completions", json=body, timeout=30).text.splitlines()
+             if line.startswith("data: {")]
+    ids = [t for line in lines for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
+    assert len(ids) == 4
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 400
