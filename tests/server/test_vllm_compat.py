@@ -169,3 +169,21 @@ def test_without_a_tokenizer_token_ids_stream(tiny_model_dir, start_server):
     ids = [t for line in lines for c in json.loads(line[6:])["choices"] for t in c.get("token_ids") or []]
     assert len(ids) == 4
     assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 400
+
+
+def test_bench_counts_token_arrivals_from_a_server_without_tokenizer(tiny_model_dir, start_server):
+    import asyncio
+
+    from sloserve.bench.client import ClientConfig, send
+    from sloserve.bench.workload import RequestSpec
+
+    server = start_server(tiny_model_dir("llama"), served_model_names=["bare"])
+    cfg = ClientConfig(server.url, "/v1/completions", "bare", ignore_eos=True)
+
+    async def one():
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            return await send(http, cfg, RequestSpec(0, [5, 6, 7], 3, 6, 0.0), 0.0)
+
+    rec = asyncio.run(one())
+    assert rec.error_kind is None and rec.success
+    assert len(rec.token_times_s) == 6 and rec.output_tokens == 6
