@@ -60,7 +60,7 @@ def test_concurrent_streams_match_the_offline_engine(llm_engine):
         solo = None
         while llm_engine.has_unfinished_requests():
             solo = (llm_engine.step() or [solo])[-1]
-        assert solo.token_ids == out.token_ids
+        assert solo.outputs[0].token_ids == out.token_ids
 
 
 def test_bad_request_raises_value_error_and_loop_keeps_going(llm_engine):
