@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from sloserve.request import SLO, SamplingParams
 from sloserve.server.errors import APIError
-from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from sloserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # completions' default when max_tokens is absent
 
@@ -34,21 +34,29 @@ def completion_prompt(req: CompletionRequest, tokenizer) -> list[int]:
         return list(prompt)
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
-    return tokenizer.encode(prompt)
+    return tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
 
 
 def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    text = chat_text(tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
+                     continue_final_message=req.continue_final_message)
+    # The template writes any special tokens (BOS, role markers) itself, unless asked (vLLM's default: no).
+    return tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+
+
+def chat_text(tokenizer, messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool) -> str:
+    """The conversation through the tokenizer's chat template (chat completions and /tokenize)."""
     if tokenizer is None:
         raise APIError(400, "chat completions need a tokenizer, and this model has none; use /v1/completions with token ids")
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.text()} for m in messages], tokenize=False,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+        )
     except Exception as error:  # noqa: BLE001 - templates raise their own errors on bad conversations
         raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-    # The template writes any special tokens (BOS, role markers) itself.
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def sampling_extensions(req: SamplingFields) -> dict:

@@ -93,6 +93,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS etc. around a text prompt
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo:
@@ -133,6 +134,10 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    # vLLM's chat-template controls, with its defaults.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
 
     @property
     def requested_max_tokens(self) -> int | None:

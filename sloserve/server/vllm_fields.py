@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from sloserve.server.errors import APIError
 
-_ABSENT = object()
-
 # field -> vLLM's default (the value that asks for nothing)
 _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "use_beam_search": False,
@@ -29,9 +27,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "logits_processors": None,
     "return_tokens_as_token_ids": None,
     "prompt_embeds": None,
-    "add_special_tokens": _ABSENT,  # its default differs by endpoint: refused whenever sent
-    "add_generation_prompt": True,
-    "continue_final_message": False,
     "chat_template": None,
     "chat_template_kwargs": None,
     "documents": None,
@@ -39,8 +34,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "cache_salt": None,
     "kv_transfer_params": None,
     "vllm_xargs": None,
-    "parallel_tool_calls": _ABSENT,
-    "lora_request": None,
+    "parallel_tool_calls": None,  # tools are refused anyway; any value here asks for tool calls
 }
 
 

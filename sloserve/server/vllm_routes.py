@@ -4,10 +4,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 import sloserve
 from sloserve.server.errors import APIError
+from sloserve.server.inputs import chat_text
 from sloserve.server.protocol import ChatMessage, parse_body
 
 
@@ -29,7 +30,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    tokens: list[int] = Field(min_length=0)
+    tokens: list[int]
 
 
 def register_vllm_routes(app: FastAPI, ctx, health: Callable[[], Awaitable]) -> None:
@@ -49,12 +50,8 @@ def register_vllm_routes(app: FastAPI, ctx, health: Callable[[], Awaitable]) -> 
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
         if body.messages is not None:
-            if not getattr(tok, "chat_template", None):
-                raise APIError(400, "this model's tokenizer has no chat template", param="messages")
-            text = tok.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in body.messages], tokenize=False,
-                add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-            )
+            text = chat_text(tok, body.messages, add_generation_prompt=body.add_generation_prompt,
+                             continue_final_message=body.continue_final_message)
             add_special = bool(body.add_special_tokens)  # the template writes its own special tokens
         else:
             text = body.prompt

@@ -1,17 +1,20 @@
 """The calls a vLLM user writes, offline (LLM) and over HTTP (official `openai` client), and the shapes they expect."""
 from __future__ import annotations
 
+import copy
 import json
 
 import httpx
 import openai
 import pytest
+from serverkit import MODEL_NAME
+from tokenizers.processors import TemplateProcessing
 
 import sloserve
-
-from serverkit import MODEL_NAME
-from sloserve.engine.detokenizer import make_detokenizer
 from sloserve import LLM, CompletionOutput, RequestOutput, SamplingParams, TextPrompt, TokensPrompt
+from sloserve.engine.detokenizer import make_detokenizer
+from sloserve.server.inputs import completion_prompt
+from sloserve.server.protocol import CompletionRequest
 
 PROMPTS = ["The quick brown fox", "Latency is what a user feels"]
 
@@ -187,3 +190,21 @@ def test_bench_counts_token_arrivals_from_a_server_without_tokenizer(tiny_model_
     rec = asyncio.run(one())
     assert rec.error_kind is None and rec.success
     assert len(rec.token_times_s) == 6 and rec.output_tokens == 6
+
+
+def test_template_and_special_token_controls_are_honoured(server, llm):
+    tokenizer = llm.get_tokenizer()
+    base = {"model": MODEL_NAME, "max_tokens": 1, "return_token_ids": True}
+    bare = httpx.post(server.url + "/v1/completions", json=base | {"prompt": PROMPTS[0], "add_special_tokens": False}).json()
+    assert bare["prompt_token_ids"] == tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    with_bos = copy.deepcopy(tokenizer)  # this test tokenizer adds no BOS by itself: make one that does
+    with_bos._tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
+    for add, expected in [(True, [0, *bare["prompt_token_ids"]]), (False, bare["prompt_token_ids"])]:
+        request = CompletionRequest(prompt=PROMPTS[0], add_special_tokens=add)
+        assert completion_prompt(request, with_bos) == expected
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Thou art"}]
+    cont = httpx.post(server.url + "/v1/chat/completions", json=base | {
+        "messages": messages, "add_generation_prompt": False, "continue_final_message": True}).json()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert cont["prompt_token_ids"] == tokenizer.encode(text, add_special_tokens=False)
+    assert text.endswith("Thou art")
