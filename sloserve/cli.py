@@ -29,7 +29,7 @@ def main(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="Hugging Face model directory"),
+    model: str = typer.Argument(..., help="model directory or Hugging Face hub id (from the local cache)"),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text (repeatable)"),
     load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
     dtype: str = typer.Option("auto"),

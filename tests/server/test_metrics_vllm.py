@@ -108,3 +108,23 @@ def test_buckets_are_vllms_and_cumulative(finished_run):
         assert [float(s.labels["le"]) for s in buckets] == [*map(float, bounds), float("inf")]
         counts = [s.value for s in buckets]
         assert counts == sorted(counts) and counts[-1] == value(fams, "vllm:" + short, "_count")
+
+
+def test_preemptions_are_counted_as_they_happen(chat_model_dir, start_server):
+    import asyncio
+
+    # 24 blocks of 4 tokens hold the four prompts but not their outputs: running requests get preempted.
+    server = start_server(chat_model_dir, engine_kwargs=dict(num_kv_blocks=24, block_size=4))
+    prompts = [list(range(10 + i, 22 + i)) for i in range(4)]
+
+    async def all_of_them():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            bodies = [{"model": MODEL_NAME, "prompt": p, "max_tokens": 20, "ignore_eos": True} for p in prompts]
+            return await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+
+    assert all(r.status_code == 200 for r in asyncio.run(all_of_them()))
+    fams = families(server.url)
+    v = lambda name, suffix="": value(fams, "sloserve:" + name, suffix)  # noqa: E731
+    assert v("num_preemptions", "_total") > 0
+    # Recomputing a preempted request's tokens shows up in the per-step token counts.
+    assert v("iteration_tokens_total", "_sum") > v("prompt_tokens", "_total") + v("generation_tokens", "_total") - 4
