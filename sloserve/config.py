@@ -15,11 +15,15 @@ class EngineConfig:
     load_format: str = "auto"
     dtype: str = "auto"  # "auto": the checkpoint's torch_dtype, float32 where it says nothing
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA where PyTorch sees a GPU, else the CPU
     block_size: int = 16
-    # KV capacity: an explicit block count wins over a memory budget.
+    # KV capacity: an explicit block count wins over a memory budget, which wins over GPU utilization.
     num_kv_blocks: int | None = None
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on a CPU; on CUDA, gpu_memory_utilization decides
+    # Share of the GPU's memory this engine may hold (weights, activations, KV cache), as vLLM's flag.
+    gpu_memory_utilization: float = 0.9
+    attention_backend: str = "auto"  # auto | cpu | triton (auto: triton on CUDA)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -35,8 +39,18 @@ class EngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {self.load_format!r}; choose from {', '.join(LOAD_FORMATS)}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown device {self.device!r}; choose from auto, cpu, cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")

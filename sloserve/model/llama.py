@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sloserve.model.attention import AttentionMetadata, paged_attention
+from sloserve.model.attention import AttentionBackend
 from sloserve.model.linear import Linear
 from sloserve.model.ops import Ops
 
@@ -45,9 +45,9 @@ class DecoderLayer(nn.Module):
     """Pre-norm attention and SwiGLU MLP. The residual stream travels beside the hidden state, so each
     residual add fuses with the norm after it (vLLM's fused_add_rms_norm)."""
 
-    def __init__(self, s: ModelShape, ops: Ops) -> None:
+    def __init__(self, s: ModelShape, ops: Ops, attention: AttentionBackend) -> None:
         super().__init__()
-        self.ops = ops
+        self.ops, self.attention = ops, attention
         self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         self.q_size, self.kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.scale = s.head_dim**-0.5
@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(s.hidden_size, 2 * s.intermediate_size, bias=False)
         self.down_proj = Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, x, residual, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
         """x: the last layer's output, not yet added to `residual` (None before the first layer)."""
         ops, t = self.ops, x.shape[0]
         norm = self.input_layernorm
@@ -74,7 +74,7 @@ class DecoderLayer(nn.Module):
         ops.rope_and_cache_(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
         heads = qkv.view(t, -1, self.head_dim)
         q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, ops)
+        attn = self.attention.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         norm = self.post_attention_layernorm
         h = ops.add_rms_norm_(self.o_proj(attn.reshape(t, self.q_size)), residual, norm.weight, norm.eps)
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
@@ -90,19 +90,21 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, s: ModelShape, inv_freq: torch.Tensor, rope_scaling: float, max_positions: int, ops: Ops
+        self, s: ModelShape, inv_freq: torch.Tensor, rope_scaling: float, max_positions: int, ops: Ops,
+        attention: AttentionBackend,
     ) -> None:
         super().__init__()
         self.shape = s
-        self.ops = ops
+        self.ops, self.attention = ops, attention
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(s, ops) for _ in range(s.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(s, ops, attention) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = Linear(s.hidden_size, s.vocab_size, bias=False)
         if s.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Same arithmetic as Hugging Face (float32 angles, then cast), tabulated once per position.
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         sin = emb.sin() * rope_scaling
         half = sin.shape[-1] // 2
@@ -119,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [tokens]
         positions: torch.Tensor,  # [tokens]
-        meta: AttentionMetadata,
+        meta,  # the attention backend's metadata for this step
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         sample_rows: torch.Tensor,  # rows whose next-token logits are wanted
     ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sloserve.config import DTYPES, EngineConfig
+from sloserve.model.attention import select_backend, uses_triton
 from sloserve.model.llama import LlamaForCausalLM, ModelShape
 from sloserve.model.ops import select_ops
 from sloserve.model.resolve import TOKENIZER_FILES, custom_code_of, has_tokenizer, resolve_model_dir
@@ -118,13 +119,22 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     dtype = resolve_dtype(config, cfg.dtype)
     max_model_len = resolve_max_model_len(config, cfg.max_model_len)
     inv_freq, rope_scale = rope_frequencies(config, shape.head_dim)
-    ops = select_ops(dtype, cfg.device, cfg.use_kernels)
-    with torch.device(cfg.device):
-        model = LlamaForCausalLM(shape, inv_freq, rope_scale, max_model_len, ops)
+    device = torch.device(cfg.device)
+    ops = select_ops(dtype, device, cfg.use_kernels, triton=uses_triton(cfg.attention_backend, device))
+    attention = select_backend(cfg.attention_backend, device, cfg.block_size, ops)
+    # Parameters are made on the device in the model dtype: an 8B model never passes through the CPU
+    # or float32. (The RoPE tables are built in float32 explicitly.)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(shape, inv_freq, rope_scale, max_model_len, ops, attention)
+    finally:
+        torch.set_default_dtype(default_dtype)
     if cfg.load_format == "dummy":
         init_dummy_weights(model, getattr(config, "initializer_range", 0.02), cfg.seed)
     else:
-        model.load_state_dict(read_hf_weights(model_dir, shape), strict=True)
+        model.load_state_dict(read_hf_weights(model_dir, shape, device), strict=True)
     model.to(dtype).eval().requires_grad_(False)
     model.pack_weights()
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg, model_dir)
@@ -142,24 +152,27 @@ def load_tokenizer(cfg: EngineConfig, model_dir: Path):
 
 
 def init_dummy_weights(model: LlamaForCausalLM, std: float, seed: int) -> None:
-    """Seeded random weights, as a checkpoint would have them: normal matrices, unit norms, zero biases."""
-    generator = torch.Generator().manual_seed(seed)
+    """Seeded random weights, as a checkpoint would have them: normal matrices, unit norms, zero biases.
+    Drawn on the model's device (a GPU draws 8B values in well under a second), so the same seed gives
+    other values on a GPU than on a CPU."""
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith("bias"):
             param.data.zero_()
         else:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.data.copy_(torch.randn(param.shape, generator=generator, device=device) * std)
 
 
-def read_hf_weights(model_dir: Path, shape: ModelShape) -> dict[str, torch.Tensor]:
+def read_hf_weights(model_dir: Path, shape: ModelShape, device: torch.device) -> dict[str, torch.Tensor]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} has no *.safetensors files (use load_format='dummy' for random weights)")
     hf: dict[str, torch.Tensor] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
                 hf[key] = f.get_tensor(key)
     return to_fused_state_dict(hf, shape)

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from sloserve.model.attention import AttentionMetadata
+from sloserve.model.attention.cpu import AttentionMetadata
 from sloserve.model.kernels import load_kernels
 
 
@@ -33,7 +33,8 @@ class Ops(Protocol):
     def decode_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        """q: [decodes, heads, head_dim], one token per request, attending to its cached context."""
+        """q: [decodes, heads, head_dim], one token per request, attending to its cached context.
+        (The CPU attention backend's; the Triton backend runs attention itself.)"""
 
 
 class TorchOps:
@@ -97,8 +98,14 @@ class KernelOps:
         return self.kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size, scale)
 
 
-def select_ops(dtype: torch.dtype, device: str, use_kernels: bool = True) -> Ops:
-    if use_kernels and device == "cpu" and dtype in (torch.float32, torch.bfloat16):
+def select_ops(dtype: torch.dtype, device: torch.device, use_kernels: bool = True, triton: bool = False) -> Ops:
+    """The fused kernels for where the model runs (C++ on a CPU, Triton on the Triton attention path),
+    PyTorch ops where those are unavailable or turned off."""
+    if use_kernels and triton:
+        from sloserve.model.triton_ops import TritonOps
+
+        return TritonOps()
+    if use_kernels and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         kernels = load_kernels()
         if kernels is not None:
             return KernelOps(kernels)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from sloserve.config import EngineConfig
-from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from sloserve.model.attention import AttentionMetadata, PrefillSpan
+from sloserve.engine.scheduler import SchedulerOutput
+from sloserve.model.attention import SequenceRows
+from sloserve.model.kv_memory import kv_cache_blocks
 from sloserve.model.loader import LoadedModel
 from sloserve.model.sampler import Sampler
 from sloserve.request import Request
@@ -22,50 +23,57 @@ class ModelExecutor:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.model = loaded.model
         self.block_size = config.block_size
+        self.device = torch.device(config.device)
         shape = self.model.shape
-        bytes_per_block = 2 * shape.num_layers * config.block_size * shape.num_kv_heads * shape.head_dim
-        bytes_per_block *= loaded.dtype.itemsize
-        self.num_kv_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // bytes_per_block)
+        self.num_kv_blocks = kv_cache_blocks(self.model, config, loaded.dtype)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # CUDA graphs pad a batch up to a captured size; the padding rows write their keys and values
+        # into one extra block that no request is ever given.
+        num_slots = (self.num_kv_blocks + use_graphs) * config.block_size
         # Zeroed, not empty: padded gathers read unused slots, and NaN garbage would survive masking.
         cache = torch.zeros(
-            shape.num_layers, 2, self.num_kv_blocks * config.block_size, shape.num_kv_heads, shape.head_dim,
-            dtype=loaded.dtype, device=config.device,
+            shape.num_layers, 2, num_slots, shape.num_kv_heads, shape.head_dim, dtype=loaded.dtype, device=self.device
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in cache]
-        self.device = config.device
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, self.device)
+        self.graphs = None
+        if use_graphs:
+            from sloserve.model.cuda_graphs import DecodeGraphs  # CUDA only: imports Triton
+
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.block_size, config.max_num_seqs,
+                                       loaded.max_model_len, sink_block=self.num_kv_blocks)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[int | None]:
         self.sampler.forget(plan.finished_request_ids)
-        # Decode rows (one new token) first, then prefill chunks: attention batches the former.
+        # Decode rows (one new token) first, then prefill chunks: the CPU backend batches the former.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
+        ordered = decodes + [s for s in plan.scheduled if s.num_new_tokens > 1]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
+        rows: list[SequenceRows] = []
         for s in ordered:
             start, table = s.request.num_computed_tokens, s.block_table
             end = start + s.num_new_tokens
             input_ids += token_slice(s.request, start, end)
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            rows.append(SequenceRows(start, s.num_new_tokens, table))
             if s.samples:
                 sample_rows.append(len(positions) - 1)
-        meta = AttentionMetadata(slot_mapping=self._tensor(slots), block_size=bs)
-        if decodes:
-            self._decode_metadata(meta, decodes)
-        row = len(decodes)
-        for s in prefills:
-            meta.prefills.append(self._prefill_span(row, s))
-            row += s.num_new_tokens
+        if self.graphs is not None and len(decodes) == len(ordered) and self.graphs.fits(len(rows)):
+            logits = self.graphs.run(rows, input_ids, positions, slots)[sample_rows]  # one row per request
+        else:
+            meta = self.model.attention.prepare(rows, self._tensor(slots))
+            logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches,
+                                self._tensor(sample_rows or [0]))
         if not sample_rows:
-            self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches, self._tensor([0]))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the step ends when the GPU is done, not when it is queued
             return [None] * len(plan.scheduled)
-        logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches, self._tensor(sample_rows))
         sampling = [s for s in ordered if s.samples]
         tokens = self.sampler.sample(
             logits, [s.request.request_id for s in sampling], [s.request.sampling_params for s in sampling],
@@ -76,23 +84,3 @@ class ModelExecutor:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _decode_metadata(self, meta: AttentionMetadata, decodes: list[ScheduledRequest]) -> None:
-        contexts = [s.request.num_computed_tokens + 1 for s in decodes]
-        num_blocks = -(-max(contexts) // self.block_size)
-        meta.num_decodes = len(decodes)
-        meta.max_context = max(contexts)
-        meta.context_lens = self._tensor(contexts)
-        meta.block_tables = self._tensor(
-            [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table)) for s in decodes]
-        )
-
-    def _prefill_span(self, row: int, s: ScheduledRequest) -> PrefillSpan:
-        start, n = s.request.num_computed_tokens, s.num_new_tokens
-        if start == 0:  # no cached context: plain causal attention over the chunk itself
-            return PrefillSpan(row, row + n, None, None)
-        bs, table, context = self.block_size, s.block_table, start + n
-        gather = self._tensor([table[p // bs] * bs + p % bs for p in range(context)])
-        queries = torch.arange(start, context, device=self.device)[:, None]
-        mask = torch.arange(context, device=self.device)[None, :] <= queries
-        return PrefillSpan(row, row + n, gather, mask)

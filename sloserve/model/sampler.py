@@ -12,8 +12,10 @@ from sloserve.request import SamplingParams
 
 
 class Sampler:
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)  # for unseeded requests
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        # Generators live where the logits are: sampling on a GPU never copies a vocabulary row back.
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # for unseeded requests
         self._request_generators: dict[str, torch.Generator] = {}
 
     def forget(self, request_ids: list[str]) -> None:
@@ -36,7 +38,7 @@ class Sampler:
             return self.generator
         generator = self._request_generators.get(request_id)
         if generator is None:
-            generator = self._request_generators[request_id] = torch.Generator().manual_seed(p.seed)
+            generator = self._request_generators[request_id] = torch.Generator(self.device).manual_seed(p.seed)
         return generator
 
     @staticmethod

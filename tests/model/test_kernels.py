@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sloserve.model.attention import AttentionMetadata
+from sloserve.model.attention.cpu import AttentionMetadata
 from sloserve.model.ops import KernelOps, TorchOps
 
 # float32: only the order of a sum differs; bfloat16: one rounding step of the model dtype.
