@@ -56,11 +56,12 @@ def _process_row(logits: torch.Tensor, p: SamplingParams, history: TokenHistory)
         if banned_ids:
             logits[banned_ids] = float("-inf")
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(history.prompt_token_ids) | set(output)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(history.prompt_token_ids) | set(output)), dtype=torch.long, device=logits.device)
         scores = logits[seen]
         logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and output:
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=logits.shape[-1])[: logits.shape[-1]]
+        ids = torch.tensor(output, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]]
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     if p.min_p and not p.greedy:
         # p_i >= min_p * p_max after temperature T  <=>  logit_i >= max_logit + T * ln(min_p): applied
