@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sloserve.engine.scheduler import SchedulerConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
@@ -33,6 +35,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # no tokenizer: prompts and outputs are token ids only
     # sloserve's C++ CPU kernels for the small per-layer ops (built on first use); False: plain PyTorch ops.
     use_kernels: bool = True
+    policy: str = "fcfs"  # scheduling policy: fcfs | priority | slo
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -42,6 +45,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.scheduler_config()  # validates the scheduler's knobs and the policy name
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -54,3 +58,6 @@ class EngineConfig:
             raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, self.policy)

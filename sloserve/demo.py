@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import typer
 
-from sloserve.server.cli import default_model_dir
+from sloserve.cli_args import default_model_dir
 
 SAMPLE_PROMPTS = [
     "Shall I compare thee to a summer's day?",

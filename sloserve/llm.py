@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from sloserve.config import EngineConfig
 from sloserve.engine.engine import LLMEngine
-from sloserve.engine.policy import POLICIES
+from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.model.loader import load_model
 from sloserve.model.runner import ModelExecutor
 from sloserve.request import RequestOutput, SamplingParams, TextPrompt, TokensPrompt
@@ -15,19 +15,21 @@ PromptType = str | TextPrompt | TokensPrompt
 Message = Mapping[str, str]
 
 
-def build_engine(config: EngineConfig, policy: str = "fcfs") -> LLMEngine:
-    """The one place where a real model, its executor and the engine are put together."""
+def build_engine(config: EngineConfig, step_model: StepCostModel | None = None) -> LLMEngine:
+    """The one place where a real model, its executor and the engine are put together.
+
+    `step_model` (a profile's) starts the engine's step-time predictor; without one it starts from
+    a conservative default. Either way the engine recalibrates it from its own measured steps.
+    """
     loaded = load_model(config)
     return LLMEngine(
         ModelExecutor(loaded, config),
+        config.scheduler_config(),
         max_model_len=loaded.max_model_len,
         vocab_size=loaded.vocab_size,
-        block_size=config.block_size,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs,
         eos_token_ids=loaded.eos_token_ids,
         tokenizer=loaded.tokenizer,
-        policy=POLICIES[policy](),
+        predictor=StepPredictor(step_model) if step_model else None,
     )
 
 

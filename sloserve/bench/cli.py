@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from sloserve.cli_args import parse_percentiles
+
 # Everything else is imported inside the commands: `sloserve` imports this
 # module for every subcommand, and matplotlib, httpx and numpy cost ~1 s.
 
@@ -85,13 +87,14 @@ def bench(
     from sloserve.bench.slo import SLO
     from sloserve.bench.sweep import SweepConfig
     from sloserve.bench.tokens import HFTokenizer
+    from sloserve.bench.workload import WorkloadOptions
 
     console = Console()
     try:
         if host is not None or port is not None:
             base_url = f"http://{host or '127.0.0.1'}:{port or 8000}"
         tok = HFTokenizer(tokenizer) if tokenizer else None
-        pcts = _percentiles(percentiles)
+        pcts = parse_percentiles(percentiles)
         shown = _percentile_metrics(percentile_metrics)
         meta = _metadata(metadata or [])
         slo_obj = SLO.parse(slo) if slo else None
@@ -100,11 +103,11 @@ def bench(
         if chat and fmt == "ids" and tok is None:
             raise ValueError("chat endpoints take text: use --random-prompt-format words or --tokenizer")
         vocab = random_vocab_size or (tok.vocab_size if tok else 32000)
-        workload = build_workload(dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival,
-                                  max_concurrency, random_input_len, random_output_len, random_range_ratio,
-                                  random_dist, random_input_min, random_input_max, random_output_min,
-                                  random_output_max, random_prefix_len, vocab, fmt, sharegpt_output_len, seed,
-                                  duration)
+        workload = WorkloadOptions(
+            dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
+            random_input_len, random_output_len, random_range_ratio, random_dist, random_input_min, random_input_max,
+            random_output_min, random_output_max, random_prefix_len, vocab, fmt, sharegpt_output_len, seed, duration,
+        ).build()
         sweep_cfg = None
         if sweep:
             if slo_obj is None:
@@ -170,7 +173,7 @@ def report(
     console = Console()
     try:
         results = BenchResults.load(results_json)
-        pcts = _percentiles(percentiles) if percentiles else None
+        pcts = parse_percentiles(percentiles) if percentiles else None
         slo_obj = SLO.parse(slo) if slo else None
     except (ValueError, OSError, KeyError) as e:
         console.print(f"[red]error:[/red] {e}")
@@ -187,13 +190,6 @@ def _redacted(argv: list[str]) -> list[str]:
         out.append("***" if hide else ("--api-key=***" if arg.startswith("--api-key=") else arg))
         hide = arg == "--api-key"
     return out
-
-
-def _percentiles(text: str) -> tuple[float, ...]:
-    vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
-    if not vals or any(not 0 <= v <= 100 for v in vals):
-        raise ValueError(f"percentiles must be numbers in [0, 100], got {text!r}")
-    return vals
 
 
 def _percentile_metrics(text: str) -> list[str]:
@@ -214,46 +210,3 @@ def _metadata(items: list[str]) -> dict[str, str]:
             raise ValueError(f"--metadata takes KEY=VALUE, got {item!r}")
         out[key] = value
     return out
-
-
-def build_workload(dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
-                   in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max, prefix, vocab, fmt, sg_out, seed,
-                   duration):
-    """The Workload the workload options describe; shared with `sloserve simulate`, which takes the same options."""
-    from sloserve.bench.arrivals import Arrivals
-    from sloserve.bench.workload import Workload
-
-    source = _source(dataset_name, dataset_path, in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max,
-                     prefix, vocab, fmt, sg_out)
-    kind, concurrency = _arrival(arrival, dataset_name, request_rate, burstiness, max_concurrency)
-    open_ended = dataset_name == "trace" or (duration and math.isfinite(request_rate) and kind != "burst")
-    n = num_prompts if num_prompts is not None else (None if open_ended else 1000)
-    return Workload(source, Arrivals(kind, request_rate, burstiness), n, duration, concurrency, seed)
-
-
-def _source(name, path, in_len, out_len, ratio, dist, in_min, in_max, out_min, out_max, prefix, vocab, fmt, sg_out):
-    from sloserve.bench.lengths import LengthDist
-    from sloserve.bench.sharegpt import ShareGPTSource
-    from sloserve.bench.synthetic import SyntheticSource
-    from sloserve.bench.trace import TraceSource
-
-    if name == "random":
-        return SyntheticSource(LengthDist(in_len, dist, ratio, in_min, in_max),
-                               LengthDist(out_len, dist, ratio, out_min, out_max), prefix, vocab, fmt)
-    if name == "sharegpt":
-        return ShareGPTSource(path or "", sg_out)
-    if name == "trace":
-        return TraceSource(path or "", vocab, fmt)
-    raise ValueError(f"--dataset-name must be random, sharegpt or trace, got {name!r}")
-
-
-def _arrival(kind: str, dataset: str, rate: float, burstiness: float, cap: int | None) -> tuple[str, int | None]:
-    if kind == "auto":
-        if math.isinf(rate):
-            return ("trace" if dataset == "trace" else "burst"), cap
-        return ("poisson" if burstiness == 1.0 else "gamma"), cap
-    if kind == "synchronous":
-        return "burst", 1
-    if kind in ("constant", "poisson", "gamma") and math.isinf(rate):
-        raise ValueError(f"--arrival {kind} needs a finite --request-rate")
-    return kind, cap

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sloserve.bench.arrivals import Arrivals
+from sloserve.bench.lengths import LengthDist
 from sloserve.bench.sharegpt import ShareGPTSource
 from sloserve.bench.synthetic import SyntheticSource
 from sloserve.bench.tokens import Tokenizer
@@ -128,3 +129,65 @@ class Workload:
             max_concurrency=d["max_concurrency"],
             seed=d["seed"],
         )
+
+
+@dataclass(slots=True)
+class WorkloadOptions:
+    """The workload flags `sloserve bench` and `sloserve simulate` share (vLLM's names), as one value."""
+
+    dataset_name: str = "random"  # random | sharegpt | trace
+    dataset_path: str | None = None
+    num_prompts: int | None = None  # None: 1000, a whole trace, or as many as `duration` takes
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    arrival: str = "auto"  # auto | burst | synchronous | constant | poisson | gamma | trace
+    max_concurrency: int | None = None
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    random_dist: str = "uniform"
+    random_input_min: int = 1
+    random_input_max: int | None = None
+    random_output_min: int = 1
+    random_output_max: int | None = None
+    random_prefix_len: int = 0
+    vocab_size: int = 32000
+    prompt_format: str = "ids"  # ids | words
+    sharegpt_output_len: int | None = None
+    seed: int = 0
+    duration: float | None = None
+
+    def build(self) -> Workload:
+        """The Workload these options describe."""
+        kind, concurrency = self._arrival()
+        open_ended = self.dataset_name == "trace" or (
+            self.duration and math.isfinite(self.request_rate) and kind != "burst")
+        n = self.num_prompts if self.num_prompts is not None else (None if open_ended else 1000)
+        return Workload(self._source(), Arrivals(kind, self.request_rate, self.burstiness), n, self.duration,
+                        concurrency, self.seed)
+
+    def _source(self) -> Source:
+        if self.dataset_name == "random":
+            return SyntheticSource(
+                LengthDist(self.random_input_len, self.random_dist, self.random_range_ratio, self.random_input_min,
+                           self.random_input_max),
+                LengthDist(self.random_output_len, self.random_dist, self.random_range_ratio, self.random_output_min,
+                           self.random_output_max),
+                self.random_prefix_len, self.vocab_size, self.prompt_format)
+        if self.dataset_name == "sharegpt":
+            return ShareGPTSource(self.dataset_path or "", self.sharegpt_output_len)
+        if self.dataset_name == "trace":
+            return TraceSource(self.dataset_path or "", self.vocab_size, self.prompt_format)
+        raise ValueError(f"--dataset-name must be random, sharegpt or trace, got {self.dataset_name!r}")
+
+    def _arrival(self) -> tuple[str, int | None]:
+        kind, rate, cap = self.arrival, self.request_rate, self.max_concurrency
+        if kind == "auto":
+            if math.isinf(rate):
+                return ("trace" if self.dataset_name == "trace" else "burst"), cap
+            return ("poisson" if self.burstiness == 1.0 else "gamma"), cap
+        if kind == "synchronous":
+            return "burst", 1
+        if kind in ("constant", "poisson", "gamma") and math.isinf(rate):
+            raise ValueError(f"--arrival {kind} needs a finite --request-rate")
+        return kind, cap

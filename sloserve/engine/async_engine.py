@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from sloserve.engine.admission import LoadSnapshot
 from sloserve.engine.engine import LLMEngine
 from sloserve.request import SLO, Request, RequestOutput, SamplingParams
 
@@ -50,6 +51,7 @@ class EngineStats:
     num_waiting_tokens: int = 0
     num_used_blocks: int = 0
     num_blocks: int = 0
+    step_time_error: float = float("nan")  # median |predicted - measured| / measured of recent steps
 
 
 class RequestStream:
@@ -128,6 +130,8 @@ class AsyncLLMEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sloserve-step")
         self._stopping = False
         self.dead_error: BaseException | None = None
+        self.track_load = False  # keep `load` current (TTFT admission needs it; it costs a rank per waiting request)
+        self.load = LoadSnapshot()
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -295,4 +299,7 @@ class AsyncLLMEngine:
             num_waiting_tokens=sum(r.num_tokens for r in scheduler.waiting),
             num_used_blocks=blocks.num_used_blocks,
             num_blocks=blocks.num_blocks,
+            step_time_error=self.engine.predictor.error().median,
         )
+        if self.track_load:
+            self.load = LoadSnapshot.of(scheduler)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from sloserve.engine.clock import Clock, MonotonicClock
+from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.detokenizer import Detokenizer, make_detokenizer
 from sloserve.engine.executor import Executor
+from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
-from sloserve.engine.policy import FCFS, Policy
-from sloserve.engine.scheduler import Scheduler
+from sloserve.engine.policy import Policy, make_policy
+from sloserve.engine.scheduler import Scheduler, SchedulerConfig
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
 
 
@@ -14,16 +16,15 @@ class LLMEngine:
     def __init__(
         self,
         executor: Executor,
+        config: SchedulerConfig | None = None,
         *,
         max_model_len: int,
         vocab_size: int,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 64,
         eos_token_ids: frozenset[int] = frozenset(),
         tokenizer=None,
         clock: Clock | None = None,
         policy: Policy | None = None,
+        predictor: StepPredictor | None = None,
     ) -> None:
         self.executor = executor
         self.max_model_len = max_model_len
@@ -31,10 +32,18 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.tokenizer = tokenizer
         self.clock = clock or MonotonicClock()
-        self.block_manager = BlockManager(executor.num_kv_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, policy or FCFS(), max_num_batched_tokens, max_num_seqs)
-        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.config = config or SchedulerConfig()
+        self.block_manager = BlockManager(executor.num_kv_blocks, self.config.block_size)
+        # With no profile, a conservative default that the engine's own measured steps soon replace.
+        self.predictor = predictor or StepPredictor(StepCostModel.default(self.config.max_num_batched_tokens))
+        policy = policy or make_policy(self.config.policy, self.clock, self.predictor, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, policy, self.config, self.predictor)
         self._detokenizers: dict[str, Detokenizer] = {}
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Unfinished requests by id (the scheduler's own table)."""
+        return self.scheduler.requests
 
     # -- requests -------------------------------------------------------------------------------
     def add_request(
@@ -57,7 +66,6 @@ class LLMEngine:
             slo=slo,
             eos_token_ids=self.eos_token_ids,
         )
-        self.requests[request_id] = request
         if self.tokenizer is not None:
             self._detokenizers[request_id] = make_detokenizer(
                 self.tokenizer, request.prompt_token_ids, sampling_params.skip_special_tokens
@@ -101,35 +109,41 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = self.clock.now()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        start = self.clock.now()
         for s in plan.scheduled:
-            if s.request.first_scheduled_time is None:
-                s.request.first_scheduled_time = start
+            request = self.requests[s.request_id]
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = start
         sampled = self.executor.execute(plan)
         now = self.clock.now()
         outputs = []
-        for s, token in zip(plan.scheduled, sampled):
-            request = s.request
-            request.num_computed_tokens += s.num_new_tokens
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
-            request.token_times.append(now)
-            status = self._check_stop(request, token)
-            if status is not None:
-                self._finish(request, status)
-            outputs.append(RequestOutput.of(request))
+        for request, tokens in self.scheduler.update_from_output(plan, sampled):
+            outputs.append(self._process_tokens(request, tokens, now))
+        # The whole step, scheduling and stop checks included: what the predictor is asked about.
+        self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
         return outputs
 
-    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+    def _process_tokens(self, request: Request, tokens: list[int], now: float) -> RequestOutput:
+        """Stamp the new tokens and check stop conditions token by token; tokens past a stop are dropped."""
+        num_outputs = len(request.output_token_ids) - len(tokens)
+        for token in tokens:
+            num_outputs += 1
+            request.token_times.append(now)
+            status = self._check_stop(request, token, num_outputs)
+            if status is not None:
+                del request.output_token_ids[num_outputs:]
+                self._finish(request, status)
+                break
+        return RequestOutput.of(request)
+
+    def _check_stop(self, request: Request, token: int, num_outputs: int) -> RequestStatus | None:
         params = request.sampling_params
         # vLLM's min_tokens: no stop token or string before that many tokens (the sampler masks EOS and
         # stop_token_ids meanwhile; this also covers executors that do not sample, like the simulator).
-        num_output = len(request.output_token_ids)
-        if num_output >= params.min_tokens:
+        if num_outputs >= params.min_tokens:
             if token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
@@ -139,9 +153,9 @@ class LLMEngine:
         if detokenizer is not None:
             delta = detokenizer.add(token)
             request.output_text += delta
-            if delta and num_output > params.min_tokens and self._cut_at_stop_string(request, len(delta)):
+            if delta and num_outputs > params.min_tokens and self._cut_at_stop_string(request, len(delta)):
                 return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_outputs >= params.max_tokens or request.num_prompt_tokens + num_outputs >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -162,5 +176,4 @@ class LLMEngine:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.finished_time = self.clock.now()
         self.scheduler.finish(request, status)
-        del self.requests[request.request_id]
         self._detokenizers.pop(request.request_id, None)

@@ -9,6 +9,6 @@ from sloserve.engine.scheduler import SchedulerOutput
 class Executor(Protocol):
     num_kv_blocks: int  # KV capacity this executor holds, in blocks of the engine's block size
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
-        """Run one step; return, per scheduled request, its sampled token or None (mid-prefill)."""
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
+        """Run one step; return, per scheduled request, its sampled tokens (empty: mid-prefill)."""
         ...

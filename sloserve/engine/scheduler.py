@@ -1,35 +1,66 @@
-"""Scheduler: one step's plan under a token budget (decode first, chunked prefill, preemption)."""
+"""Scheduler: one step's plan under a token budget (decode first, chunked prefill, preemption), and the
+state update from the step's sampled tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sloserve.engine.cost import StepTimeModel, largest_chunk
+from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
-from sloserve.engine.policy import Policy
-from sloserve.request import Request, RequestStatus
+from sloserve.engine.policy import POLICIES, Policy
+from sloserve.request import Request, RequestStatus, SamplingParams
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The scheduler's knobs, free of torch, so the engine and the simulator take the same ones."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    block_size: int = 16
+    policy: str = "fcfs"  # a name in POLICIES; the engine builds it with its clock and predictor
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
 
 
 @dataclass(slots=True)
 class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    block_table: list[int]
+    """One request's work in a step, as plain data (no live Request), so a plan can cross a process boundary."""
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens and so samples its next one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    request_id: str
+    token_ids: list[int]  # the tokens computed this step: positions [num_computed_tokens, + num_new_tokens)
+    num_computed_tokens: int  # tokens already in the KV cache before this step (the chunk's start position)
+    num_new_tokens: int
+    samples: bool  # the step reaches the end of the request's tokens, so its next token is sampled
+    block_table: list[int]
+    sampling_params: SamplingParams
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that ended since the last plan, so executors can drop per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+
+def token_slice(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without concatenating the whole prompt and output."""
+    prompt, n = request.prompt_token_ids, len(request.prompt_token_ids)
+    if end <= n:
+        return prompt[start:end]
+    if start >= n:
+        return request.output_token_ids[start - n : end - n]
+    return prompt[start:] + request.output_token_ids[: end - n]
 
 
 class Scheduler:
@@ -39,22 +70,20 @@ class Scheduler:
     is cut into chunks that share steps with decodes (Sarathi-Serve's stall-free batching).
     """
 
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        policy: Policy,
-        max_num_batched_tokens: int,
-        max_num_seqs: int,
-    ) -> None:
+    def __init__(self, block_manager: BlockManager, policy: Policy, config: SchedulerConfig,
+                 predictor: StepTimeModel | None = None, min_chunk: int = 16) -> None:
         self.block_manager = block_manager
         self.policy = policy
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
+        self.config = config
+        self.predictor = predictor  # needed only by policies that limit a step's time
+        self.min_chunk = min_chunk  # the smallest prefill chunk a step time limit may cut to
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self._finished_ids: list[str] = []
 
     def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -63,39 +92,92 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
-        budget = self.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens
+        batch: list[Request] = []  # the requests of out.scheduled, in the same order
         self.running.sort(key=self.policy.rank)
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._chunk(request, budget, batch, out)
             if self._allocate(request, n, out):
-                out.scheduled.append(self._plan(request, n))
+                self._add(request, n, batch, out)
                 budget -= n
                 i += 1
             # else: `request` itself was preempted, and it was the last one left
 
-        if not out.preempted:  # a step that had to preempt admits nobody new
+        if not out.preempted_request_ids:  # a step that had to preempt for running requests admits nobody new
             self.waiting.sort(key=self.policy.rank)
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0 and self.waiting[0].request_id not in out.preempted_request_ids:
                 request = self.waiting[0]
-                n = min(request.num_tokens - request.num_computed_tokens, budget)
-                if not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
+                n = self._chunk(request, budget, batch, out)
+                ok, refund = self._make_room(request, n, batch, out)
+                budget += refund
+                if not ok:
                     break
                 self.waiting.pop(0)
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
-                out.scheduled.append(self._plan(request, n))
+                self._add(request, n, batch, out)
                 budget -= n
         return out
+
+    def _chunk(self, request: Request, budget: int, batch: list[Request], out: SchedulerOutput) -> int:
+        """The request's next tokens within the budget; a prefill chunk is cut to the policy's step time limit."""
+        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        if n <= self.min_chunk or self.predictor is None:
+            return n
+        limit = self.policy.step_time_limit(batch)
+        if limit is None:
+            return n
+        return largest_chunk(self.predictor, StepShape.of(out), request.num_computed_tokens, n, self.min_chunk, limit)
+
+    def _make_room(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput) -> tuple[bool, int]:
+        """Find a seat and blocks for a waiting request, preempting running requests the policy lets it.
+
+        Returns whether it fits, and the budget handed back by preempted requests planned this step.
+        """
+        refund = 0
+        while (len(self.running) >= self.config.max_num_seqs
+               or not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n)):
+            victim = max(self.running, key=self.policy.rank, default=None)
+            if victim is None or not self.policy.preempts(request, victim):
+                return False, refund
+            for j, planned in enumerate(batch):
+                if planned is victim:
+                    refund += out.scheduled.pop(j).num_new_tokens
+                    batch.pop(j)
+                    break
+            self.running.remove(victim)
+            self._preempt(victim)
+            out.preempted_request_ids.append(victim.request_id)
+        return True, refund
+
+    def update_from_output(self, plan: SchedulerOutput, sampled: list[list[int]]) -> list[tuple[Request, list[int]]]:
+        """Advance each scheduled request by its computed tokens and append what it sampled.
+
+        Returns (request, new tokens) for the requests that got tokens; the engine checks their stop
+        conditions. A request that ended while its step ran (an abort) is skipped.
+        """
+        if len(sampled) != len(plan.scheduled):
+            raise ValueError(f"the executor returned {len(sampled)} token lists for {len(plan.scheduled)} requests")
+        updated = []
+        for s, tokens in zip(plan.scheduled, sampled):
+            request = self.requests.get(s.request_id)
+            if request is None:
+                continue
+            request.num_computed_tokens += s.num_new_tokens
+            if tokens:
+                request.output_token_ids.extend(tokens)
+                updated.append((request, tokens))
+        return updated
 
     def _allocate(self, request: Request, n: int, out: SchedulerOutput) -> bool:
         """Make room for `n` more tokens of `request`, preempting the worst-ranked running requests."""
         while not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
             victim = self.running.pop()
             self._preempt(victim)
-            out.preempted.append(victim)
+            out.preempted_request_ids.append(victim.request_id)
             if victim is request:
                 return False
         return True
@@ -108,8 +190,19 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.append(request)
 
-    def _plan(self, request: Request, n: int) -> ScheduledRequest:
-        return ScheduledRequest(request, n, self.block_manager.block_tables[request.request_id])
+    def _add(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput) -> None:
+        start = request.num_computed_tokens
+        batch.append(request)
+        out.scheduled.append(ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=token_slice(request, start, start + n),
+            num_computed_tokens=start,
+            num_new_tokens=n,
+            samples=start + n == request.num_tokens,
+            # A copy: the plan must not change under an executor when the table grows next step.
+            block_table=list(self.block_manager.block_tables[request.request_id]),
+            sampling_params=request.sampling_params,
+        ))
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request wherever it is and free its blocks."""
@@ -117,6 +210,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.requests.pop(request.request_id, None)
         request.status = status
         self.block_manager.free(request.request_id)
         self._finished_ids.append(request.request_id)

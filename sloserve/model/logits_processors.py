@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.request import SamplingParams
 
 
@@ -27,6 +29,52 @@ class TokenHistory(Protocol):
     eos_token_ids: frozenset[int]
 
 
+@dataclass(slots=True)
+class _History:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+
+
+class TokenHistories:
+    """Each request's tokens as the executor was given them, for the requests whose processors read them.
+
+    A plan is plain data carrying only the slice of tokens computed this step, so the history is
+    rebuilt from those slices (a slice at position p replaces everything from p on, which also
+    covers recomputing after preemption). When a request samples, every token it has so far was
+    fed; the prompt is what it held the first time it sampled.
+    """
+
+    def __init__(self, eos_token_ids: frozenset[int]) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._tokens: dict[str, list[int]] = {}
+        self._prompt_lens: dict[str, int] = {}
+
+    def record(self, plan: SchedulerOutput) -> None:
+        for request_id in plan.finished_request_ids:
+            self._tokens.pop(request_id, None)
+            self._prompt_lens.pop(request_id, None)
+        for s in plan.scheduled:
+            if is_active(s.sampling_params):
+                tokens = self._tokens.setdefault(s.request_id, [])
+                del tokens[s.num_computed_tokens:]
+                tokens.extend(s.token_ids)
+                if s.samples:
+                    self._prompt_lens.setdefault(s.request_id, len(tokens))
+
+    def of(self, scheduled: list[ScheduledRequest]) -> list[TokenHistory | None]:
+        """The histories of the sampling rows (None for a row with no processor: never read)."""
+        out: list[TokenHistory | None] = []
+        for s in scheduled:
+            tokens = self._tokens.get(s.request_id)
+            if tokens is None:
+                out.append(None)
+                continue
+            n = self._prompt_lens[s.request_id]
+            out.append(_History(tokens[:n], tokens[n:], self.eos_token_ids))
+        return out
+
+
 def is_active(p: SamplingParams) -> bool:
     return bool(
         p.min_tokens or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.min_p
@@ -34,13 +82,13 @@ def is_active(p: SamplingParams) -> bool:
 
 
 def apply_logits_processors(
-    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory] | None
+    logits: torch.Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory | None] | None
 ) -> torch.Tensor:
     """logits: [rows, vocab]; returns them with each row's processors applied (rows without any untouched)."""
     rows = [row for row, p in enumerate(params) if is_active(p)]
     if not rows:
         return logits
-    if histories is None:
+    if histories is None or any(histories[row] is None for row in rows):
         raise ValueError("these sampling parameters need the requests' tokens, and the executor gave none")
     logits = logits.clone()
     for row in rows:

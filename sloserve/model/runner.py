@@ -8,15 +8,8 @@ from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.attention import SequenceRows
 from sloserve.model.kv_memory import kv_cache_blocks
 from sloserve.model.loader import LoadedModel
+from sloserve.model.logits_processors import TokenHistories
 from sloserve.model.sampler import Sampler
-from sloserve.request import Request
-
-
-def token_slice(request: Request, start: int, end: int) -> list[int]:
-    prompt = request.prompt_token_ids
-    if end <= len(prompt):
-        return prompt[start:end]
-    return (prompt + request.output_token_ids)[start:end]
 
 
 class ModelExecutor:
@@ -36,6 +29,7 @@ class ModelExecutor:
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in cache]
         self.sampler = Sampler(config.seed, self.device)
+        self.histories = TokenHistories(loaded.eos_token_ids)  # for penalties and min_tokens
         self.graphs = None
         if use_graphs:
             from sloserve.model.cuda_graphs import DecodeGraphs  # CUDA only: imports Triton
@@ -44,8 +38,9 @@ class ModelExecutor:
                                        loaded.max_model_len, sink_block=self.num_kv_blocks)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         self.sampler.forget(plan.finished_request_ids)
+        self.histories.record(plan)
         # Decode rows (one new token) first, then prefill chunks: the CPU backend batches the former.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
         ordered = decodes + [s for s in plan.scheduled if s.num_new_tokens > 1]
@@ -56,9 +51,9 @@ class ModelExecutor:
         sample_rows: list[int] = []
         rows: list[SequenceRows] = []
         for s in ordered:
-            start, table = s.request.num_computed_tokens, s.block_table
+            start, table = s.num_computed_tokens, s.block_table
             end = start + s.num_new_tokens
-            input_ids += token_slice(s.request, start, end)
+            input_ids += s.token_ids
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             rows.append(SequenceRows(start, s.num_new_tokens, table))
@@ -73,14 +68,13 @@ class ModelExecutor:
         if not sample_rows:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the step ends when the GPU is done, not when it is queued
-            return [None] * len(plan.scheduled)
+            return [[] for _ in plan.scheduled]
         sampling = [s for s in ordered if s.samples]
         tokens = self.sampler.sample(
-            logits, [s.request.request_id for s in sampling], [s.request.sampling_params for s in sampling],
-            [s.request for s in sampling],
+            logits, [s.request_id for s in sampling], [s.sampling_params for s in sampling], self.histories.of(sampling)
         )
-        by_request = {id(s): t for s, t in zip(sampling, tokens)}
-        return [by_request.get(id(s)) for s in plan.scheduled]
+        by_request = {id(s): [t] for s, t in zip(sampling, tokens)}
+        return [by_request.get(id(s), []) for s in plan.scheduled]
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -87,7 +87,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         ctx.check_model(body.model)
         prompt = completion_prompt(body, tokenizer)
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.max_tokens,
-                               default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS)
+                               default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, slo_classes=settings.slo_classes,
+                               slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(
             raw, CompletionFormat(), inputs, body, id_prefix="cmpl",
         )
@@ -98,7 +99,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         ctx.check_model(body.model)
         prompt = chat_prompt(body, tokenizer)
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
-                               default_max_tokens=None)
+                               default_max_tokens=None, slo_classes=settings.slo_classes,
+                               slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(
             raw, ChatFormat(), inputs, body, id_prefix="chatcmpl",
         )

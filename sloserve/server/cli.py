@@ -1,32 +1,12 @@
 """`sloserve serve`: load a model, build the OpenAI-compatible app, run it under uvicorn until signalled."""
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 
 import typer
 
-import sloserve
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
-
-
-def default_model_dir() -> Path:
-    return Path(sloserve.__file__).parent / "assets" / "demo-target"
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '2GiB', '512MB', '1.5g' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise typer.BadParameter(f"{text!r} is not a size; write bytes or e.g. 512MiB, 2GiB")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size < 1:
-        raise typer.BadParameter(f"{text!r} must be at least one byte")
-    return size
-
+from sloserve.cli_args import default_model_dir, parse_bytes, parse_slo_classes
 
 def read_chat_template(value: str) -> str:
     """vLLM's --chat-template: a file's path, or the Jinja template itself."""
@@ -72,7 +52,13 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="default: the model's max_position_embeddings"),
     block_size: int = typer.Option(16),
     seed: int = typer.Option(0),
-    policy: str = typer.Option("fcfs", "--scheduling-policy", "--policy", help="fcfs | priority"),
+    policy: str = typer.Option("fcfs", "--scheduling-policy", "--policy",
+                               help="fcfs | priority (preempts lower priority) | slo (least slack, TPOT-sized prefill)"),
+    slo_class: list[str] | None = typer.Option(None, help="a named SLO class, e.g. interactive=ttft:200ms,tpot:50ms (repeatable)"),
+    default_slo_class: str | None = typer.Option(None, help="the class of requests that name none and give no slo"),
+    admission: str = typer.Option("queue", help="none | queue (the waiting caps) | slo (the caps, and 429 for requests predicted to miss their TTFT)"),
+    profile: str | None = typer.Option(None, help="a profile.json (`sloserve profile`) to start the step-time predictor from"),
+    profile_out: str | None = typer.Option(None, help="on shutdown, save the online-calibrated step-time model here (for `sloserve simulate`)"),
     kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
@@ -95,8 +81,8 @@ def serve(
     from sloserve.server.app import build_app
     from sloserve.server.graceful import GracefulServer
     from sloserve.server.settings import ServerSettings
-
     from sloserve.model.resolve import has_tokenizer, resolve_model_dir
+    from sloserve.sim.profile import Profile
 
     if policy not in POLICIES:
         raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}",
@@ -110,33 +96,37 @@ def serve(
         raise typer.BadParameter(f"{model_dir} has no tokenizer: pass --tokenizer, or --skip-tokenizer-init to serve "
                                  "token ids only", param_hint="MODEL")
     template = read_chat_template(chat_template) if chat_template else None
-    # Bind first: a busy port fails now, not after minutes of loading the model.
-    sock = bind_socket(host, port)
     try:
         config = EngineConfig(
             model=str(model_dir), tokenizer=tokenizer, revision=revision, download_dir=download_dir,
             skip_tokenizer_init=skip_tokenizer_init, load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            use_kernels=kernels,
+            use_kernels=kernels, policy=policy,
         )
         settings = ServerSettings(
             # vLLM's default: the model as given (a hub id stays "org/name"); a directory by its name.
             served_model_names=list(served_model_name or [model if model and not Path(model).is_dir() else model_dir.name]),
             max_body_bytes=parse_bytes(max_body_size),
             max_tokens_cap=max_tokens_cap,
-            admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens),
+            admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens,
+                                      mode=admission),
             shutdown_grace_s=shutdown_grace_period,
+            slo_classes=parse_slo_classes(slo_class, default_slo_class),
             metrics_compat=metrics_compat,
         )
-    except ValueError as error:
+        step_model = Profile.load(profile).step_model if profile else None
+    except (ValueError, OSError, KeyError) as error:
         raise typer.BadParameter(str(error)) from None
     # uvicorn configures only its own loggers; sloserve's (drain, step failures) go to the same stream.
     level = logging.getLevelNamesMapping().get(log_level.upper(), logging.DEBUG)  # uvicorn's "trace": debug
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    # Bind before loading: a busy port fails now, not after minutes of loading the model.
+    sock = bind_socket(host, port)
     try:
-        engine = build_engine(config, policy)
+        engine = build_engine(config, step_model)
     except (ValueError, FileNotFoundError) as error:
+        sock.close()
         raise typer.BadParameter(str(error)) from None
     if template is not None:
         if engine.tokenizer is None:
@@ -148,3 +138,11 @@ def serve(
     typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({engine.block_manager.num_blocks} KV blocks, "
                f"max model len {engine.max_model_len}) on http://{host}:{port}")
     GracefulServer(uv_config, drain=app.state.server.drain).run(sockets=[sock])
+    if profile_out:
+        from sloserve.sim.served_profile import served_profile
+
+        try:
+            served_profile(config, engine).save(profile_out)
+            typer.echo(f"sloserve: saved the calibrated step-time model to {profile_out}")
+        except ValueError as error:
+            typer.echo(f"sloserve: no profile saved: {error}", err=True)

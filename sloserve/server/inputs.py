@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sloserve.request import SLO, SamplingParams
+from sloserve.slo_classes import SLOClasses
 from sloserve.server.errors import APIError
 from sloserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
@@ -71,7 +72,7 @@ def sampling_extensions(req: SamplingFields) -> dict:
 
 def engine_inputs(
     req: SamplingFields, prompt_token_ids: list[int], limits: ModelLimits, *, requested_max_tokens: int | None,
-    default_max_tokens: int | None,
+    default_max_tokens: int | None, slo_classes: SLOClasses | None = None, slo_class_header: str | None = None,
 ) -> EngineInputs:
     """`default_max_tokens` None means: the rest of the context, up to the cap (chat's default)."""
     unsupported = req.unsupported()
@@ -106,12 +107,22 @@ def engine_inputs(
         )
     except ValueError as error:
         raise APIError(400, str(error)) from None
-    slo = None
+    return EngineInputs(prompt_token_ids, params, req.priority, request_slo(req, slo_classes or SLOClasses(), slo_class_header))
+
+
+def request_slo(req: SamplingFields, classes: SLOClasses, header: str | None) -> SLO | None:
+    """The request's own `slo`, else its class (the `slo_class` field, else the X-SLO-Class header), else the default class."""
+    name = req.slo_class if req.slo_class is not None else header
     if req.slo is not None:
+        if name is not None:
+            raise APIError(400, "give either an slo or an slo_class (or X-SLO-Class header), not both", param="slo_class")
         ms = req.slo
-        slo = SLO(
+        return SLO(
             ttft=None if ms.ttft_ms is None else ms.ttft_ms / 1e3,
             tpot=None if ms.tpot_ms is None else ms.tpot_ms / 1e3,
             e2e=None if ms.e2e_ms is None else ms.e2e_ms / 1e3,
         )
-    return EngineInputs(prompt_token_ids, params, req.priority, slo)
+    try:
+        return classes.resolve(name)
+    except ValueError as error:
+        raise APIError(400, str(error), param="slo_class") from None

@@ -27,8 +27,10 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                             240.0, 480.0, 960.0, 1920.0, 7680.0)
 _ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 # sloserve's own series: no vLLM counterpart, so never exported under vLLM's prefix.
-_SLOSERVE_ONLY = {"request_rejected", "kv_cache_used_blocks", "kv_cache_total_blocks"}
+_SLOSERVE_ONLY = {"request_rejected", "kv_cache_used_blocks", "kv_cache_total_blocks", "step_time_prediction_error",
+                  "predicted_time_to_first_token_seconds", "time_to_first_token_over_predicted"}
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -70,6 +72,8 @@ class _EngineStateCollector:
         # vLLM's info gauge: value 1, the cache configuration in its labels (its label names).
         yield self._gauge("cache_config_info", "Information of the LLMEngine CacheConfig", 1.0,
                           block_size=str(self.block_size), num_gpu_blocks=str(stats.num_blocks))
+        yield self._gauge("step_time_prediction_error", "Median |predicted - measured| / measured step time over "
+                          "recent steps (each predicted before it ran).", stats.step_time_error)
 
 
 class _Renamed:
@@ -142,6 +146,16 @@ class ServerMetrics:
                                  "(first scheduled to first token).", _REQUEST_LATENCY_BUCKETS)
         self.decode = histogram("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request "
                                 "(first to last token).", _REQUEST_LATENCY_BUCKETS)
+        # --admission slo: the TTFT predicted at arrival, and how the actual one compared (sloserve's own).
+        self.ttft_predicted = histogram("predicted_time_to_first_token_seconds",
+                                        "TTFT predicted at admission (--admission slo).", _TTFT_BUCKETS)
+        self.ttft_ratio = histogram("time_to_first_token_over_predicted",
+                                    "Per request: actual TTFT / TTFT predicted at admission.", _RATIO_BUCKETS)
+        self._predicted: dict[str, float] = {}
+
+    def predicted_ttft(self, request_id: str, seconds: float) -> None:
+        self.ttft_predicted.observe(seconds)
+        self._predicted[request_id] = seconds
 
     def observe_steps(self, executor: Executor) -> Executor:
         """Wrap an executor so each step's batched tokens and preemptions are counted as it runs."""
@@ -149,11 +163,12 @@ class ServerMetrics:
 
     def on_step(self, plan: SchedulerOutput) -> None:
         self.iteration_tokens.observe(plan.num_batched_tokens)
-        if plan.preempted:
-            self._preemptions.inc(len(plan.preempted))
+        if plan.preempted_request_ids:
+            self._preemptions.inc(len(plan.preempted_request_ids))
 
     def on_finished(self, out: RequestOutput, error: BaseException | None) -> None:
         """The async engine's hook: called once for every accepted request when it ends."""
+        predicted = self._predicted.pop(out.request_id, None)
         completion = out.outputs[0]
         reason = "error" if error is not None else (completion.finish_reason or "abort")
         self._success.labels(finished_reason=reason, **self._labels).inc()
@@ -170,6 +185,8 @@ class ServerMetrics:
         if not times:
             return
         self.ttft.observe(times[0] - out.arrival_time)
+        if predicted:
+            self.ttft_ratio.observe((times[0] - out.arrival_time) / predicted)
         for earlier, later in zip(times, times[1:]):
             if later > earlier:  # tokens of one step arrive together: one gap per step, as vLLM counts
                 self.itl.observe(later - earlier)

@@ -49,6 +49,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     priority: int = 0
     slo: SLOParams | None = None
+    slo_class: str | None = None  # a class the server defines (--slo-class); also the X-SLO-Class header
     return_token_ids: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)

@@ -34,6 +34,7 @@ class Serving:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
             self.admission.check(len(inputs.prompt_token_ids))
+            predicted_ttft = self.admission.predict_ttft(inputs.prompt_token_ids, inputs.params, inputs.priority, inputs.slo)
         except APIError as error:
             self.metrics.rejected(error.code or str(error.status))
             raise
@@ -47,6 +48,8 @@ class Serving:
         except EngineStoppedError as error:
             self.metrics.rejected("engine_stopped")
             raise APIError(503, str(error), code="engine_stopped") from None
+        if predicted_ttft is not None:
+            self.metrics.predicted_ttft(request_id, predicted_ttft)
         env = Envelope(request_id, int(time.time()), self.model_name)
         text_available = self.engine.engine.tokenizer is not None
         # Without a tokenizer there is no text: token ids always travel, so clients can count tokens.

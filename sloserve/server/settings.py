@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sloserve.server.admission import AdmissionLimits
+from sloserve.slo_classes import SLOClasses
 
 DEFAULT_MAX_TOKENS_CAP = 4096
 
@@ -16,6 +17,7 @@ class ServerSettings:
     max_tokens_cap: int | None = None  # None: min(DEFAULT_MAX_TOKENS_CAP, max_model_len)
     admission: AdmissionLimits = field(default_factory=AdmissionLimits)
     shutdown_grace_s: float = 30.0
+    slo_classes: SLOClasses = field(default_factory=SLOClasses)
     metrics_compat: str = "none"  # "vllm": /metrics also exports vLLM's series under their vllm: names
 
     def __post_init__(self) -> None:

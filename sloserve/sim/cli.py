@@ -33,7 +33,7 @@ def profile(
     from rich.console import Console
 
     from sloserve.config import EngineConfig
-    from sloserve.server.cli import default_model_dir, parse_bytes
+    from sloserve.cli_args import default_model_dir, parse_bytes
     from sloserve.sim.profiler import ProfileSettings, profile_model
 
     console = Console()
@@ -86,7 +86,7 @@ def simulate(
     num_kv_blocks: Optional[int] = O(None, help="KV-cache blocks (default: the profile's)."),
     kv_cache_memory: Optional[str] = O(None, help="KV-cache memory, e.g. 2GiB (blocks from the profile's bytes per block)."),
     max_model_len: Optional[int] = O(None, help="Default: the profile's."),
-    policy: str = O("fcfs", help="fcfs | priority."),
+    policy: str = O("fcfs", help="fcfs | priority | slo."),
     slo: Optional[str] = O(None, help="e.g. ttft=200ms,tpot=50ms,e2e=2s."),
     percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
     result_dir: Optional[str] = O(None, help="Output folder (default: sim-results/<time>)."),
@@ -100,7 +100,8 @@ def simulate(
 
     from rich.console import Console
 
-    from sloserve.bench.cli import _percentiles, build_workload
+    from sloserve.bench.workload import WorkloadOptions
+    from sloserve.cli_args import parse_percentiles
     from sloserve.bench.session import write_outputs
     from sloserve.bench.slo import SLO
     from sloserve.bench.tokens import HFTokenizer
@@ -119,11 +120,12 @@ def simulate(
         tok = HFTokenizer(tokenizer) if tokenizer else None
         vocab = random_vocab_size or (tok.vocab_size if tok else knobs.vocab_size)
         # Token ids: the simulator needs lengths, and ids are what the completions API would send.
-        workload = build_workload(dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival,
-                                  max_concurrency, random_input_len, random_output_len, random_range_ratio, random_dist,
-                                  random_input_min, random_input_max, random_output_min, random_output_max,
-                                  random_prefix_len, vocab, "ids", sharegpt_output_len, seed, duration)
-        pcts = _percentiles(percentiles)
+        workload = WorkloadOptions(
+            dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
+            random_input_len, random_output_len, random_range_ratio, random_dist, random_input_min, random_input_max,
+            random_output_min, random_output_max, random_prefix_len, vocab, "ids", sharegpt_output_len, seed, duration,
+        ).build()
+        pcts = parse_percentiles(percentiles)
         slo_obj = SLO.parse(slo) if slo else None
         specs = workload.requests(tok)
     except (ValueError, OSError, KeyError) as error:
@@ -132,7 +134,7 @@ def simulate(
     for warning in _extrapolation(prof, knobs):
         console.print(f"[yellow]warning:[/yellow] {warning}")
     clock = VirtualClock()
-    engine = build_sim_engine(prof, knobs, POLICIES[policy](), clock)
+    engine = build_sim_engine(prof.step_model, knobs, policy, clock)
     start = time.perf_counter()
     outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s)
     wall = time.perf_counter() - start
@@ -145,7 +147,7 @@ def simulate(
 
 
 def _knobs(prof, budget, seqs, blocks, memory, max_len):
-    from sloserve.server.cli import parse_bytes
+    from sloserve.cli_args import parse_bytes
     from sloserve.sim.simulate import EngineKnobs
 
     e = prof.engine

@@ -1,17 +1,10 @@
 """SimulatedExecutor: runs no model; advances the virtual clock by the predicted step time."""
 from __future__ import annotations
 
-from typing import Protocol
-
+from sloserve.engine.cost import StepTimeModel
+from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.sim.clock import VirtualClock
-from sloserve.sim.features import StepShape
-
-
-class StepTimeModel(Protocol):
-    def step_seconds(self, shape: StepShape) -> float:
-        """Predicted seconds from one step's start to the next: the executor's and the engine's own work."""
-        ...
 
 
 class SimulatedExecutor:
@@ -31,16 +24,16 @@ class SimulatedExecutor:
         self.num_steps = 0
         self.busy_seconds = 0.0
         self.first_scheduled: list[str] = []  # request ids in the order the scheduler first ran them
+        self._seen: set[str] = set()
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         seconds = self.model.step_seconds(StepShape.of(plan))
         self.clock.advance(seconds)
         self.num_steps += 1
         self.busy_seconds += seconds
-        token, out = self.token_id, []
         for s in plan.scheduled:
-            request = s.request
-            if request.num_computed_tokens == 0 and not request.num_preemptions:
-                self.first_scheduled.append(request.request_id)
-            out.append(token if s.samples else None)
-        return out
+            if s.request_id not in self._seen:
+                self._seen.add(s.request_id)
+                self.first_scheduled.append(s.request_id)
+        self._seen.difference_update(plan.finished_request_ids)
+        return [[self.token_id] if s.samples else [] for s in plan.scheduled]

@@ -6,8 +6,9 @@ import os
 import platform
 from dataclasses import dataclass, field
 
-from sloserve.sim.cost_model import FittedModel
-from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features
+from sloserve.engine.cost import StepCostModel
+from sloserve.engine.cost_model import FittedModel
+from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape
 
 SCHEMA = "sloserve.sim.profile"
 VERSION = 1
@@ -41,16 +42,18 @@ class Profile:
     execute_timings: list[Timing] = field(default_factory=list)
     overhead_timings: list[Timing] = field(default_factory=list)
     created_unix: float = 0.0
-    features: ExecuteFeatures = field(init=False, repr=False, compare=False)
+    step_model: StepCostModel = field(init=False, repr=False, compare=False)  # the two fits as one predictor
 
     def __post_init__(self) -> None:
-        self.features = ExecuteFeatures(tuple(self.token_knots))
-        for name, fitted, terms in (("execute", self.execute, self.features.terms), ("overhead", self.overhead, OVERHEAD_TERMS)):
+        execute_terms = ExecuteFeatures(tuple(self.token_knots)).terms
+        for name, fitted, terms in (("execute", self.execute, execute_terms), ("overhead", self.overhead, OVERHEAD_TERMS)):
             if tuple(fitted.model.terms) != terms:
                 raise ValueError(f"the profile's {name} terms {list(fitted.model.terms)} are not this version's {list(terms)}")
+        self.step_model = StepCostModel(tuple(self.token_knots),
+                                        self.execute.model.coefficients + self.overhead.model.coefficients)
 
     def step_seconds(self, shape: StepShape) -> float:
-        return self.execute.model.predict(self.features(shape)) + self.overhead.model.predict(overhead_features(shape))
+        return self.step_model.step_seconds(shape)
 
     def to_dict(self) -> dict:
         return {

@@ -15,8 +15,8 @@ from sloserve.engine.executor import Executor
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.request import SamplingParams
-from sloserve.sim.cost_model import fit_with_holdout
-from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
+from sloserve.engine.cost_model import fit_with_holdout
+from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
 from sloserve.sim.profile import Profile, Timing, describe_machine
 from sloserve.sim.shapes import Chunk, GridLimits, PlanBuilder, shape_of, step_grid
 
@@ -39,9 +39,9 @@ class TimingExecutor:
         self.num_kv_blocks = inner.num_kv_blocks
         self.last: tuple[StepShape, float, float] | None = None  # shape, execute seconds, seconds spent on the shape
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         start = time.perf_counter()
-        shape = StepShape.of(plan)  # before the engine advances num_computed_tokens
+        shape = StepShape.of(plan)
         ready = time.perf_counter()
         tokens = self.inner.execute(plan)
         self.last = (shape, time.perf_counter() - ready, ready - start)
@@ -68,8 +68,8 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     return Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
-        model=_model_info(config, executor),
-        engine=_engine_info(config, engine),
+        model=model_info(config, executor),
+        engine=engine_info(config, engine),
         token_knots=features.knots,
         execute=execute,
         overhead=overhead,
@@ -129,7 +129,7 @@ def _fit(terms, features, timings: list[Timing], every: int):
     return fit_with_holdout(terms, x, np.array([t.seconds for t in timings]), every)
 
 
-def _model_info(config: EngineConfig, executor) -> dict:
+def model_info(config: EngineConfig, executor) -> dict:
     model = executor.model
     dtype = next(model.parameters()).dtype
     return {
@@ -139,7 +139,7 @@ def _model_info(config: EngineConfig, executor) -> dict:
     }
 
 
-def _engine_info(config: EngineConfig, engine: LLMEngine) -> dict:
+def engine_info(config: EngineConfig, engine: LLMEngine) -> dict:
     executor = engine.executor
     # Measured from the cache the executor really allocated, so it cannot disagree with its sizing.
     kv_bytes = sum(k.nbytes + v.nbytes for k, v in executor.kv_caches)

@@ -1,4 +1,4 @@
-"""The profiler's grid of step shapes, and real SchedulerOutput plans built for them from real Requests."""
+"""The profiler's grid of step shapes, and SchedulerOutput plans built for them with blocks from a real BlockManager."""
 from __future__ import annotations
 
 import itertools
@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from sloserve.request import Request, SamplingParams
-from sloserve.sim.features import StepShape, token_knots
+from sloserve.request import SamplingParams
+from sloserve.engine.features import StepShape, token_knots
 
 
 @dataclass(slots=True)
@@ -100,7 +100,7 @@ def _shrink(step: list[Chunk], limits: GridLimits) -> list[Chunk]:
 
 
 class PlanBuilder:
-    """Builds a plan the way the Scheduler would: real Requests with blocks from a real BlockManager."""
+    """Builds a plan the way the Scheduler would: token slices of a made-up prompt, blocks from a real BlockManager."""
 
     def __init__(self, block_manager: BlockManager, vocab_size: int) -> None:
         self.block_manager = block_manager
@@ -109,26 +109,28 @@ class PlanBuilder:
 
     def build(self, step: list[Chunk]) -> SchedulerOutput:
         plan = SchedulerOutput()
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         for chunk in step:
-            length = chunk.context + chunk.new_tokens + (0 if chunk.samples else 1)
-            request = Request(
-                request_id=f"profile-{next(self._ids)}",
-                prompt_token_ids=[(7 * i + 3) % self.vocab_size for i in range(length)],
-                sampling_params=SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                arrival_time=0.0,
-            )
-            request.num_computed_tokens = chunk.context
-            if not self.block_manager.allocate_slots(request.request_id, chunk.context + chunk.new_tokens):
+            request_id = f"profile-{next(self._ids)}"
+            end = chunk.context + chunk.new_tokens
+            if not self.block_manager.allocate_slots(request_id, end):
+                self.block_manager.free(request_id)
                 self.release(plan)
                 raise ValueError(f"the KV cache cannot hold step {step}")
-            plan.scheduled.append(
-                ScheduledRequest(request, chunk.new_tokens, self.block_manager.block_tables[request.request_id])
-            )
+            plan.scheduled.append(ScheduledRequest(
+                request_id=request_id,
+                token_ids=[(7 * i + 3) % self.vocab_size for i in range(chunk.context, end)],
+                num_computed_tokens=chunk.context,
+                num_new_tokens=chunk.new_tokens,
+                samples=chunk.samples,
+                block_table=list(self.block_manager.block_tables[request_id]),
+                sampling_params=params,
+            ))
         return plan
 
     def release(self, plan: SchedulerOutput) -> None:
         for s in plan.scheduled:
-            self.block_manager.free(s.request.request_id)
+            self.block_manager.free(s.request_id)
 
 
 def shape_of(step: list[Chunk]) -> StepShape:

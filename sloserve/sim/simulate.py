@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 from sloserve.bench.records import RequestRecord
 from sloserve.bench.workload import RequestSpec
+from sloserve.engine.admission import LoadSnapshot, TTFTAdmission
+from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.engine import LLMEngine
-from sloserve.engine.policy import Policy
-from sloserve.request import SamplingParams
+from sloserve.engine.scheduler import SchedulerConfig
+from sloserve.request import SLO, Request, SamplingParams
 from sloserve.sim.clock import VirtualClock
-from sloserve.sim.executor import SimulatedExecutor, StepTimeModel
+from sloserve.sim.executor import SimulatedExecutor
 
 
 @dataclass(slots=True)
@@ -26,6 +28,9 @@ class EngineKnobs:
     block_size: int
     vocab_size: int
 
+    def scheduler_config(self, policy: str = "fcfs") -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.block_size, policy)
+
 
 @dataclass(slots=True)
 class SimOutcome:
@@ -36,23 +41,31 @@ class SimOutcome:
     first_scheduled: list[int] = field(default_factory=list)  # spec indices in the order the scheduler first ran them
 
 
-def build_sim_engine(model: StepTimeModel, knobs: EngineKnobs, policy: Policy, clock: VirtualClock) -> LLMEngine:
-    """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock."""
-    executor = SimulatedExecutor(model, clock, knobs.num_kv_blocks)
+def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock) -> LLMEngine:
+    """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock.
+
+    The executor's step times and the engine's predictor are the same model, so policies and
+    admission predict the simulated world exactly; it is not recalibrated (it is the ground truth here).
+    """
+    predictor = StepPredictor(model, calibrate=False)
+    executor = SimulatedExecutor(predictor, clock, knobs.num_kv_blocks)
     return LLMEngine(
-        executor, max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size, block_size=knobs.block_size,
-        max_num_batched_tokens=knobs.max_num_batched_tokens, max_num_seqs=knobs.max_num_seqs,
-        clock=clock, policy=policy,
+        executor, knobs.scheduler_config(policy), max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size,
+        clock=clock, predictor=predictor,
     )
 
 
 def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *, max_concurrency: int | None = None,
-             duration_s: float | None = None, priority: Callable[[RequestSpec], int] | None = None) -> SimOutcome:
+             duration_s: float | None = None, priority: Callable[[RequestSpec], int] | None = None,
+             slo: Callable[[RequestSpec], SLO | None] | None = None, admission: bool = False) -> SimOutcome:
     """Send each spec at its arrival (or when a --max-concurrency slot frees), step until all are done.
 
     Requests arriving during a step join after it, as with the server's step loop, but keep their
-    arrival time; with nothing to run, the clock jumps to the next arrival.
+    arrival time; with nothing to run, the clock jumps to the next arrival. With `admission`, a
+    request predicted to miss its TTFT objective is refused as the server's `--admission slo`
+    does (recorded as a 429).
     """
+    gate = TTFTAdmission(engine.predictor, engine.scheduler.policy, engine.config.max_num_batched_tokens) if admission else None
     pending = deque(sorted(specs, key=lambda s: s.arrival_s))
     queued: deque[RequestSpec] = deque()
     # When each free --max-concurrency slot became free; requests take the earliest (FIFO, as a semaphore).
@@ -73,12 +86,21 @@ def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *
             prompt = [t % vocab for t in spec.prompt] if isinstance(spec.prompt, list) else [1] * spec.prompt_len
             record = RequestRecord(spec.index, spec.arrival_s, send_s, spec.prompt_len, spec.output_len,
                                    prompt_tokens=len(prompt), output_tokens_source="usage")
-            try:
-                params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
-                engine.add_request(str(spec.index), prompt, params, arrival_time=send_s,
-                                   priority=priority(spec) if priority else 0)
-            except ValueError as error:  # what the server answers with a 400
-                record.status, record.error_kind, record.error, record.end_s = 400, "http_400", str(error), send_s
+            params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+            request_slo, request_priority = slo(spec) if slo else None, priority(spec) if priority else 0
+            refused = None
+            if gate is not None:
+                candidate = Request(str(spec.index), prompt, params, send_s, request_priority, request_slo)
+                refused = gate.check(LoadSnapshot.of(engine.scheduler), candidate).reject
+            if refused is not None:
+                record.status, record.error_kind, record.error, record.end_s = 429, "http_429", refused, send_s
+            else:
+                try:
+                    engine.add_request(str(spec.index), prompt, params, arrival_time=send_s,
+                                       priority=request_priority, slo=request_slo)
+                except ValueError as error:  # what the server answers with a 400
+                    record.status, record.error_kind, record.error, record.end_s = 400, "http_400", str(error), send_s
+            if record.status is not None:
                 records.append(record)
                 if free_slots is not None:
                     heapq.heappush(free_slots, send_s)

@@ -9,9 +9,9 @@ class CountingExecutor:
         self.num_kv_blocks = num_kv_blocks
         self.plans: list[SchedulerOutput] = []
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         self.plans.append(plan)
-        return [s.request.all_token_ids[-1] + 1 if s.samples else None for s in plan.scheduled]
+        return [[s.token_ids[-1] + 1] if s.samples else [] for s in plan.scheduled]
 
 
 class TickingClock:

@@ -2,14 +2,16 @@
 import pytest
 
 from sloserve.engine.engine import LLMEngine
+from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
 
 from .fakes import CountingExecutor, LetterTokenizer, TickingClock
 
 
-def make_engine(**kw) -> LLMEngine:
+def make_engine(max_num_batched_tokens: int = 512, **kw) -> LLMEngine:
     kw.setdefault("eos_token_ids", frozenset({50}))
-    return LLMEngine(CountingExecutor(), max_model_len=64, vocab_size=100, block_size=4, clock=TickingClock(), **kw)
+    config = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=4)
+    return LLMEngine(CountingExecutor(), config, max_model_len=64, vocab_size=100, clock=TickingClock(), **kw)
 
 
 def run(engine: LLMEngine) -> dict:

@@ -96,10 +96,18 @@ def llama(tiny_model_dir):
 PROMPTS = [[5, 9, 22, 31, 7, 100, 250], [3, 4, 3, 4, 3, 4]]
 
 
-def test_greedy_with_repetition_penalty_equals_transformers_generate(llama):
+@pytest.mark.parametrize("knobs", [{}, dict(max_num_batched_tokens=4), dict(block_size=4, num_kv_blocks=12)],
+                         ids=["batched", "chunked_prefill", "preemption"])
+def test_greedy_with_repetition_penalty_equals_transformers_generate(llama, tiny_model_dir, knobs):
+    # The executor sees only each step's slice of tokens: chunked prompts and recomputation after
+    # preemption must still give the penalty every token of the prompt and the output.
     llm, hf = llama
+    if knobs:
+        llm = LLM(str(tiny_model_dir("llama")), dtype="float32", **knobs)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.8))
+    if "num_kv_blocks" in knobs:
+        assert sum(o.num_preemptions for o in outs) > 0
     plain = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=24, temperature=0))
     for prompt, out, base in zip(PROMPTS, outs, plain):
         ids = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, repetition_penalty=1.8)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from serverkit import MODEL_NAME
 from sloserve.cli import app
-from sloserve.server.cli import default_model_dir, parse_bytes
+from sloserve.cli_args import default_model_dir, parse_bytes
 
 
 @pytest.mark.parametrize("text,expected", [("1024", 1024), ("2GiB", 2 << 30), ("512MB", 512 * 10**6), ("1.5k", 1500)])
@@ -74,3 +74,27 @@ def test_version_flag_and_the_policy_alias():
     for flag in ("--scheduling-policy", "--policy"):
         bad = CliRunner().invoke(app, ["serve", flag, "nonsense"])
         assert bad.exit_code == 2 and "unknown policy 'nonsense'" in _words(bad)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--policy", "edf"], "unknown policy 'edf'"),
+    (["--admission", "maybe"], "unknown admission 'maybe'"),
+    (["--slo-class", "interactive=ttft:200ms", "--default-slo-class", "batch"], "default SLO class 'batch' is not defined"),
+    (["--slo-class", "interactive=speed:fast"], "bad SLO term"),
+    (["--profile", "/nonexistent/profile.json"], "profile.json"),
+])
+def test_scheduling_flags_are_checked_before_the_model_loads(chat_model_dir, flags, says):
+    result = CliRunner().invoke(app, ["serve", str(chat_model_dir), "--load-format", "dummy", *flags])
+    assert result.exit_code == 2
+    assert says in " ".join(result.output.replace("│", " ").split())
+
+
+def test_slo_classes_parse_into_engine_slos():
+    from sloserve.cli_args import parse_slo_classes
+    from sloserve.request import SLO
+
+    classes = parse_slo_classes(["interactive=ttft:200ms,tpot:50ms", "batch=ttft:10s,tpot:200ms"], "interactive")
+    assert classes.classes == {"interactive": SLO(ttft=0.2, tpot=0.05), "batch": SLO(ttft=10.0, tpot=0.2)}
+    assert classes.resolve(None) == SLO(ttft=0.2, tpot=0.05)
+    with pytest.raises(ValueError, match="given twice"):
+        parse_slo_classes(["a=ttft:1s", "a=ttft:2s"], None)

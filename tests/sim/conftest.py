@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from sloserve.sim.cost_model import FitError, FittedModel, LinearCostModel
-from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, token_knots
+from sloserve.engine.cost_model import FitError, FittedModel, LinearCostModel
+from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, token_knots
 from sloserve.sim.profile import Profile
 
 # Seconds per unit of each term: 0.2 ms per sampled row, 20 ns per prefill token pair, ...

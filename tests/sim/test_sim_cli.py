@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from sloserve.bench.results import BenchResults
 from sloserve.cli import app
-from sloserve.sim.features import OVERHEAD_TERMS, ExecuteFeatures, token_knots
+from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, token_knots
 from sloserve.sim.profile import Profile
 
 RUNNER = CliRunner()

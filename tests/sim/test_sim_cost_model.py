@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from conftest import known_execute
 
-from sloserve.sim.cost_model import LinearCostModel, fit_with_holdout
-from sloserve.sim.features import ExecuteFeatures, StepShape, token_knots
-from sloserve.sim.nnls import nnls
+from sloserve.engine.cost_model import LinearCostModel, fit_with_holdout
+from sloserve.engine.features import ExecuteFeatures, StepShape, token_knots
+from sloserve.engine.nnls import nnls
 from sloserve.sim.shapes import GridLimits, shape_of, step_grid
 
 

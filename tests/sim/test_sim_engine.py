@@ -6,7 +6,6 @@ from sloserve.bench.metrics import request_metrics
 from sloserve.bench.workload import RequestSpec
 from sloserve.config import EngineConfig
 from sloserve.engine.engine import LLMEngine
-from sloserve.engine.policy import FCFS, PriorityPolicy
 from sloserve.engine.scheduler import Scheduler, SchedulerOutput
 from sloserve.llm import build_engine
 from sloserve.request import SamplingParams
@@ -25,7 +24,7 @@ def specs(n, prompt_len=lambda i: 10 + 7 * i % 30, output_len=lambda i: 3 + i % 
 
 def run(policy, workload, priority=None, knobs=KNOBS, **kw):
     clock = VirtualClock()
-    engine = build_sim_engine(known_profile(), knobs, policy, clock)
+    engine = build_sim_engine(known_profile().step_model, knobs, policy, clock)
     return engine, simulate(engine, clock, workload, priority=priority, **kw)
 
 
@@ -42,7 +41,7 @@ def test_the_simulated_executor_is_driven_by_the_engines_scheduler(monkeypatch):
     seen = []
     monkeypatch.setattr(SimulatedExecutor, "execute", lambda self, plan, _real=SimulatedExecutor.execute: (
         seen.append(plan), _real(self, plan))[1])
-    engine, outcome = run(FCFS(), specs(6))
+    engine, outcome = run("fcfs", specs(6))
     assert type(engine) is LLMEngine and type(engine.scheduler) is Scheduler
     assert isinstance(engine.executor, SimulatedExecutor) and engine.clock is engine.executor.clock
     assert seen and all(isinstance(p, SchedulerOutput) for p in seen)
@@ -53,7 +52,7 @@ def test_the_simulated_executor_is_driven_by_the_engines_scheduler(monkeypatch):
 
 def test_token_times_come_from_the_step_time_model():
     profile = known_profile()
-    engine, outcome = run(FCFS(), specs(1, prompt_len=lambda i: 20, output_len=lambda i: 3))
+    engine, outcome = run("fcfs", specs(1, prompt_len=lambda i: 20, output_len=lambda i: 3))
     r = outcome.records[0]
     prefill = profile.step_seconds(_shape([20], [0]))
     decode = [profile.step_seconds(_shape([1], [c])) for c in (20, 21)]
@@ -62,7 +61,7 @@ def test_token_times_come_from_the_step_time_model():
 
 
 def _shape(new, ctx):
-    from sloserve.sim.features import StepShape
+    from sloserve.engine.features import StepShape
 
     return StepShape(new, ctx, [True] * len(new))
 
@@ -71,8 +70,8 @@ def test_priority_policy_lowers_simulated_ttft_of_high_priority_requests():
     workload = specs(12)
     priority = lambda s: 0 if s.index % 3 == 2 else 1  # noqa: E731 - every third request is latency-sensitive
     ttft = {}
-    for name, policy in (("fcfs", FCFS()), ("priority", PriorityPolicy())):
-        _, outcome = run(policy, workload, priority)
+    for name in ("fcfs", "priority"):
+        _, outcome = run(name, workload, priority)
         high = [request_metrics(r).ttft_s for r in outcome.records if r.index % 3 == 2]
         ttft[name] = sum(high) / len(high)
     assert ttft["priority"] < 0.6 * ttft["fcfs"]
@@ -85,7 +84,7 @@ def test_simulated_schedule_order_equals_the_real_engines(tiny_model_dir, policy
     priorities = [(i * 7) % 4 for i in range(10)]
     real = build_engine(EngineConfig(model=str(tiny_model_dir("smollm")), num_kv_blocks=KNOBS.num_kv_blocks,
                                      max_num_batched_tokens=KNOBS.max_num_batched_tokens,
-                                     max_num_seqs=KNOBS.max_num_seqs), policy_name)
+                                     max_num_seqs=KNOBS.max_num_seqs, policy=policy_name))
     order: list[str] = []
     inner = real.executor
 
@@ -93,8 +92,7 @@ def test_simulated_schedule_order_equals_the_real_engines(tiny_model_dir, policy
         num_kv_blocks = inner.num_kv_blocks
 
         def execute(self, plan):
-            order.extend(s.request.request_id for s in plan.scheduled
-                         if s.request.num_computed_tokens == 0 and not s.request.num_preemptions)
+            order.extend(s.request_id for s in plan.scheduled if s.request_id not in order)
             return inner.execute(plan)
 
     real.executor = Recorder()
@@ -104,8 +102,7 @@ def test_simulated_schedule_order_equals_the_real_engines(tiny_model_dir, policy
                          priority=priorities[spec.index], arrival_time=0.0)
     while real.has_unfinished_requests():
         real.step()
-    policy = FCFS() if policy_name == "fcfs" else PriorityPolicy()
-    _, outcome = run(policy, workload, lambda s: priorities[s.index])
+    _, outcome = run(policy_name, workload, lambda s: priorities[s.index])
     assert outcome.first_scheduled == [int(i) for i in order]
     if policy_name == "priority":
         assert [priorities[i] for i in outcome.first_scheduled] == sorted(priorities)
@@ -113,7 +110,7 @@ def test_simulated_schedule_order_equals_the_real_engines(tiny_model_dir, policy
 
 def test_concurrency_cap_and_idle_gaps():
     workload = specs(6, arrival=lambda i: 100.0 * (i // 3))  # two bursts 100 s apart
-    engine, outcome = run(FCFS(), workload, max_concurrency=1)
+    engine, outcome = run("fcfs", workload, max_concurrency=1)
     records = outcome.records
     for a, b in zip(records, records[1:]):
         if b.arrival_s == a.arrival_s:
@@ -124,7 +121,7 @@ def test_concurrency_cap_and_idle_gaps():
 
 def test_requests_the_engine_refuses_are_recorded_as_400s():
     too_long = specs(2, prompt_len=lambda i: 300 if i == 0 else 10)  # longer than max_model_len
-    _, outcome = run(FCFS(), too_long)
+    _, outcome = run("fcfs", too_long)
     bad, good = outcome.records
     assert bad.status == 400 and bad.error_kind == "http_400" and not bad.success
     assert good.success

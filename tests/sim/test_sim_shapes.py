@@ -1,7 +1,7 @@
 """The profiler's grid stays inside what the engine can schedule, and its plans look like the Scheduler's."""
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.sim.clock import VirtualClock
-from sloserve.sim.features import ExecuteFeatures, StepShape
+from sloserve.engine.features import ExecuteFeatures, StepShape
 from sloserve.sim.shapes import Chunk, GridLimits, PlanBuilder, shape_of, step_grid
 
 

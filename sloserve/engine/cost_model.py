@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sloserve.sim.nnls import nnls
+from sloserve.engine.nnls import nnls
 
 
 @dataclass(slots=True)
@@ -48,19 +48,27 @@ class LinearCostModel:
         return np.asarray(x, float) @ np.asarray(self.coefficients)
 
     @classmethod
-    def fit(cls, terms: Sequence[str], x: np.ndarray, seconds: np.ndarray) -> LinearCostModel:
+    def fit(cls, terms: Sequence[str], x: np.ndarray, seconds: np.ndarray,
+            weights: np.ndarray | None = None) -> LinearCostModel:
         """Non-negative least squares on *relative* error, so a 5 ms decode step counts as much as a
-        2 s prefill step (decodes set TPOT; an absolute fit would sacrifice them to the big steps)."""
+        2 s prefill step (decodes set TPOT; an absolute fit would sacrifice them to the big steps).
+        `weights` scale each sample's say (the online refit gives its prior samples less)."""
         x, y = np.asarray(x, float), np.asarray(seconds, float)
         if x.ndim != 2 or x.shape != (len(y), len(terms)):
             raise ValueError(f"features must be {len(y)} x {len(terms)}, got {x.shape}")
         if (y <= 0).any():
             raise ValueError("measured times must be positive")
-        weighted = x / y[:, None]
+        w = np.ones(len(y)) if weights is None else np.asarray(weights, float)
+        weighted = x * (w / y)[:, None]
         # Unit columns keep the active-set solver well conditioned; unused terms (all zero) stay zero.
         scale = np.linalg.norm(weighted, axis=0)
         scale[scale == 0] = 1.0
-        coef = nnls(weighted / scale, np.ones(len(y))) / scale
+        a = weighted / scale
+        if a.shape[0] > a.shape[1]:
+            # ||a x - w|| = ||r x - q'w|| + a constant: the same solution from a square problem, many times faster.
+            q, r = np.linalg.qr(a)
+            a, w = r, q.T @ w
+        coef = nnls(a, w) / scale
         return cls(tuple(terms), [float(c) for c in coef])
 
     def errors(self, x: np.ndarray, seconds: np.ndarray) -> FitError:

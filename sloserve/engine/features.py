@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sloserve.engine.scheduler import SchedulerOutput
+if TYPE_CHECKING:  # the scheduler imports this module (its policies cost steps by shape)
+    from sloserve.engine.scheduler import SchedulerOutput
 
 # Terms of the executor's step time, after Vidur and DistServe. The linear layers' cost is a
 # function of the step's batched tokens that is not a straight line on a CPU (BLAS switches
@@ -53,7 +55,7 @@ class StepShape:
     def of(cls, plan: SchedulerOutput) -> StepShape:
         return cls(
             [s.num_new_tokens for s in plan.scheduled],
-            [s.request.num_computed_tokens for s in plan.scheduled],
+            [s.num_computed_tokens for s in plan.scheduled],
             [s.samples for s in plan.scheduled],
         )
 

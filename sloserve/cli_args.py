@@ -1,0 +1,53 @@
+"""Option parsing shared by `serve`, `profile`, `simulate` and `bench`: sizes, percentiles, SLO classes, the model."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sloserve
+from sloserve.slo_classes import SLOClasses
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def default_model_dir() -> Path:
+    return Path(sloserve.__file__).parent / "assets" / "demo-target"
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '2GiB', '512MB', '1.5g' -> bytes."""
+    import typer  # the CLI's own error type, so typer names the flag
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise typer.BadParameter(f"{text!r} is not a size; write bytes or e.g. 512MiB, 2GiB")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise typer.BadParameter(f"{text!r} must be at least one byte")
+    return size
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    vals = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    if not vals or any(not 0 <= v <= 100 for v in vals):
+        raise ValueError(f"percentiles must be numbers in [0, 100], got {text!r}")
+    return vals
+
+
+def parse_slo_classes(specs: list[str] | None, default: str | None) -> SLOClasses:
+    """`--slo-class interactive=ttft:200ms,tpot:50ms` (repeatable) and `--default-slo-class interactive`."""
+    from sloserve.bench.slo import SLO as Objectives  # the bench's parser: `ttft:200ms,tpot:50ms`, bare numbers in ms
+    from sloserve.request import SLO
+
+    classes: dict[str, SLO] = {}
+    for spec in specs or []:
+        name, sep, terms = spec.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"bad --slo-class {spec!r}; expected NAME=ttft:200ms,tpot:50ms")
+        if name in classes:
+            raise ValueError(f"--slo-class {name!r} is given twice")
+        o = Objectives.parse(terms)
+        classes[name] = SLO(ttft=o.ttft_s, tpot=o.tpot_s, e2e=o.e2e_s)
+    return SLOClasses(classes, default)

@@ -1,0 +1,66 @@
+"""The step-time predictor: learns measured steps online, keeps its start where nothing was measured, reports its error."""
+import random
+
+import pytest
+
+from sloserve.engine.cost import StepCostModel, StepPredictor
+from sloserve.engine.engine import LLMEngine
+from sloserve.engine.features import StepShape
+from sloserve.engine.scheduler import SchedulerConfig
+from sloserve.request import SamplingParams
+
+from .fakes import CountingExecutor, TickingClock
+
+
+def true_seconds(shape: StepShape) -> float:
+    return 0.004 + 0.0002 * sum(shape.new_tokens) + 1e-6 * sum(shape.contexts)
+
+
+def decode_heavy_steps(rng, n, prefills=True):
+    for _ in range(n):
+        b = rng.randint(1, 24)
+        new, ctx = [1] * b, [rng.randint(8, 400) for _ in range(b)]
+        if prefills and rng.random() < 0.3:
+            new.append(rng.randint(2, 200))
+            ctx.append(0)
+        yield StepShape(new, ctx, [True] * len(new))
+
+
+def test_calibration_from_the_default_reaches_the_measured_times():
+    rng = random.Random(0)
+    predictor = StepPredictor(StepCostModel.default(256))
+    shapes = list(decode_heavy_steps(rng, 600))
+    before = [predictor.step_seconds(s) / true_seconds(s) for s in shapes[:50]]
+    assert min(before) > 2  # the default is conservative: slower than this machine
+    for s in shapes:
+        predictor.observe(s, true_seconds(s) * rng.uniform(0.98, 1.02))
+    assert predictor.num_refits > 5
+    recent = StepPredictor(predictor.model, calibrate=False)
+    for s in shapes[-200:]:
+        recent.observe(s, true_seconds(s))
+    assert recent.error().median < 0.03 and recent.error().count == 200
+    assert predictor.error().count == 600 and predictor.error().max > 1  # the early, default-based predictions
+
+
+def test_where_no_step_was_measured_the_start_model_holds():
+    start = StepCostModel.default(256)
+    predictor = StepPredictor(start)
+    for s in decode_heavy_steps(random.Random(1), 300, prefills=False):  # at most 24 tokens a step
+        predictor.observe(s, true_seconds(s))
+    big = StepShape([256], [0], [True])
+    assert predictor.step_seconds(big) == pytest.approx(start.step_seconds(big), rel=0.15)
+    small = StepShape([1] * 8, [100] * 8, [True] * 8)
+    assert predictor.step_seconds(small) == pytest.approx(true_seconds(small), rel=0.05)
+
+
+def test_the_engine_feeds_every_step_to_its_predictor():
+    engine = LLMEngine(CountingExecutor(), SchedulerConfig(block_size=4), max_model_len=64, vocab_size=100,
+                       clock=TickingClock())
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=5))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    assert engine.predictor.num_observed == steps == 5
+    (shape, seconds), *_ = engine.predictor.observations
+    assert shape == StepShape([3], [0], [True]) and seconds == pytest.approx(0.002)  # the clock ticks at the start, after execute, at the end

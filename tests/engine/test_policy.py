@@ -1,0 +1,120 @@
+"""Policies on hand-built queues: SLO order and budget shaping, priority preemption without starvation."""
+from sloserve.engine.engine import LLMEngine
+from sloserve.engine.kv_cache import BlockManager
+from sloserve.engine.policy import FCFS, PriorityPolicy, SLOPolicy
+from sloserve.engine.scheduler import Scheduler, SchedulerConfig
+from sloserve.request import SLO, Request, RequestStatus, SamplingParams
+
+from .fakes import CountingExecutor
+from .scripted import LinearSteps, ManualClock
+
+INTERACTIVE, BATCH = SLO(ttft=0.5, tpot=0.05), SLO(ttft=10.0, tpot=0.5)
+
+
+def request(rid, prompt_len, arrival, slo=None, priority=0, max_tokens=100) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), arrival, priority, slo)
+
+
+def slo_scheduler(clock, budget=512, seqs=8, blocks=200) -> Scheduler:
+    steps = LinearSteps()
+    return Scheduler(BlockManager(blocks, 16), SLOPolicy(clock, steps, budget), SchedulerConfig(budget, seqs), steps)
+
+
+def apply(scheduler, plan, clock=None, dt=0.0):
+    """Run a plan as the engine would: time passes, samplers get token 7 stamped with the new time."""
+    if clock is not None:
+        clock.t += dt
+    for r, _ in scheduler.update_from_output(plan, [[7] if s.samples else [] for s in plan.scheduled]):
+        r.token_times.append(clock.t if clock else 0.0)
+
+
+def test_slo_admits_by_least_slack_and_serves_hopeless_requests_last():
+    clock = ManualClock(1.0)
+    scheduler = slo_scheduler(clock, budget=100, seqs=1)
+    # Predicted prefill: 10 ms + 1 ms a token. Slack = arrival + TTFT - now - prefill.
+    scheduler.add(request("batch", 20, 0.0, BATCH))  # 10.0 - 1.0 - 0.03 = 8.97 s
+    scheduler.add(request("tight", 50, 0.9, INTERACTIVE))  # 1.4 - 1.0 - 0.06 = 0.34 s
+    scheduler.add(request("looser", 20, 0.8, SLO(ttft=2.0)))  # 2.8 - 1.0 - 0.03 = 1.77 s
+    scheduler.add(request("hopeless", 10, 0.1, INTERACTIVE))  # 0.6 - 1.0 < 0: late whatever happens
+    order = []
+    while scheduler.waiting:
+        plan = scheduler.schedule()
+        order.append(plan.scheduled[0].request_id)
+        finished = scheduler.running[0]
+        apply(scheduler, plan, clock, 0.0)
+        scheduler.finish(finished, RequestStatus.FINISHED_LENGTH)  # one seat: the next one comes in
+    assert order == ["tight", "looser", "batch", "hopeless"]
+    assert scheduler.block_manager.num_free_blocks == 200
+
+
+def test_slo_cuts_the_prefill_chunk_to_the_tightest_tpot_in_the_batch():
+    clock = ManualClock(0.0)
+    scheduler = slo_scheduler(clock)
+    for rid in ("a", "b"):
+        scheduler.add(request(rid, 4, 0.0, INTERACTIVE))
+    apply(scheduler, scheduler.schedule(), clock, 0.02)  # both prefilled, first tokens at 20 ms: on time
+    scheduler.add(request("long", 300, 0.02, BATCH))
+    plan = scheduler.schedule()
+    # Decodes first; then 10 ms + (2 + k) ms <= 50 ms (the interactive TPOT) gives k = 38.
+    assert [(s.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1), ("b", 1), ("long", 38)]
+    # FCFS spends the whole budget on the prompt: a 312 ms step, 6x the interactive TPOT.
+    fcfs = Scheduler(BlockManager(200, 16), FCFS(), SchedulerConfig(512, 8), LinearSteps())
+    for r in [request("a", 4, 0.0, INTERACTIVE), request("b", 4, 0.0, INTERACTIVE)]:
+        fcfs.add(r)
+    apply(fcfs, fcfs.schedule())
+    fcfs.add(request("long", 300, 0.02, BATCH))
+    assert [s.num_new_tokens for s in fcfs.schedule().scheduled] == [1, 1, 300]
+
+
+def test_a_late_decode_does_not_limit_the_step_but_the_chunk_never_drops_below_the_floor():
+    clock = ManualClock(0.0)
+    scheduler = slo_scheduler(clock)
+    scheduler.add(request("late", 4, 0.0, INTERACTIVE))
+    apply(scheduler, scheduler.schedule(), clock, 0.7)  # first token at 0.7 s: TTFT 0.5 s missed
+    scheduler.add(request("long", 300, 0.7, BATCH))
+    assert [s.num_new_tokens for s in scheduler.schedule().scheduled] == [1, 300]
+    tight = slo_scheduler(ManualClock(0.0))
+    tight.add(request("tiny-tpot", 4, 0.0, SLO(ttft=0.5, tpot=0.001)))
+    apply(tight, tight.schedule(), tight.policy.clock, 0.01)
+    tight.add(request("long", 300, 0.01, BATCH))
+    assert [s.num_new_tokens for s in tight.schedule().scheduled] == [1, tight.min_chunk]
+
+
+def test_blocked_high_priority_request_preempts_lower_priority_running_ones():
+    blocks = BlockManager(4, 4)  # 16 token slots
+    scheduler = Scheduler(blocks, PriorityPolicy(), SchedulerConfig(64, 8))
+    low_early, low_late = request("low-early", 6, 0.0, priority=5), request("low-late", 6, 1.0, priority=5)
+    scheduler.add(low_early)
+    scheduler.add(low_late)
+    apply(scheduler, scheduler.schedule())  # both running, every block taken
+    urgent = request("urgent", 6, 2.0, priority=0)
+    scheduler.add(urgent)
+    plan = scheduler.schedule()
+    # Both decodes fit their 2 blocks; urgent needs 2 more: the worst-ranked low one goes, and its
+    # decode already planned this step leaves the plan.
+    assert plan.preempted_request_ids == ["low-late"]
+    assert [s.request_id for s in plan.scheduled] == ["low-early", "urgent"]
+    assert low_late.status is RequestStatus.PREEMPTED and low_late.num_computed_tokens == 0
+    # An equal-priority arrival never preempts: no ping-pong between peers.
+    assert not scheduler.policy.preempts(request("peer", 4, 3.0, priority=5), low_early)
+
+
+def test_priority_preemption_does_not_starve_the_preempted_request():
+    """Through an engine: the preempted request returns ahead of later low-priority arrivals and completes."""
+    engine = LLMEngine(CountingExecutor(num_kv_blocks=6), SchedulerConfig(64, 2, 4, policy="priority"),
+                       max_model_len=64, vocab_size=1000, clock=ManualClock(0.0))
+    engine.add_request("low-0", list(range(1, 9)), SamplingParams(max_tokens=4), priority=5, arrival_time=0.0)
+    engine.add_request("low-1", list(range(1, 9)), SamplingParams(max_tokens=4), priority=5, arrival_time=1.0)
+    engine.step()  # both low requests run and hold both seats
+    engine.add_request("urgent", list(range(1, 5)), SamplingParams(max_tokens=4), priority=0, arrival_time=2.0)
+    engine.add_request("low-2", list(range(1, 5)), SamplingParams(max_tokens=4), priority=5, arrival_time=3.0)
+    first_done = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                first_done.append((out.request_id, out.num_preemptions, len(out.outputs[0].token_ids)))
+    # urgent took low-1's seat (low-0 was further along and ends first); low-1 resumes before low-2.
+    assert [d[0] for d in first_done] == ["low-0", "urgent", "low-1", "low-2"]
+    assert dict((rid, p) for rid, p, _ in first_done)["low-1"] == 1  # it was preempted, and still came before low-2
+    assert all(n == 4 for *_, n in first_done)
+    assert engine.block_manager.num_used_blocks == 0
