@@ -182,7 +182,7 @@ def speed(report: Report, device: str, workdir: Path, small: bool) -> None:
     llm.generate(prompt_token_ids=batch_prompts[:8], sampling_params=SamplingParams(max_tokens=8, ignore_eos=True))
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=batch_prompts, sampling_params=batch)
-    ours_batch = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+    ours_batch = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
     del llm, model, outs
     gc.collect()
     if device.startswith("cuda"):

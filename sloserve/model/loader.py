@@ -13,8 +13,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from sloserve.config import DTYPES, EngineConfig
 from sloserve.model.attention import select_backend, uses_triton
 from sloserve.model.llama import LlamaForCausalLM, ModelShape
-from sloserve.model.ops import select_ops
+from sloserve.model.ops import KernelOps, select_ops
 from sloserve.model.resolve import TOKENIZER_FILES, custom_code_of, has_tokenizer, resolve_model_dir
+from sloserve.model.skinny import select_isa
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -136,7 +137,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     else:
         model.load_state_dict(read_hf_weights(model_dir, shape, device), strict=True)
     model.to(dtype).eval().requires_grad_(False)
-    model.pack_weights()
+    kernels = ops.kernels if isinstance(ops, KernelOps) else None
+    model.prepare_weights(kernels, select_isa() if kernels is not None else "portable", cfg.quantization)
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg, model_dir)
     return LoadedModel(model, dtype, max_model_len, shape.vocab_size, eos_token_ids(model_dir, config), tokenizer)
 

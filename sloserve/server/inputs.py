@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from sloserve.request import SLO, SamplingParams
 from sloserve.slo_classes import SLOClasses
 from sloserve.server.errors import APIError
-from sloserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from sloserve.server.tokenizing import PromptTokenizer
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # completions' default when max_tokens is absent
 
@@ -25,7 +26,7 @@ class EngineInputs:
     slo: SLO | None
 
 
-def completion_prompt(req: CompletionRequest, tokenizer) -> list[int]:
+async def completion_prompt(req: CompletionRequest, tokens: PromptTokenizer | None) -> list[int]:
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -33,31 +34,17 @@ def completion_prompt(req: CompletionRequest, tokenizer) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, list):
         return list(prompt)
-    if tokenizer is None:
+    if tokens is None:
         raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
-    return tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
+    return await tokens.prompt(prompt)
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
-    text = chat_text(tokenizer, req.messages, add_generation_prompt=req.add_generation_prompt,
-                     continue_final_message=req.continue_final_message)
-    # The template writes any special tokens (BOS, role markers) itself, unless asked (vLLM's default: no).
-    return tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
-
-
-def chat_text(tokenizer, messages: list[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool) -> str:
-    """The conversation through the tokenizer's chat template (chat completions and /tokenize)."""
-    if tokenizer is None:
+async def chat_prompt(req: ChatCompletionRequest, tokens: PromptTokenizer | None) -> list[int]:
+    if tokens is None:
         raise APIError(400, "chat completions need a tokenizer, and this model has none; use /v1/completions with token ids")
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokens.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-    try:
-        return tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text()} for m in messages], tokenize=False,
-            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-        )
-    except Exception as error:  # noqa: BLE001 - templates raise their own errors on bad conversations
-        raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
+    return await tokens.chat([{"role": m.role, "content": m.text()} for m in req.messages])
 
 
 def sampling_extensions(req: SamplingFields) -> dict:
@@ -106,7 +93,9 @@ def engine_inputs(
             **sampling_extensions(req),
         )
     except ValueError as error:
-        raise APIError(400, str(error)) from None
+        # SamplingParams' messages open with the parameter's name.
+        message = str(error)
+        raise APIError(400, message, param=message.split(" ", 1)[0]) from None
     return EngineInputs(prompt_token_ids, params, req.priority, request_slo(req, slo_classes or SLOClasses(), slo_class_header))
 
 

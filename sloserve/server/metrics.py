@@ -32,6 +32,7 @@ _RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 _SLOSERVE_ONLY = {"request_rejected", "kv_cache_used_blocks", "kv_cache_total_blocks", "step_time_prediction_error",
                   "predicted_time_to_first_token_seconds", "time_to_first_token_over_predicted"}
 
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -176,6 +177,7 @@ class ServerMetrics:
         self.request_prompt_tokens.observe(len(out.prompt_token_ids))
         times = completion.token_times
         self._generation_tokens.inc(len(times))
+        # A shift here also shows inputs crafted to inflate output (the verbose-input latency attack).
         self.request_generation_tokens.observe(len(times))
         if out.finished_time is not None:
             self.e2e.observe(out.finished_time - out.arrival_time)
@@ -214,6 +216,10 @@ class _StepObserver:
         self.metrics = metrics
         self.num_kv_blocks = inner.num_kv_blocks
 
-    def execute(self, plan: SchedulerOutput) -> list[int | None]:
+    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         self.metrics.on_step(plan)
         return self.inner.execute(plan)
+
+    def __getattr__(self, name: str):
+        # Everything else (the model, the sampler, ...) is the wrapped executor's.
+        return getattr(self.inner, name)

@@ -27,6 +27,9 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "logits_processors": None,
     "return_tokens_as_token_ids": None,
     "prompt_embeds": None,
+    "add_special_tokens": None,  # refused at any value: its default differs by endpoint
+    "add_generation_prompt": True,
+    "continue_final_message": False,
     "chat_template": None,
     "chat_template_kwargs": None,
     "documents": None,
@@ -40,5 +43,5 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
 
 def refuse_unsupported_vllm_fields(body: dict) -> None:
     for name, default in _UNSUPPORTED_DEFAULTS.items():
-        if name in body and body[name] is not None and body[name] != default:
+        if name in body and body[name] is not None and (default is None or body[name] != default):
             raise APIError(400, f"{name} is not supported by this server (leave it out)", param=name)

@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict
 
 import sloserve
 from sloserve.server.errors import APIError
-from sloserve.server.inputs import chat_text
 from sloserve.server.protocol import ChatMessage, parse_body
 
 
@@ -20,7 +19,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None  # vLLM's default: True for a prompt, False for messages
+    # vLLM's template and special-token controls: only their defaults are supported (checked below).
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
@@ -35,36 +35,38 @@ class DetokenizeRequest(BaseModel):
 
 def register_vllm_routes(app: FastAPI, ctx, health: Callable[[], Awaitable]) -> None:
     """Add the routes to `app`; `ctx` is the app's ServerContext (tokenizer, limits, model check)."""
-    tokenizer = ctx.engine.engine.tokenizer
-
-    def need_tokenizer():
-        if tokenizer is None:
+    def need_tokens():
+        if ctx.tokens is None:
             raise APIError(400, "this server has no tokenizer (--skip-tokenizer-init)")
-        return tokenizer
+        return ctx.tokens
 
     @app.post("/tokenize")
     async def tokenize(raw: Request):
         body = parse_body(await raw.body(), TokenizeRequest)
         ctx.check_model(body.model)
-        tok = need_tokenizer()
+        tokens_of = need_tokens()
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either prompt or messages", param="prompt")
-        if body.messages is not None:
-            text = chat_text(tok, body.messages, add_generation_prompt=body.add_generation_prompt,
-                             continue_final_message=body.continue_final_message)
-            add_special = bool(body.add_special_tokens)  # the template writes its own special tokens
+        chat = body.messages is not None
+        # Tokenized exactly as the completion endpoints do; other template settings are refused.
+        for name, supported in (("add_generation_prompt", True), ("continue_final_message", False),
+                                ("add_special_tokens", not chat)):
+            if getattr(body, name) not in (None, supported):
+                raise APIError(400, f"{name}={getattr(body, name)} is not supported by this server", param=name)
+        if chat:
+            if not getattr(tokens_of.tokenizer, "chat_template", None):
+                raise APIError(400, "this model's tokenizer has no chat template", param="messages")
+            tokens = await tokens_of.chat([{"role": m.role, "content": m.text()} for m in body.messages])
         else:
-            text = body.prompt
-            add_special = body.add_special_tokens is not False
-        tokens = tok.encode(text, add_special_tokens=add_special)
-        strs = tok.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+            tokens = await tokens_of.prompt(body.prompt)
+        strs = tokens_of.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
         return {"count": len(tokens), "max_model_len": ctx.limits.max_model_len, "tokens": tokens, "token_strs": strs}
 
     @app.post("/detokenize")
     async def detokenize(raw: Request):
         body = parse_body(await raw.body(), DetokenizeRequest)
         ctx.check_model(body.model)
-        tok = need_tokenizer()
+        tok = need_tokens().tokenizer
         vocab = ctx.engine.engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -76,6 +78,10 @@ def register_vllm_routes(app: FastAPI, ctx, health: Callable[[], Awaitable]) -> 
         return {"version": sloserve.__version__}
 
     # SageMaker's liveness probe, as vLLM serves it: the same answer as /health.
-    @app.api_route("/ping", methods=["GET", "POST"])
+    @app.get("/ping")
     async def ping():
+        return await health()
+
+    @app.post("/ping")
+    async def ping_post():
         return await health()
