@@ -14,10 +14,10 @@ from starlette.background import BackgroundTask
 from sloserve.engine.async_engine import AsyncLLMEngine, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
 from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError
-from sloserve.server.inputs import EngineInputs
 from sloserve.server.guard import api_key_of
+from sloserve.server.inputs import EngineInputs
 from sloserve.server.metrics import ServerMetrics
-from sloserve.server.output_budget import OutputBudget
+from sloserve.server.output_budget import Lease, OutputBudget
 from sloserve.server.protocol import SamplingFields
 from sloserve.server.responses import ChatFormat, CompletionFormat, Envelope, Usage
 
@@ -90,7 +90,7 @@ class Serving:
         return JSONResponse(reply.full(final))
 
     async def _events(self, raw: Request, request_id: str, outputs: RequestStream, reply: _Reply, include_usage: bool,
-                      lease):
+                      lease: Lease):
         done = False
         try:
             async with self._abort_on_disconnect(raw, request_id):
