@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from sloserve import cli_args
 from sloserve.cli_args import default_model_dir, parse_bytes, parse_slo_classes
 
 def read_chat_template(value: str) -> str:
@@ -47,7 +48,10 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_num_batched_tokens: int = typer.Option(512, help="token budget of one step"),
-    kv_cache_memory: str = typer.Option("1GiB", help="KV-cache memory, in bytes or e.g. 2GiB"),
+    device: str = cli_args.DEVICE,
+    gpu_memory_utilization: float = cli_args.GPU_MEMORY_UTILIZATION,
+    enforce_eager: bool = cli_args.ENFORCE_EAGER,
+    kv_cache_memory: str | None = cli_args.KV_CACHE_MEMORY,
     num_kv_blocks: int | None = typer.Option(None, help="KV-cache blocks (overrides --kv-cache-memory)"),
     max_num_seqs: int = typer.Option(64),
     max_model_len: int | None = typer.Option(None, help="default: the model's max_position_embeddings"),
@@ -119,9 +123,9 @@ def serve(
         config = EngineConfig(
             model=str(model_dir), tokenizer=tokenizer, revision=revision, download_dir=download_dir,
             skip_tokenizer_init=skip_tokenizer_init, load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
-            num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            use_kernels=kernels, policy=policy, quantization=quantization,
+            num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, use_kernels=kernels, policy=policy, quantization=quantization,
+            **cli_args.device_knobs(device, gpu_memory_utilization, enforce_eager, kv_cache_memory),
         )
         settings = ServerSettings(
             # vLLM's default: the model as given (a hub id stays "org/name"); a directory by its name.

@@ -142,3 +142,12 @@ def test_slo_classes_parse_into_engine_slos():
     assert classes.resolve(None) == SLO(ttft=0.2, tpot=0.05)
     with pytest.raises(ValueError, match="given twice"):
         parse_slo_classes(["a=ttft:1s", "a=ttft:2s"], None)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without a GPU")
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(command):
+    args = [command, str(default_model_dir()), "--device", "cuda"] + (["-p", "hi"] if command == "generate" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2  # a usage error with a message, not a traceback
+    assert "no CUDA GPU" in " ".join(result.output.replace("│", " ").split())
