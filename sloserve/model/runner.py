@@ -8,6 +8,7 @@ from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.attention import SequenceRows
 from sloserve.model.kv_memory import kv_cache_blocks
 from sloserve.model.loader import LoadedModel
+from sloserve.model.logits_processors import TokenHistories
 from sloserve.model.sampler import Sampler
 
 
@@ -28,6 +29,7 @@ class ModelExecutor:
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in cache]
         self.sampler = Sampler(config.seed, self.device)
+        self.histories = TokenHistories(loaded.eos_token_ids)  # for penalties and min_tokens
         self.graphs = None
         if use_graphs:
             from sloserve.model.cuda_graphs import DecodeGraphs  # CUDA only: imports Triton
@@ -38,6 +40,7 @@ class ModelExecutor:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> list[list[int]]:
         self.sampler.forget(plan.finished_request_ids)
+        self.histories.record(plan)
         # Decode rows (one new token) first, then prefill chunks: the CPU backend batches the former.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
         ordered = decodes + [s for s in plan.scheduled if s.num_new_tokens > 1]
@@ -68,7 +71,7 @@ class ModelExecutor:
             return [[] for _ in plan.scheduled]
         sampling = [s for s in ordered if s.samples]
         tokens = self.sampler.sample(
-            logits, [s.request_id for s in sampling], [s.sampling_params for s in sampling]
+            logits, [s.request_id for s in sampling], [s.sampling_params for s in sampling], self.histories.of(sampling)
         )
         by_request = {id(s): [t] for s, t in zip(sampling, tokens)}
         return [by_request.get(id(s), []) for s in plan.scheduled]
