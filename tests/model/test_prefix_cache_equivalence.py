@@ -27,7 +27,7 @@ def test_caching_on_and_off_both_match_transformers(kind, tiny_model_dir):
         blocks = llm.engine.block_manager
         for attempt in ("cold", "warm"):  # warm: every prompt's prefix is already cached
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-            assert [o.token_ids for o in outs] == expected, f"{kind}, caching={caching}, {attempt}"
+            assert [o.outputs[0].token_ids for o in outs] == expected, f"{kind}, caching={caching}, {attempt}"
             assert blocks.num_free_blocks == blocks.num_blocks  # every block back, free or cached
         if caching:
             assert blocks.stats.hits >= 36 * (2 * len(prompts) - 1)  # all but the very first prompt reuse the system prompt
@@ -42,7 +42,7 @@ def test_preemption_with_shared_blocks_matches_transformers(tiny_model_dir):
     expected = hf_greedy(model_dir, prompts)
     llm = LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=40)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-    assert [o.token_ids for o in outs] == expected
+    assert [o.outputs[0].token_ids for o in outs] == expected
     assert sum(o.num_preemptions for o in outs) > 0
     blocks = llm.engine.block_manager
     assert blocks.num_free_blocks == blocks.num_blocks and all(b.ref_count == 0 for b in blocks.blocks)
