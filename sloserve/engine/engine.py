@@ -9,6 +9,7 @@ from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.policy import Policy, make_policy
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig
+from sloserve.engine.speculator import Speculator
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
 
 
@@ -25,6 +26,7 @@ class LLMEngine:
         clock: Clock | None = None,
         policy: Policy | None = None,
         predictor: StepPredictor | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.executor = executor
         self.max_model_len = max_model_len
@@ -39,6 +41,7 @@ class LLMEngine:
         policy = policy or make_policy(self.config.policy, self.clock, self.predictor, self.config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, policy, self.config, self.predictor)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.speculator = speculator
 
     @property
     def requests(self) -> dict[str, Request]:
@@ -108,7 +111,13 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock.now()
-        plan = self.scheduler.schedule()
+        drafts, draft_seconds = None, 0.0
+        if self.speculator is not None:
+            drafts = self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
+            draft_seconds = self.clock.now() - start
+        plan = self.scheduler.schedule(drafts)
+        if self.speculator is not None and plan.preempted_request_ids:
+            self.speculator.forget(plan.preempted_request_ids)
         if not plan.scheduled:
             return []
         for s in plan.scheduled:
@@ -116,12 +125,15 @@ class LLMEngine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
         sampled = self.executor.execute(plan)
+        if self.speculator is not None:
+            self.speculator.observe(plan, sampled)
         now = self.clock.now()
         outputs = []
         for request, tokens in self.scheduler.update_from_output(plan, sampled):
             outputs.append(self._process_tokens(request, tokens, now))
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
-        self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
+        # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
+        self.predictor.observe(StepShape.of(plan), self.clock.now() - start - draft_seconds)
         return outputs
 
     def _process_tokens(self, request: Request, tokens: list[int], now: float) -> RequestOutput:
@@ -170,3 +182,5 @@ class LLMEngine:
         request.finished_time = self.clock.now()
         self.scheduler.finish(request, status)
         self._detokenizers.pop(request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget([request.request_id])

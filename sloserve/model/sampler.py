@@ -27,10 +27,10 @@ class Sampler:
         tokens = logits.max(dim=-1).indices.tolist()
         for row, (request_id, p) in enumerate(zip(request_ids, params)):
             if not p.greedy:
-                tokens[row] = self._sample_row(logits[row], p, self._generator(request_id, p))
+                tokens[row] = self._sample_row(logits[row], p, self.generator_for(request_id, p))
         return tokens
 
-    def _generator(self, request_id: str, p: SamplingParams) -> torch.Generator:
+    def generator_for(self, request_id: str, p: SamplingParams) -> torch.Generator:
         if p.seed is None:
             return self.generator
         generator = self._request_generators.get(request_id)
@@ -38,8 +38,13 @@ class Sampler:
             generator = self._request_generators[request_id] = torch.Generator(self.device).manual_seed(p.seed)
         return generator
 
+    @classmethod
+    def _sample_row(cls, logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+        return int(torch.multinomial(cls.probabilities(logits, p), 1, generator=generator))
+
     @staticmethod
-    def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """The distribution a non-greedy request samples from: temperature, top-k, top-p applied to one row."""
         logits = logits / p.temperature
         if 0 < p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -50,5 +55,4 @@ class Sampler:
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
             drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
             logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return logits.softmax(-1)
