@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import typer
 
+from sloserve.cli_args import SPECULATIVE_CONFIG_HELP, parse_speculative_config
 from sloserve.demo import demo
 from sloserve.server.cli import serve
 from sloserve.bench.cli import app as bench_app
@@ -27,11 +28,12 @@ def generate(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: int | None = typer.Option(None),
+    speculative_config: str | None = typer.Option(None, help=SPECULATIVE_CONFIG_HELP),
 ) -> None:
     """Generate completions offline and print them with their latency."""
     from sloserve import LLM, SamplingParams
 
-    llm = LLM(model, load_format=load_format, dtype=dtype)
+    llm = LLM(model, load_format=load_format, dtype=dtype, speculative_config=parse_speculative_config(speculative_config))
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     for text, out in zip(prompt, llm.generate(prompt, params)):
         typer.echo(f"{text!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}, TTFT {out.ttft * 1e3:.0f} ms]")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import typer
 
-from sloserve.cli_args import default_model_dir, parse_bytes, parse_slo_classes
+from sloserve.cli_args import (SPECULATIVE_CONFIG_HELP, default_model_dir, parse_bytes, parse_slo_classes,
+                               parse_speculative_config)
 
 def serve(
     model: str | None = typer.Argument(None, help="Hugging Face model directory (default: the bundled demo model)"),
@@ -26,6 +27,7 @@ def serve(
     admission: str = typer.Option("queue", help="none | queue (the waiting caps) | slo (the caps, and 429 for requests predicted to miss their TTFT)"),
     profile: str | None = typer.Option(None, help="a profile.json (`sloserve profile`) to start the step-time predictor from"),
     profile_out: str | None = typer.Option(None, help="on shutdown, save the online-calibrated step-time model here (for `sloserve simulate`)"),
+    speculative_config: str | None = typer.Option(None, help=SPECULATIVE_CONFIG_HELP),
     kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
@@ -57,7 +59,7 @@ def serve(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            use_kernels=kernels, policy=policy,
+            use_kernels=kernels, policy=policy, speculative_config=parse_speculative_config(speculative_config),
         )
         settings = ServerSettings(
             served_model_names=list(served_model_name or [model_dir.name]),

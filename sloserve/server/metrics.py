@@ -6,7 +6,7 @@ from __future__ import annotations
 # text format, and appends `_total` to counters itself.
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from sloserve.engine.async_engine import AsyncLLMEngine
 from sloserve.request import RequestOutput
@@ -44,12 +44,41 @@ class _EngineStateCollector:
         )
 
 
+class _SpecDecodeCollector:
+    """vLLM's spec-decode counters (drafts, draft/accepted/emitted tokens, accepted per position), read at scrape time."""
+
+    def __init__(self, stats, model_name: str) -> None:
+        self.stats, self.model_name = stats, model_name
+
+    def collect(self):
+        st, labels = self.stats, [self.model_name]
+        for name, doc, value in (
+            ("num_drafts", "Verifications: request-steps that verified drafts.", st.num_drafts),
+            ("num_draft_tokens", "Draft tokens proposed and verified.", st.num_draft_tokens),
+            ("num_accepted_tokens", "Draft tokens accepted.", st.num_accepted_tokens),
+            ("num_emitted_tokens", "Tokens emitted by verifications (accepted drafts plus the target's own).", st.num_emitted_tokens),
+        ):
+            family = CounterMetricFamily(f"sloserve:spec_decode_{name}", doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            yield family
+        per_pos = CounterMetricFamily("sloserve:spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position.",
+                                      labels=["model_name", "position"])
+        for pos, value in enumerate(st.accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(pos)], value)
+        yield per_pos
+        yield GaugeMetricFamily("sloserve:spec_decode_draft_acceptance_rate", "Accepted over drafted tokens.",
+                                value=st.acceptance_rate)
+
+
 class ServerMetrics:
     """One registry per server (never prometheus-client's global one), so servers in one process do not mix."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStateCollector(engine))
+        speculator = getattr(engine.engine, "speculator", None)
+        if speculator is not None:
+            self.registry.register(_SpecDecodeCollector(speculator.stats, model_name))
         labels = {"model_name": model_name}
         r = self.registry
 

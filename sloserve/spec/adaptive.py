@@ -63,7 +63,7 @@ def choose_k(
     Drafts spend the token budget that prefill chunks would otherwise take, so the prefill that fits
     beside them is part of each candidate's step; its tokens do not count as output.
     """
-    best_k, best_rate = 0, 0.0
+    best_k, best_rate, previous = 0, 0.0, 0.0
     for k in range(max_k + 1):
         ks = [min(k, limit) for limit in limits]
         new = [1 + x for x in ks]
@@ -71,7 +71,8 @@ def choose_k(
         prefill = min(prefill_tokens, budget - sum(new))
         if prefill > 0:
             shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
-        seconds = target.step_seconds(shape) + (draft_seconds(ks, contexts) if k else 0.0)
+        # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
+        previous = seconds = max(previous, target.step_seconds(shape) + (draft_seconds(ks, contexts) if k else 0.0))
         rate = sum(expected_tokens(a, x) for a, x in zip(alphas, ks)) / max(seconds, 1e-9)
         if rate > best_rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
             best_k, best_rate = k, rate
