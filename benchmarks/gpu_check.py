@@ -160,6 +160,11 @@ def speed(report: Report, device: str, workdir: Path, small: bool) -> None:
     step_ms = min(steps) * 1e3
     report.add("decode step, 1 request (ms): sloserve / bandwidth limit",
                f"{step_ms:.2f} / {limit_ms:.2f} = {step_ms / limit_ms:.2f}x", "target <= 1.5x")
+    graphs, llm.engine.executor.graphs = llm.engine.executor.graphs, None  # the same engine, launched op by op
+    times = llm.generate(prompt_token_ids=prompt, sampling_params=decode)[0].token_times
+    eager_ms = statistics.median(b - a for a, b in zip(times[1:], times[2:])) * 1e3
+    llm.engine.executor.graphs = graphs
+    report.add("decode step, 1 request, eager (no CUDA graphs) (ms)", f"{eager_ms:.2f}", f"graphs {eager_ms / step_ms:.2f}x faster")
     report.data["decode"] = dict(step_ms=steps, limit_ms=limit_ms, weight_bytes=weight_bytes, bandwidth=bandwidth)
 
     # Prefill of 2,048 tokens, and 64 concurrent requests, against transformers.
