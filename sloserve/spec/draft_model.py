@@ -50,7 +50,7 @@ class DraftModelProposer:
                 self.cached.pop(r.request_id, None)
                 continue
             computed[i], pending[i] = common, r.token_ids[common:]
-        for step in range(max((r.k for r in batch), default=0)):
+        for _ in range(max((r.k for r in batch), default=0)):
             active = [i for i, r in enumerate(batch) if pending[i] and len(drafts[i]) < r.k]
             if not active:
                 break

@@ -1,6 +1,7 @@
 """Speculation as the engine sees it: which requests draft how many tokens this step, and what verification showed."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from sloserve.engine.cost import StepTimeModel
@@ -40,6 +41,9 @@ class Speculation:
         self.acceptance = AcceptanceEstimator()
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
         self.last_k = 0  # the k the latest step chose (adaptive) or K (fixed)
+        # Measured over predicted proposal time: the proposer's model times its forward passes, a proposal
+        # also pays for building batches and sampling; this running ratio folds that in.
+        self.draft_scale = 1.0
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
@@ -52,12 +56,22 @@ class Speculation:
         if self.config.k_policy == "adaptive" and decoding:
             prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
             k = choose_k(k, limits, [r.num_tokens for r in decoding], [self.acceptance.alpha(r.request_id) for r in decoding],
-                         prefill, self.budget, predictor, self.proposer.predict_seconds)
+                         prefill, self.budget, predictor, self._draft_seconds)
         self.last_k = k
         batch = [DraftRequest(r.request_id, r.all_token_ids, min(k, limit), r.sampling_params)
                  for r, limit in zip(decoding, limits) if min(k, limit) > 0]
-        drafts = self.proposer.propose(batch) if batch else []
+        if not batch:
+            return {}
+        predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
+        start = time.perf_counter()
+        drafts = self.proposer.propose(batch)
+        if predicted > 0:
+            ratio = min(max((time.perf_counter() - start) / predicted, 0.1), 10.0)
+            self.draft_scale += 0.1 * (ratio - self.draft_scale)
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
+
+    def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
+        return self.draft_scale * self.proposer.predict_seconds(ks, contexts)
 
     def observe(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
         for s, tokens in zip(plan.scheduled, sampled):

@@ -107,3 +107,18 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_model_dir):
 def test_bad_speculative_configs_are_refused(spec, message, tiny_model_dir):
     with pytest.raises(ValueError, match=message):
         LLM(str(tiny_model_dir("llama")), speculative_config=spec)
+
+
+def test_sampled_requests_with_a_draft_model_run_through_rejection_sampling(tiny_model_dir):
+    """End to end: sampled drafts, their distributions handed to the verifier; a seeded request repeats itself."""
+    model_dir = tiny_model_dir("llama")
+    spec = {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3}
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True) for s in range(len(prompts()))]
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(model_dir), dtype="float32", speculative_config=spec)
+        runs.append([o.token_ids for o in llm.generate(prompt_token_ids=prompts(), sampling_params=params)])
+        st = check_counts(llm)
+        assert st.num_drafts > 0 and st.num_accepted_tokens > 0
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert runs[0] == runs[1] and all(len(t) == MAX_TOKENS for t in runs[0])
