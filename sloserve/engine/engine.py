@@ -115,7 +115,7 @@ class LLMEngine:
         if self.speculator is not None:
             drafts = self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
             draft_seconds = self.clock.now() - start
-        plan = self.scheduler.schedule(drafts)
+        plan = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
         if self.speculator is not None and plan.preempted_request_ids:
             self.speculator.forget(plan.preempted_request_ids)
         if not plan.scheduled:
