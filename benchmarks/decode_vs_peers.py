@@ -1,6 +1,6 @@
 """Prefill, decode and batch speed of sloserve vs transformers and llama.cpp, side by side."""
 
-# Run: python benchmarks/decode_vs_peers.py [--rounds 3] [--dtypes float32,bfloat16] [--threads 2]
+# Run: python benchmarks/decode_vs_peers.py [--rounds 3] [--dtypes float32,bfloat16,int8] [--threads 2]
 #      [--systems sloserve,hf,llamacpp] [--quick] [--json out.json]
 # Peers: CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install -e .[bench-peers]
 # (llama-cpp-python compiles llama.cpp; GGML_NATIVE targets this CPU's AVX-512/BF16/AMX). All systems live in one process and take turns
@@ -33,6 +33,13 @@ MODEL = dict(
     rope_theta=10000.0, max_position_embeddings=2048,
 )
 ALL_SYSTEMS = ("sloserve", "hf", "llamacpp")
+# What each system runs in a row of the table: sloserve (dtype, quantization), HF's dtype, llama.cpp's
+# GGUF type. int8 is sloserve's weight-only int8 beside llama.cpp's q8_0; transformers has no CPU int8 path.
+VARIANTS = {
+    "float32": {"sloserve": ("float32", None), "hf": "float32", "llamacpp": "float32"},
+    "bfloat16": {"sloserve": ("bfloat16", None), "hf": "bfloat16", "llamacpp": "bfloat16"},
+    "int8": {"sloserve": ("bfloat16", "int8"), "llamacpp": "q8_0"},
+}
 MEASURES = ("prefill_s", "decode_tok_s", "batch_total_tok_s", "batch_gen_tok_s")
 LOWER_IS_BETTER = {"prefill_s"}
 
@@ -84,14 +91,14 @@ class SloservePeer:
 
     name = "sloserve"
 
-    def __init__(self, config_dir: str, dtype: str, workload: Workload, batched_tokens: int,
-                 seed: int = 0):
+    def __init__(self, config_dir: str, dtype: str, quantization: str | None, workload: Workload,
+                 batched_tokens: int, seed: int = 0):
         from sloserve import LLM, SamplingParams
 
         self._params = SamplingParams
         # KV room for the whole batch at once (x1.25 for block rounding), so no preemption.
         kv_bytes = int(workload.kv_tokens * _kv_bytes_per_token(dtype) * 1.25)
-        self.llm = LLM(model=config_dir, load_format="dummy", dtype=dtype, seed=seed,
+        self.llm = LLM(model=config_dir, load_format="dummy", dtype=dtype, seed=seed, quantization=quantization,
                        max_num_batched_tokens=batched_tokens,
                        max_num_seqs=len(workload.batch_prompts),
                        kv_cache_memory_bytes=max(kv_bytes, 64 << 20))
@@ -130,14 +137,49 @@ def _kv_bytes_per_token(dtype: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_system(name: str, dtype: str, args, workload: Workload, workdir: str):
+def matrix_shapes() -> list[tuple[int, int]]:
+    """[out, in] of every matrix a decode token streams: each layer's projections and the vocabulary head."""
+    hidden, ffn = MODEL["hidden_size"], MODEL["intermediate_size"]
+    head_dim = hidden // MODEL["num_attention_heads"]
+    q, kv = MODEL["num_attention_heads"] * head_dim, MODEL["num_key_value_heads"] * head_dim
+    layer = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (ffn, hidden), (ffn, hidden), (hidden, ffn)]
+    return layer * MODEL["num_hidden_layers"] + [(MODEL["vocab_size"], hidden)]
+
+
+def weight_bytes_per_token(name: str, variant: str) -> float:
+    """Bytes of weights one decode token reads in this system (the embedding lookup reads one row: left out)."""
+    shapes = matrix_shapes()
+    if name == "llamacpp":
+        return sum(n * k for n, k in shapes) * peers.GGUF_BYTES_PER_WEIGHT[VARIANTS[variant][name]]
+    if variant == "int8":  # one int8 per weight and one float32 scale per output row
+        return sum(n * k + 4 * n for n, k in shapes)
+    return sum(n * k for n, k in shapes) * (4 if variant == "float32" else 2)
+
+
+def memory_read_gbs(threads: int, mib: int = 512, reps: int = 5) -> float:
+    """This machine's memory-read bandwidth as `threads` threads see it: torch.sum over a float32 buffer
+    far larger than any cache (vectorized, so the memory is the limit), best of reps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(mib << 18, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best / 1e9
+
+
+def build_system(name: str, variant: str, args, workload: Workload, workdir: str):
+    dtype = VARIANTS[variant][name]
     if name == "sloserve":
         config_dir = os.path.join(workdir, "config")
         if not os.path.exists(os.path.join(config_dir, "config.json")):
             from transformers import LlamaConfig
 
             LlamaConfig(**MODEL).save_pretrained(config_dir)
-        return SloservePeer(config_dir, dtype, workload, args.sloserve_batched_tokens)
+        return SloservePeer(config_dir, *dtype, workload, args.sloserve_batched_tokens)
     if name == "hf":
         return peers.HFPeer(MODEL, dtype)
     if name == "llamacpp":
@@ -233,6 +275,9 @@ def build_all(dtype: str, names: list[str], args, workload: Workload, workdir: s
     """Build and warm each system; one that fails is reported, not fatal to the others."""
     systems = {}
     for name in names:
+        if name not in VARIANTS[dtype]:
+            log(f"[{dtype}] {name}: no such variant, not run")
+            continue
         try:
             log(f"[{dtype}] building {name}")
             system = build_system(name, dtype, args, workload, workdir)
@@ -304,6 +349,9 @@ def summarize_all(raw: dict) -> dict:
                 out[dtype][name] = {"error": res["error"]}
                 continue
             out[dtype][name] = {m: summarize(res[m], m) for m in MEASURES if res[m]}
+            if res["decode_tok_s"]:  # weights streamed per second while decoding one request, on the median
+                out[dtype][name]["weights_gbs"] = (
+                    statistics.median(res["decode_tok_s"]) * weight_bytes_per_token(name, dtype) / 1e9)
             out[dtype][name]["batch_mode"] = res.get("batch_mode", "")
             # Other processes' CPU (in cores) during each kept run: 0 is an undisturbed sample.
             out[dtype][name]["interference"] = res["interference"]
@@ -372,6 +420,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores [{m['isa']}], load avg "
         f"{m['load_avg_start']:.1f} at start, {m.get('load_avg_end', float('nan')):.1f} at end",
+        f"memory read bandwidth ({s['threads']} threads, torch.sum over 512 MiB, best of 5): "
+        f"{m['memory_read_gbs_start']:.1f} GB/s at start, {m.get('memory_read_gbs_end', float('nan')):.1f} at end",
         f"versions: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}"
         + (f", {m['llama.cpp']}" if "llama.cpp" in m else ""),
         f"settings: threads {s['threads']}, rounds {s['rounds']}, {s['workload']}",
@@ -380,7 +430,7 @@ def format_report(report: dict) -> str:
     ]
     lines += _busy_warning(report) + [""]
     header = (f"{'dtype':9s} {'system':10s}" + "".join(f"{LABELS[x]:>22s}" for x in MEASURES)
-              + f"{'others cores max':>18s}")
+              + f"{'decode weights GB/s':>21s}{'others cores max':>18s}")
     lines += [header, "-" * len(header)]
     for dtype, per_system in report["results"].items():
         for name, stats in per_system.items():
@@ -388,6 +438,7 @@ def format_report(report: dict) -> str:
                 lines.append(f"{dtype:9s} {name:10s}  unavailable: {stats['error']}")
                 continue
             row = "".join(f"{_cell(stats.get(x), x):>22s}" for x in MEASURES)
+            row += f"{stats['weights_gbs']:>21.1f}" if "weights_gbs" in stats else f"{'-':>21s}"
             noise = stats["interference"]
             row += f"{max(noise):>18.2f}" if noise else f"{'-':>18s}"
             lines.append(f"{dtype:9s} {name:10s}{row}")
@@ -442,7 +493,7 @@ def _batch_mode_lines(results: dict) -> list[str]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS))
     ap.add_argument("--quick", action="store_true", help="short workload, 1 round: a smoke run")
@@ -463,6 +514,9 @@ def main(argv=None) -> int:
     unknown = set(names) - set(ALL_SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if set(dtypes) - set(VARIANTS):
+        raise SystemExit(f"unknown dtypes: {', '.join(sorted(set(dtypes) - set(VARIANTS)))}")
 
     import torch
 
@@ -476,12 +530,14 @@ def main(argv=None) -> int:
         names.remove("sloserve")
 
     machine = machine_info(names)
+    machine["memory_read_gbs_start"] = memory_read_gbs(args.threads)
     with tempfile.TemporaryDirectory(prefix="decode_vs_peers-") as workdir:
-        for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        for dtype in dtypes:
             raw[dtype] = run_dtype(dtype, names, args, workload, workdir)
             if unavailable:
                 raw[dtype]["sloserve"] = {"error": unavailable}
     machine["load_avg_end"] = os.getloadavg()[0]
+    machine["memory_read_gbs_end"] = memory_read_gbs(args.threads)
 
     summary = summarize_all(raw)
     report = {"machine": machine,

@@ -49,8 +49,8 @@ def _add_tensor(writer, name: str, array: np.ndarray, dtype: str) -> None:
     import gguf
 
     # llama.cpp keeps 1-d tensors (norms) in f32 whatever the file type, as its converter does.
-    if dtype == "bfloat16" and array.ndim > 1:
-        qtype = gguf.GGMLQuantizationType.BF16
+    qtype = {"bfloat16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(dtype)
+    if qtype is not None and array.ndim > 1:
         writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     else:
         writer.add_tensor(name, array.astype(np.float32, copy=False))
@@ -83,15 +83,21 @@ def _llama_tensors(config: dict, rng: np.random.Generator):
         yield f"blk.{i}.ffn_down.weight", normal(hidden, ffn)
 
 
+GGUF_FILE_TYPES = {"float32": "ALL_F32", "bfloat16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+# Bytes a matrix weight takes in each GGUF type (q8_0: 32 int8 values and one fp16 scale per block).
+GGUF_BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "q8_0": 34 / 32}
+
+
 def write_gguf(config: dict, path: str, dtype: str = "bfloat16", seed: int = 0) -> str:
     """Write a random-weight Llama GGUF of the shape in `config` (HF LlamaConfig keys).
 
-    dtype is "float32" or "bfloat16" (matrices; norms stay f32). Only speed is measured, so the
-    weights are plain N(0, 0.02) draws (not HF's) and Q/K are not permuted for rotary layout.
+    dtype is "float32", "bfloat16" or "q8_0" (matrices, the embedding too as llama.cpp's converter
+    does; norms stay f32). Only speed is measured, so the weights are plain N(0, 0.02) draws (not
+    HF's) and Q/K are not permuted for rotary layout.
     """
     import gguf
 
-    if dtype not in ("float32", "bfloat16"):
+    if dtype not in GGUF_FILE_TYPES:
         raise ValueError(f"unsupported GGUF dtype {dtype!r}")
     hidden = config["hidden_size"]
     n_heads = config["num_attention_heads"]
@@ -109,8 +115,7 @@ def write_gguf(config: dict, path: str, dtype: str = "bfloat16", seed: int = 0) 
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config["vocab_size"])
-    file_type = gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bfloat16" else gguf.LlamaFileType.ALL_F32
-    writer.add_file_type(file_type)
+    writer.add_file_type(getattr(gguf.LlamaFileType, GGUF_FILE_TYPES[dtype]))
 
     tokens, scores, types = _synthetic_spm_vocab(config["vocab_size"])
     writer.add_tokenizer_model("llama")

@@ -34,7 +34,6 @@ from sloserve.bench.results import BenchResults, capture_environment
 from sloserve.bench.runner import play
 from sloserve.bench.synthetic import SyntheticSource
 from sloserve.bench.workload import Workload
-from sloserve.engine.policy import FCFS
 from sloserve.sim.clock import VirtualClock
 from sloserve.sim.profile import Profile, describe_machine
 from sloserve.sim.results import sim_results, sim_run
@@ -167,7 +166,7 @@ def _real(w: Workload, cfg: ClientConfig, base: str, label: str):
 
 def _sim(prof: Profile, knobs: EngineKnobs, w: Workload, label: str):
     clock = VirtualClock()
-    outcome = simulate(build_sim_engine(prof, knobs, FCFS(), clock), clock, w.requests(),
+    outcome = simulate(build_sim_engine(prof.step_model, knobs, "fcfs", clock), clock, w.requests(),
                        max_concurrency=w.max_concurrency, duration_s=w.duration_s)
     return sim_run(outcome, w, label), outcome
 
@@ -214,7 +213,7 @@ def _sim_speed(prof: Profile, knobs: EngineKnobs, source, rate: float, num: int,
     w = Workload(source, Arrivals("poisson", rate), num, seed=seed)
     specs = w.requests()
     clock = VirtualClock()
-    engine = build_sim_engine(prof, knobs, FCFS(), clock)
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock)
     start = time.perf_counter()
     outcome = simulate(engine, clock, specs)
     wall = time.perf_counter() - start

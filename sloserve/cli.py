@@ -23,6 +23,7 @@ def generate(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text (repeatable)"),
     load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
     dtype: str = typer.Option("auto"),
+    quantization: str | None = typer.Option(None, help="int8: weight-only int8 with per-output-channel scales"),
     max_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0),
@@ -33,7 +34,8 @@ def generate(
     """Generate completions offline and print them with their latency."""
     from sloserve import LLM, SamplingParams
 
-    llm = LLM(model, load_format=load_format, dtype=dtype, speculative_config=parse_speculative_config(speculative_config))
+    llm = LLM(model, load_format=load_format, dtype=dtype, quantization=quantization,
+              speculative_config=parse_speculative_config(speculative_config))
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     for text, out in zip(prompt, llm.generate(prompt, params)):
         typer.echo(f"{text!r} -> {out.text!r}  [{len(out.token_ids)} tokens, {out.finish_reason}, TTFT {out.ttft * 1e3:.0f} ms]")

@@ -10,6 +10,7 @@ from sloserve.spec.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+QUANTIZATIONS = ("int8",)  # sloserve/model/quantization.py
 
 
 @dataclass(slots=True)
@@ -34,12 +35,15 @@ class EngineConfig:
     # sloserve's C++ CPU kernels for the small per-layer ops (built on first use); False: plain PyTorch ops.
     use_kernels: bool = True
     policy: str = "fcfs"  # scheduling policy: fcfs | priority | slo
+    quantization: str | None = None  # "int8": weight-only, per-output-channel scales (vLLM's --quantization)
     # vLLM's speculative_config: a dict (or its JSON text) such as {"method": "ngram", "num_speculative_tokens": 3}.
     speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {self.load_format!r}; choose from {', '.join(LOAD_FORMATS)}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import enum
+import math
+import struct
 from dataclasses import dataclass, field
+
+_INT64 = (-(2**63), 2**63 - 1)
+_FLOAT32_MIN_NORMAL = 2.0**-126  # ~1.1755e-38
 
 
 @dataclass(slots=True)
@@ -22,20 +27,44 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        """Refuse, naming the parameter, any value the sampler could not honour at its float32 precision."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        temperature = _float32("temperature", self.temperature)
+        # Below the smallest normal float32, 1/T (how CUDA divides by a scalar) overflows float32.
+        if temperature < 0 or 0 < self.temperature < _FLOAT32_MIN_NORMAL:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {_FLOAT32_MIN_NORMAL:.4g} (the smallest "
+                             f"normal float32), got {self.temperature}")
+        top_p = _float32("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (and not round to 0 in float32), got {self.top_p}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= _INT64[1]:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not _INT64[0] <= self.seed <= _INT64[1]):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _float32(name: str, value) -> float:
+    """`value` as the sampler sees it (float32); a non-number, NaN, inf or a float32 overflow is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        rounded = struct.unpack("f", struct.pack("f", value))[0]
+    except (OverflowError, struct.error):
+        rounded = math.inf
+    if not math.isfinite(rounded):
+        raise ValueError(f"{name} must be a finite float32, got {value}")
+    return rounded
 
 
 @dataclass(slots=True)
@@ -54,13 +83,15 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the engine failed on this request alone; the others went on
 
     @property
     def finished(self) -> bool:
         return self in _FINISHED
 
 
-_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+             RequestStatus.FINISHED_ERROR}
 
 
 @dataclass(slots=True, eq=False)

@@ -19,10 +19,15 @@ class LoadSnapshot:
     running_prefill_tokens: int = 0  # prompt tokens running requests still have to compute
     waiting: list[tuple[tuple, int]] = field(default_factory=list)  # (policy rank, tokens to its first token)
     step_time_limit: float | None = None  # the policy's limit for the running batch
+    free_seats: int = 1 << 30  # max_num_seqs - running
+    # Steps until each running request ends (max_tokens left), ascending: when seats free up.
+    steps_to_free: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, scheduler: Scheduler) -> LoadSnapshot:
-        snap = cls(step_time_limit=scheduler.policy.step_time_limit(scheduler.running))
+        snap = cls(step_time_limit=scheduler.policy.step_time_limit(scheduler.running),
+                   free_seats=scheduler.config.max_num_seqs - len(scheduler.running))
+        snap.steps_to_free = sorted(r.sampling_params.max_tokens - len(r.output_token_ids) for r in scheduler.running)
         for r in scheduler.running:
             remaining = r.num_tokens - r.num_computed_tokens
             if r.output_token_ids and remaining <= 1:
@@ -42,11 +47,14 @@ class Verdict:
 
 
 class TTFTAdmission:
-    """Predicts a new request's TTFT: the prefill of every request its policy serves first, then its own.
+    """Predicts a new request's TTFT: the prefill of every request its policy serves first, then its own,
+    and no sooner than a seat frees for it (max_num_seqs) if the requests ahead fill them.
 
     Steps are modelled as the running decodes plus one prefill chunk (the budget left by the
-    decodes, cut to the policy's step time limit); decodes that end meanwhile and later arrivals
-    that rank ahead are not foreseen. A request with no TTFT objective is always admitted.
+    decodes, cut to the policy's step time limit); a seat frees when a running request has decoded
+    its max_tokens (an upper bound: a stop ends it sooner). Later arrivals that rank ahead, and
+    preemptions the policy may make for the candidate, are not foreseen. A request with no TTFT
+    objective is always admitted.
     """
 
     def __init__(self, predictor: StepTimeModel, policy: Policy, max_num_batched_tokens: int, min_chunk: int = 16) -> None:
@@ -58,17 +66,26 @@ class TTFTAdmission:
     def predict(self, snapshot: LoadSnapshot, request: Request, extra_tokens_ahead: int = 0) -> tuple[float, int]:
         """(predicted TTFT in seconds from now, prompt tokens computed before its first token)."""
         rank = self.policy.rank(request)
-        ahead = snapshot.running_prefill_tokens + extra_tokens_ahead
-        ahead += sum(tokens for r, tokens in snapshot.waiting if r <= rank)
-        total = ahead + request.num_tokens - request.num_computed_tokens
+        waiting_ahead = [tokens for r, tokens in snapshot.waiting if r <= rank]
+        ahead = snapshot.running_prefill_tokens + extra_tokens_ahead + sum(waiting_ahead)
+        own = request.num_tokens - request.num_computed_tokens
         d = len(snapshot.decode_contexts)
         decodes = StepShape([1] * d, list(snapshot.decode_contexts), [True] * d)
         chunk = max(1, self.budget - d)
         if snapshot.step_time_limit is not None and chunk > self.min_chunk:
             chunk = largest_chunk(self.predictor, decodes, 0, chunk, self.min_chunk, snapshot.step_time_limit)
-        full, rest = divmod(total, chunk)
-        seconds = full * self._step(decodes, chunk) + (self._step(decodes, rest) if rest else 0.0)
+        seconds = self._prefill(decodes, chunk, ahead + own)
+        # The k-th request in line gets the k-th seat to free up; this one is behind those ahead.
+        need = len(waiting_ahead) + 1 - snapshot.free_seats
+        if need > 0 and snapshot.steps_to_free:
+            steps = snapshot.steps_to_free[min(need, len(snapshot.steps_to_free)) - 1]
+            step = self.predictor.step_seconds(decodes) if d else self._step(decodes, chunk)
+            seconds = max(seconds, steps * step + self._prefill(decodes, chunk, own))
         return seconds, ahead
+
+    def _prefill(self, decodes: StepShape, chunk: int, tokens: int) -> float:
+        full, rest = divmod(tokens, chunk)
+        return full * self._step(decodes, chunk) + (self._step(decodes, rest) if rest else 0.0)
 
     def _step(self, decodes: StepShape, chunk: int) -> float:
         return self.predictor.step_seconds(StepShape(decodes.new_tokens + [chunk], decodes.contexts + [0],

@@ -162,6 +162,11 @@ class AsyncLLMEngine:
     def num_waiting_tokens(self) -> int:
         return self.stats.num_waiting_tokens + sum(len(p.prompt_token_ids) for p in self._pending_adds.values())
 
+    @property
+    def num_free_slots(self) -> int:
+        """Running slots (max_num_seqs) not taken at the last step: what the next step can admit at once."""
+        return max(0, self.engine.scheduler.config.max_num_seqs - self.stats.num_running)
+
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, priority: int = 0,
         slo: SLO | None = None,

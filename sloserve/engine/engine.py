@@ -1,16 +1,21 @@
 """LLMEngine: add requests, step the scheduler and executor, stop and free finished requests."""
 from __future__ import annotations
 
+import logging
+
 from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.detokenizer import IncrementalDetokenizer
 from sloserve.engine.executor import Executor
 from sloserve.engine.features import StepShape
+from sloserve.engine.isolation import execute_isolating
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.policy import Policy, make_policy
-from sloserve.engine.scheduler import Scheduler, SchedulerConfig
+from sloserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from sloserve.engine.speculator import Speculator
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -124,17 +129,32 @@ class LLMEngine:
             request = self.requests[s.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
-        sampled = self.executor.execute(plan)
+        survivors, sampled, outputs = self._execute(plan)
         if self.speculator is not None:
-            self.speculator.observe(plan, sampled)
+            self.speculator.observe(survivors, sampled)
         now = self.clock.now()
-        outputs = []
-        for request, tokens in self.scheduler.update_from_output(plan, sampled):
+        for request, tokens in self.scheduler.update_from_output(survivors, sampled):
             outputs.append(self._process_tokens(request, tokens, now))
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
         # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
         self.predictor.observe(StepShape.of(plan), self.clock.now() - start - draft_seconds)
         return outputs
+
+    def _execute(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, list[list[int]], list[RequestOutput]]:
+        """Run the plan; a request whose step raises fails alone (status error), the rest carry on.
+
+        Returns the plan of the requests that ran, their tokens, and the outputs of those that failed.
+        """
+        step = execute_isolating(self.executor.execute, plan)
+        failed = []
+        for s, error in step.failed:
+            logger.error("request %s failed in the executor and was ended alone: %r", s.request_id, error)
+            request = self.requests.get(s.request_id)
+            if request is None:
+                continue
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+            failed.append(RequestOutput.of(request))
+        return step.plan, step.sampled, failed
 
     def _process_tokens(self, request: Request, tokens: list[int], now: float) -> RequestOutput:
         """Stamp the new tokens and check stop conditions token by token; tokens past a stop are dropped."""

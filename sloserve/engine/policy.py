@@ -14,7 +14,7 @@ from typing import Protocol
 from sloserve.engine.clock import Clock
 from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.features import StepShape
-from sloserve.request import Request
+from sloserve.request import Request, RequestStatus
 
 
 class Policy(Protocol):
@@ -68,23 +68,35 @@ class SLOPolicy:
     Waiting requests go by least slack: first-token deadline (arrival + TTFT SLO) minus now minus
     the predicted time of their remaining prefill. Running requests keep their TPOT: the step time
     limit is the tightest TPOT SLO of the decodes in the step, and the scheduler cuts prefill
-    chunks to stay within it (decodes first, as always). A request that can no
-    longer meet its TTFT is late either way: it ranks after every request that still can (and is
-    preempted first), does not constrain the budget, and still completes.
+    chunks to stay within it (decodes first, as always). A waiting request blocked for a seat or
+    blocks preempts a decode with a looser TPOT that can afford the pause (it returns ranked by
+    that slack, not to the back of the line), or a late one; a request gives way at most once. A request that can no longer meet its TTFT is late
+    either way: it ranks after every request that still can (and is preempted first), does not
+    constrain the budget, and still completes.
     """
 
     def __init__(self, clock: Clock, predictor: StepTimeModel, max_num_batched_tokens: int) -> None:
         self.clock = clock
         self.predictor = predictor
         self.budget = max_num_batched_tokens
+        # Every step ranks every waiting request: remember predictions until the predictor is refitted.
+        self._memo: dict[tuple[int, int], float] = {}
+        self._memo_model: object = None
 
     def prefill_seconds(self, num_tokens: int, context: int = 0) -> float:
         """Predicted time to compute `num_tokens` prompt tokens alone, in chunks of the token budget."""
-        seconds, done = 0.0, 0
-        while done < num_tokens:
-            chunk = min(self.budget, num_tokens - done)
-            seconds += self.predictor.step_seconds(StepShape([chunk], [context + done], [done + chunk == num_tokens]))
-            done += chunk
+        model = getattr(self.predictor, "model", self.predictor)
+        if model is not self._memo_model or len(self._memo) > 1 << 16:
+            self._memo.clear()
+            self._memo_model = model
+        seconds = self._memo.get((num_tokens, context))
+        if seconds is None:
+            seconds, done = 0.0, 0
+            while done < num_tokens:
+                chunk = min(self.budget, num_tokens - done)
+                seconds += self.predictor.step_seconds(StepShape([chunk], [context + done], [done + chunk == num_tokens]))
+                done += chunk
+            self._memo[(num_tokens, context)] = seconds
         return seconds
 
     def is_late(self, request: Request, now: float) -> bool:
@@ -99,24 +111,51 @@ class SLOPolicy:
 
     def rank(self, request: Request) -> tuple:
         now = self.clock.now()
-        if request.token_times:  # decoding: the loosest TPOT is preempted first
-            tpot = request.slo.tpot if request.slo and request.slo.tpot is not None else math.inf
-            return (self.is_late(request, now), 0, tpot, request.arrival_time)
+        if request.token_times and request.status is RequestStatus.RUNNING:
+            # Decoding: the loosest TPOT is preempted first.
+            return (self.is_late(request, now), 0, _tpot(request), request.arrival_time)
+        if request.token_times:  # preempted after its first token: its TPOT sets how long it may wait
+            return (self.is_late(request, now), 1, self.resume_slack(request, now), request.arrival_time)
         ttft = request.slo.ttft if request.slo and request.slo.ttft is not None else math.inf
         remaining = request.num_tokens - request.num_computed_tokens
         slack = request.arrival_time + ttft - now - self.prefill_seconds(remaining, request.num_computed_tokens)
         late = slack < 0
         return (late, 1, math.inf if late else slack, request.arrival_time)
 
+    def resume_slack(self, request: Request, now: float) -> float:
+        """How long a started request may pause and still meet its mean TPOT (its last token by first +
+        TPOT x (max_tokens - 1)), after recomputing its tokens and decoding the rest one token a step."""
+        tpot = _tpot(request)
+        if math.isinf(tpot):
+            return math.inf
+        params, done = request.sampling_params, len(request.output_token_ids)
+        deadline = request.token_times[0] + tpot * (params.max_tokens - 1)
+        decode = self.predictor.step_seconds(StepShape([1], [request.num_tokens], [True]))
+        redo = self.prefill_seconds(request.num_tokens)  # a preempted request recomputes all its tokens
+        return deadline - now - redo - decode * (params.max_tokens - done)
+
     def preempts(self, waiting: Request, running: Request) -> bool:
+        """A waiting request that can still be on time takes the place of a late one, or of a decode
+        with a looser TPOT objective that can pause for it and still meet that objective."""
         now = self.clock.now()
-        return self.is_late(running, now) and not self.is_late(waiting, now)
+        # Each preemption throws computed tokens away: a request gives way once, so overload cannot
+        # turn into a cycle of recomputing the same requests.
+        if running.num_preemptions or self.is_late(waiting, now):
+            return False
+        if self.is_late(running, now):
+            return True
+        return (bool(running.token_times) and _tpot(running) > _tpot(waiting)
+                and self.resume_slack(running, now) > self.prefill_seconds(waiting.num_tokens))
 
     def step_time_limit(self, batch: list[Request]) -> float | None:
         now = self.clock.now()
         tpots = [r.slo.tpot for r in batch
                  if r.token_times and r.slo and r.slo.tpot is not None and not self.is_late(r, now)]
         return min(tpots, default=None)
+
+
+def _tpot(request: Request) -> float:
+    return request.slo.tpot if request.slo and request.slo.tpot is not None else math.inf
 
 
 PolicyFactory = Callable[[Clock, StepTimeModel, int], Policy]

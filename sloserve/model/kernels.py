@@ -1,4 +1,4 @@
-"""sloserve's C++ CPU kernels (csrc/cpu_ops.cpp): compiled on first use, cached per machine, optional.
+"""sloserve's C++ CPU kernels (csrc/*.cpp): compiled on first use, cached per machine, optional.
 
 They are built with PyTorch's own extension builder the first time a process asks for them (about a
 minute; later processes load the cached library in well under a second). Where no compiler is at hand
@@ -17,18 +17,29 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "skinny_matmul.cpp")
 # Without contraction the compiler keeps every multiply and add separately rounded, as PyTorch does.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 
 
-def _cpu_tag() -> str:
-    """Names the build after this CPU's instruction sets: -march=native code must not meet another CPU."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags as the kernel reports them (/proc/cpuinfo), empty where unknown."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        flags = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+def _build_tag() -> str:
+    """Names the build after this CPU's instruction sets (-march=native code must not meet another CPU)
+    and after the sources and flags: checkouts with different sources sharing one extension cache
+    must not rebuild over each other's library."""
+    digest = hashlib.sha1(f"{platform.machine()} {sorted(cpu_flags()) or platform.processor()} {CFLAGS}".encode())
+    for source in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):  # headers change the build too
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @functools.cache
@@ -46,8 +57,8 @@ def load_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"sloserve_cpu_ops_{_cpu_tag()}",
-            sources=[str(SOURCE)],
+            name=f"sloserve_cpu_ops_{_build_tag()}",
+            sources=[str(source) for source in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,

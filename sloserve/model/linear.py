@@ -1,45 +1,39 @@
-"""Linear layers whose weights oneDNN packs once at load time (bfloat16 on CPU), not on every call."""
+"""Linear layers: sloserve's weight-streaming kernel for decode-sized batches, oneDNN/MKL for the rest."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _can_pack(weight: torch.Tensor) -> bool:
-    # Plain bfloat16 weights are reordered into oneDNN's blocked layout on every matmul; packing
-    # them once makes a decode step's matmuls ~1.5x faster. float32 goes to MKL, which needs no help.
-    return (
-        weight.dtype == torch.bfloat16
-        and weight.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
-
-
-PACKED_MAX_ROWS = 384
+from sloserve.model.quantization import dequantize_int8, quantize_int8
+from sloserve.model.skinny import MAX_ROWS, SkinnyMatmul
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with W packed for oneDNN after `pack()` where that helps."""
+    """y = x W^T + b. The weight is held once, in PyTorch's [out, in] layout, which both the kernel and
+    oneDNN read; with int8 quantization it is the int8 copy plus one float32 scale per output row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.packed: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None  # int8 weights only
+        self.skinny: SkinnyMatmul | None = None  # None: always F.linear (no kernels, or not on the CPU)
 
-    def pack(self) -> None:
-        if _can_pack(self.weight):
-            self.packed = pack_weight(self.weight)
+    def prepare(self, kernels, isa: str, quantization: str | None) -> None:
+        """Once the weights are final (loaded, cast): quantize them if asked, and pick the kernel."""
+        if quantization == "int8":
+            q, self.scales = quantize_int8(self.weight)
+            # A new parameter, not an in-place change: a tied lm_head must leave the embedding alone.
+            self.weight = nn.Parameter(q, requires_grad=False)
+        elif quantization is not None:
+            raise ValueError(f"unknown quantization {quantization!r}")
+        if kernels is not None and self.weight.device.type == "cpu":
+            self.skinny = SkinnyMatmul(kernels, isa, MAX_ROWS[self.weight.dtype])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The layout packed for small batches loses to oneDNN's own choice on prefill-sized ones
-        # (measured: 1.4x slower at 512 rows, 1.2x at 2048; 1.2-1.5x faster at 1-256 rows).
-        if self.packed is not None and x.shape[0] < PACKED_MAX_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.skinny is not None and x.shape[0] <= self.skinny.max_rows:
+            return self.skinny(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.scales, self.bias)
+        if self.scales is not None:  # prefill-sized: widen this layer's int8 weight for oneDNN, then drop it
+            return F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype), self.bias)
         return F.linear(x, self.weight, self.bias)
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # laid out for small batches: decode

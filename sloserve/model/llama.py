@@ -111,11 +111,11 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_table", emb.cos() * rope_scaling, persistent=False)
         self.register_buffer("signed_sin_table", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
-    def pack_weights(self) -> None:
-        """Call once the weights are final (loaded, cast): lays them out for the fastest matmul."""
+    def prepare_weights(self, kernels, isa: str, quantization: str | None) -> None:
+        """Call once the weights are final (loaded, cast): quantizes them if asked, picks the matmul kernel."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack()
+                module.prepare(kernels, isa, quantization)
 
     def forward(
         self,

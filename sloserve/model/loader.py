@@ -13,7 +13,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from sloserve.config import DTYPES, EngineConfig
 from sloserve.model.attention import select_backend, uses_triton
 from sloserve.model.llama import LlamaForCausalLM, ModelShape
-from sloserve.model.ops import select_ops
+from sloserve.model.ops import KernelOps, select_ops
+from sloserve.model.skinny import select_isa
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -123,7 +124,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     else:
         model.load_state_dict(read_hf_weights(model_dir, shape, device), strict=True)
     model.to(dtype).eval().requires_grad_(False)
-    model.pack_weights()
+    kernels = ops.kernels if isinstance(ops, KernelOps) else None
+    model.prepare_weights(kernels, select_isa() if kernels is not None else "portable", cfg.quantization)
     tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else model_dir
     tokenizer = None
     if any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):

@@ -59,7 +59,7 @@ class ModelExecutor:
             if s.spec_token_ids:
                 p = s.sampling_params
                 by_request[id(s)] = verify(
-                    logits[r : r + len(s.spec_token_ids) + 1], s.spec_token_ids, p, lambda row, p=p: Sampler.probabilities(row, p),
+                    logits[r : r + len(s.spec_token_ids) + 1], s.spec_token_ids, p, lambda row, p=p, rid=s.request_id: Sampler.probabilities(row, p, rid),
                     None if p.greedy else self.sampler.generator_for(s.request_id, p),
                     (draft_probs or {}).get(s.request_id),
                 )

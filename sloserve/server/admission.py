@@ -49,12 +49,13 @@ class Admission:
             raise APIError(503, "the engine is not running", code="engine_stopped")
         if self.limits.mode == "none":
             return
-        waiting = self.engine.num_waiting
+        # A burst that free running slots will take at the next step is not a queue.
+        waiting = self.engine.num_waiting - self.engine.num_free_slots
         if waiting >= self.limits.max_waiting_requests:
             raise self._overloaded(f"{waiting} requests are already waiting (limit {self.limits.max_waiting_requests})")
         tokens = self.engine.num_waiting_tokens
         # An empty queue admits any single prompt: the model-length check already bounds it.
-        if waiting and tokens + num_prompt_tokens > self.limits.max_waiting_tokens:
+        if waiting > 0 and tokens + num_prompt_tokens > self.limits.max_waiting_tokens:
             raise self._overloaded(
                 f"{tokens} prompt tokens are already waiting and this request adds {num_prompt_tokens} "
                 f"(limit {self.limits.max_waiting_tokens})"

@@ -7,6 +7,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from sloserve.engine.async_engine import AsyncLLMEngine
@@ -14,12 +15,16 @@ from sloserve.engine.engine import LLMEngine
 from sloserve.server.admission import Admission
 from sloserve.server.body_limit import BodySizeLimit
 from sloserve.server.errors import APIError, error_body, install_error_handlers
+from sloserve.server.guard import RequestGuard
 from sloserve.server.inputs import OPENAI_DEFAULT_MAX_TOKENS, ModelLimits, chat_prompt, completion_prompt, engine_inputs
 from sloserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from sloserve.server.openapi import install_openapi
+from sloserve.server.output_budget import OutputBudget
 from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from sloserve.server.responses import ChatFormat, CompletionFormat
 from sloserve.server.serving import Serving
 from sloserve.server.settings import ServerSettings
+from sloserve.server.tokenizing import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,9 @@ class ServerContext:
         self.engine.on_finished = self.metrics.on_finished
         self.admission = Admission(self.engine, settings.admission)
         self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len))
-        self.serving = Serving(self.engine, self.admission, self.metrics, self.model_name)
+        self.budget = OutputBudget(settings.max_output_tokens_per_key, settings.admission.retry_after_s)
+        self.serving = Serving(self.engine, self.admission, self.metrics, self.model_name, self.budget)
+        self.tokens = None if engine.tokenizer is None else PromptTokenizer(engine.tokenizer, engine.max_model_len)
         self.created = int(time.time())
 
     def check_model(self, name: str | None) -> None:
@@ -71,18 +78,29 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             yield
         finally:
             await ctx.engine.shutdown()
+            if ctx.tokens is not None:
+                ctx.tokens.close()
 
-    app = FastAPI(title="sloserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="sloserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = ctx
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    tokenizer = engine.tokenizer
+    # Outermost last: CORS answers preflights, then the guard (host, key, content type), then the body reader.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestGuard, settings=settings.guard)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-SLO-Class"])
+    cap = {"maximum": ctx.limits.max_tokens_cap}
+    install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest},
+                    {"model": {"enum": list(settings.served_model_names)}, "n": {"minimum": 1, "maximum": 1},
+                     "max_tokens": cap, "max_completion_tokens": cap}
+                    | ({"role": {"enum": sorted(ctx.tokens.roles)}} if ctx.tokens is not None else {}))
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
         body = parse_body(await raw.body(), CompletionRequest)
         ctx.check_model(body.model)
-        prompt = completion_prompt(body, tokenizer)
+        prompt = await completion_prompt(body, ctx.tokens)
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.max_tokens,
                                default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, slo_classes=settings.slo_classes,
                                slo_class_header=raw.headers.get("x-slo-class"))
@@ -94,7 +112,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(raw: Request):
         body = parse_body(await raw.body(), ChatCompletionRequest)
         ctx.check_model(body.model)
-        prompt = chat_prompt(body, tokenizer)
+        prompt = await chat_prompt(body, ctx.tokens)
         inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
                                default_max_tokens=None, slo_classes=settings.slo_classes,
                                slo_class_header=raw.headers.get("x-slo-class"))
@@ -113,7 +131,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         if ctx.admission.draining:
             return JSONResponse(error_body(503, "shutting down", code="shutting_down"), status_code=503)
         if not ctx.engine.is_running:
-            return JSONResponse(error_body(503, f"the engine is not running: {ctx.engine.dead_error!r}"), status_code=503)
+            return JSONResponse(error_body(503, "the engine is not running", code="engine_stopped"), status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -1,6 +1,7 @@
-"""ASGI middleware that refuses request bodies over a size limit (413) before anything parses them."""
+"""ASGI middleware that reads the request body under a size limit (413) and a time limit (408)."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sloserve.server.errors import error_body
@@ -10,12 +11,15 @@ class BodySizeLimit:
     """Buffers the body up to `max_bytes`, then replays it; larger bodies get 413 without being parsed.
 
     Content-Length is checked first so an honest client is refused before it uploads; a chunked
-    upload is counted as it arrives, since its length is not known up front.
+    upload is counted as it arrives, since its length is not known up front. The whole body must
+    arrive within `timeout_s`: a client trickling bytes would otherwise hold its connection (and
+    delay shutdown) for as long as it likes.
     """
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -33,8 +37,13 @@ class BodySizeLimit:
                 return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                await _reject(send, 408, f"the request body did not arrive within {self.timeout_s:g} s")
+                return
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunk = message.get("body", b"")
@@ -63,7 +72,8 @@ def _replay(body: bytes, receive):
 
 
 async def _reject(send, status: int, message: str) -> None:
-    payload = json.dumps(error_body(status, message, code="request_too_large" if status == 413 else None)).encode()
+    code = {413: "request_too_large", 408: "request_timeout"}.get(status)
+    payload = json.dumps(error_body(status, message, code=code)).encode()
     await send({
         "type": "http.response.start",
         "status": status,

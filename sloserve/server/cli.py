@@ -12,6 +12,7 @@ def serve(
     model: str | None = typer.Argument(None, help="Hugging Face model directory (default: the bundled demo model)"),
     load_format: str = typer.Option("auto", help="auto | safetensors | dummy (random weights)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    quantization: str | None = typer.Option(None, help="int8: weight-only int8 with per-output-channel scales"),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_num_batched_tokens: int = typer.Option(512, help="token budget of one step"),
@@ -35,6 +36,18 @@ def serve(
     max_tokens_cap: int | None = typer.Option(None, help="largest max_tokens a request may ask for (default: min(4096, max model length))"),
     max_body_size: str = typer.Option("4MiB", help="largest request body; larger ones get 413"),
     shutdown_grace_period: float = typer.Option(30.0, help="seconds in-flight requests get to finish after SIGTERM"),
+    api_key: list[str] | None = typer.Option(
+        None, envvar="SLOSERVE_API_KEY",
+        help="key(s) clients must send as `Authorization: Bearer <key>` on every route but /health, /ping, /metrics"),
+    allowed_origins: list[str] | None = typer.Option(None, help="origins whose web pages may call the API (CORS); default none"),
+    limit_concurrency: int | None = typer.Option(None, help="most connections and tasks at once; more get 503 (uvicorn's)"),
+    timeout_keep_alive: int = typer.Option(5, help="seconds an idle keep-alive connection stays open"),
+    header_timeout: float = typer.Option(10.0, help="seconds a request's headers may take to arrive"),
+    body_timeout: float = typer.Option(30.0, help="seconds a request's body may take to arrive (408 after)"),
+    ssl_keyfile: str | None = typer.Option(None, help="TLS private key (serve https)"),
+    ssl_certfile: str | None = typer.Option(None, help="TLS certificate (serve https)"),
+    max_output_tokens_per_key: int | None = typer.Option(
+        None, help="most output tokens (sum of max_tokens) one API key may have in flight; more get 429"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (completions, chat, /metrics)."""
@@ -47,6 +60,8 @@ def serve(
     from sloserve.server.admission import AdmissionLimits
     from sloserve.server.app import build_app
     from sloserve.server.graceful import GracefulServer
+    from sloserve.server.guard import GuardSettings, loopback_hosts
+    from sloserve.server.http_timeouts import protocol_with_header_timeout
     from sloserve.server.settings import ServerSettings
     from sloserve.sim.profile import Profile
 
@@ -54,12 +69,17 @@ def serve(
     if not (model_dir / "config.json").is_file():
         hint = "" if model else " (the bundled demo model is not installed yet: pass a model directory)"
         raise typer.BadParameter(f"{model_dir} is not a Hugging Face model directory{hint}", param_hint="MODEL")
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise typer.BadParameter("--ssl-keyfile and --ssl-certfile go together", param_hint="--ssl-certfile")
+    if header_timeout <= 0 or timeout_keep_alive < 1 or (limit_concurrency is not None and limit_concurrency < 1):
+        raise typer.BadParameter("timeouts and --limit-concurrency must be positive")
     try:
         config = EngineConfig(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            use_kernels=kernels, policy=policy, speculative_config=parse_speculative_config(speculative_config),
+            use_kernels=kernels, policy=policy, quantization=quantization,
+            speculative_config=parse_speculative_config(speculative_config),
         )
         settings = ServerSettings(
             served_model_names=list(served_model_name or [model_dir.name]),
@@ -68,6 +88,10 @@ def serve(
             admission=AdmissionLimits(max_waiting_requests=max_waiting_requests, max_waiting_tokens=max_waiting_tokens,
                                       mode=admission),
             shutdown_grace_s=shutdown_grace_period,
+            guard=GuardSettings(api_keys=tuple(k for k in api_key or () if k), allowed_hosts=loopback_hosts(host)),
+            allowed_origins=list(allowed_origins or []),
+            body_timeout_s=body_timeout,
+            max_output_tokens_per_key=max_output_tokens_per_key,
             slo_classes=parse_slo_classes(slo_class, default_slo_class),
         )
         step_model = Profile.load(profile).step_model if profile else None
@@ -81,10 +105,15 @@ def serve(
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     app = build_app(engine, settings)
-    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                               timeout_graceful_shutdown=10)
+    uv_config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10,
+        http=protocol_with_header_timeout(header_timeout), timeout_keep_alive=timeout_keep_alive,
+        limit_concurrency=limit_concurrency, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
+    )
+    scheme = "https" if ssl_certfile else "http"
     typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({engine.block_manager.num_blocks} KV blocks, "
-               f"max model len {engine.max_model_len}) on http://{host}:{port}")
+               f"max model len {engine.max_model_len}) on {scheme}://{host}:{port}"
+               + ("" if settings.guard.api_keys else " (no --api-key: anyone who can reach it may use it)"))
     GracefulServer(uv_config, drain=app.state.server.drain).run()
     if profile_out:
         from sloserve.sim.served_profile import served_profile

@@ -13,9 +13,13 @@ logger = logging.getLogger(__name__)
 # OpenAI's `type` for each status this server returns.
 _TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -87,5 +91,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The details go to the log; a client learns nothing of the server's internals.
         logger.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {exc!r}"), status_code=500)
+        return JSONResponse(error_body(500, "internal server error", code="internal_error"), status_code=500)

@@ -7,6 +7,7 @@ from sloserve.request import SLO, SamplingParams
 from sloserve.slo_classes import SLOClasses
 from sloserve.server.errors import APIError
 from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from sloserve.server.tokenizing import PromptTokenizer
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # completions' default when max_tokens is absent
 
@@ -25,7 +26,7 @@ class EngineInputs:
     slo: SLO | None
 
 
-def completion_prompt(req: CompletionRequest, tokenizer) -> list[int]:
+async def completion_prompt(req: CompletionRequest, tokens: PromptTokenizer | None) -> list[int]:
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -33,23 +34,17 @@ def completion_prompt(req: CompletionRequest, tokenizer) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, list):
         return list(prompt)
-    if tokenizer is None:
+    if tokens is None:
         raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
-    return tokenizer.encode(prompt)
+    return await tokens.prompt(prompt)
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
-    if tokenizer is None:
+async def chat_prompt(req: ChatCompletionRequest, tokens: PromptTokenizer | None) -> list[int]:
+    if tokens is None:
         raise APIError(400, "chat completions need a tokenizer, and this model has none; use /v1/completions with token ids")
-    if not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokens.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as error:  # noqa: BLE001 - templates raise their own errors on bad conversations
-        raise APIError(400, f"the chat template rejected these messages: {error}", param="messages") from None
-    # The template writes any special tokens (BOS, role markers) itself.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return await tokens.chat([{"role": m.role, "content": m.text()} for m in req.messages])
 
 
 def engine_inputs(
@@ -87,7 +82,9 @@ def engine_inputs(
             seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos,
         )
     except ValueError as error:
-        raise APIError(400, str(error)) from None
+        # SamplingParams' messages open with the parameter's name.
+        message = str(error)
+        raise APIError(400, message, param=message.split(" ", 1)[0]) from None
     return EngineInputs(prompt_token_ids, params, req.priority, request_slo(req, slo_classes or SLOClasses(), slo_class_header))
 
 

@@ -16,6 +16,8 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
 _RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
+_OUTPUT_LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -101,6 +103,9 @@ class ServerMetrics:
         )
         self.e2e = histogram("sloserve:e2e_request_latency_seconds", "Arrival to the end of the request.", _LATENCY_BUCKETS)
         self.queue = histogram("sloserve:request_queue_time_seconds", "Arrival to first scheduled.", _LATENCY_BUCKETS)
+        # A shift here shows inputs crafted to inflate output (the verbose-input latency attack).
+        self.output_length = histogram("sloserve:request_generation_tokens", "Output tokens per ended request.",
+                                       _OUTPUT_LENGTH_BUCKETS)
         # --admission slo: the TTFT predicted at arrival, and how the actual one compared.
         self.ttft_predicted = histogram("sloserve:predicted_time_to_first_token_seconds",
                                         "TTFT predicted at admission (--admission slo).", _TTFT_BUCKETS)
@@ -120,6 +125,7 @@ class ServerMetrics:
         self._prompt_tokens.inc(len(out.prompt_token_ids))
         times = out.token_times
         self._generation_tokens.inc(len(times))
+        self.output_length.observe(len(times))
         if times:
             self.ttft.observe(times[0] - out.arrival_time)
             if predicted:

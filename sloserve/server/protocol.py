@@ -8,11 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sloserve.server.errors import APIError, validation_message
 
+# No coercion ("4" is not 4, 0 is not false, [true] is not a token list) and no NaN or infinity:
+# a loose reading would run something the client did not ask for.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+_INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)
+
 
 class SLOParams(BaseModel):
     """Latency objectives in milliseconds, as clients think of them (the engine stores seconds)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     ttft_ms: float | None = Field(None, gt=0)
     tpot_ms: float | None = Field(None, gt=0)
@@ -20,6 +26,8 @@ class SLOParams(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage in every chunk, so clients count tokens per chunk
 
@@ -28,25 +36,25 @@ class SamplingFields(BaseModel):
     """What completions and chat completions share: the model, sampling and the extensions."""
 
     # Unknown fields are ignored, as OpenAI's SDKs add new ones faster than servers follow.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=_INT64_MAX)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=_INT64_MIN, le=_INT64_MAX)
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # Extensions (vLLM's names where vLLM has one).
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=_INT64_MAX)
     ignore_eos: bool = False
-    priority: int = 0
+    priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
     slo: SLOParams | None = None
     slo_class: str | None = None  # a class the server defines (--slo-class); also the X-SLO-Class header
     return_token_ids: bool = False
@@ -87,9 +95,9 @@ class CompletionRequest(SamplingFields):
     # Text, token ids, or a batch of exactly one of those.
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo:
@@ -104,11 +112,15 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = _STRICT
+
     role: str
     # Parts other than text (images, audio) fail validation: this server has no such models.
     content: str | list[TextPart] | None = None
@@ -124,9 +136,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_INT64_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -149,15 +161,74 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def parse_body(raw: bytes, cls: type[Body]) -> Body:
-    """Parse a JSON body whatever its Content-Type (clients forget it); every failure is a 400."""
+    """Parse a JSON body; every failure is a 400 naming what is wrong, never an exception's text."""
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_json_number)
+    except json.JSONDecodeError as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
+    except ValueError as error:  # an integer past Python's digit limit, or NaN/Infinity
+        raise APIError(400, f"the request body is not valid JSON: {_first_line(error)}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        where = _lone_surrogate(data, "")
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
+    if where is not None:
+        raise APIError(400, f"{where or 'the body'}: a string holds a lone UTF-16 surrogate, which is not text",
+                       param=where or None)
     try:
         return cls.model_validate(data)
     except ValidationError as error:
         message, param = validation_message(error.errors())
         raise APIError(400, message, param=param) from None
+
+
+def _json_number(text: str) -> int | float:
+    """JSON has one number type: 4.0 is the integer 4 (JSON Schema agrees), 4.5 stays a float.
+
+    Strict parsing then refuses only what is not a number ("4", true), not a spelling of one.
+    """
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _first_line(error: Exception) -> str:
+    # Python's int-limit message suggests sys.set_int_max_str_digits(): advice for the server, not the client.
+    return str(error).split(";")[0].split("\n")[0][:200]
+
+
+def _lone_surrogate(value, path: str) -> str | None:
+    """The dotted path of the first string (or key) that cannot be UTF-8 encoded, if any."""
+    if isinstance(value, str):
+        return None if value.isascii() or not _has_surrogate(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if _has_surrogate(key):
+                return path or "the body"
+            found = _lone_surrogate(item, child)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}.{i}")
+            if found is not None:
+                return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -13,16 +13,20 @@ from starlette.background import BackgroundTask
 
 from sloserve.engine.async_engine import AsyncLLMEngine, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
 from sloserve.server.admission import Admission
-from sloserve.server.errors import APIError, error_body
+from sloserve.server.errors import APIError
 from sloserve.server.inputs import EngineInputs
+from sloserve.server.guard import api_key_of
 from sloserve.server.metrics import ServerMetrics
+from sloserve.server.output_budget import OutputBudget
 from sloserve.server.protocol import SamplingFields
 from sloserve.server.responses import ChatFormat, CompletionFormat, Envelope, Usage
 
 
 class Serving:
-    def __init__(self, engine: AsyncLLMEngine, admission: Admission, metrics: ServerMetrics, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLMEngine, admission: Admission, metrics: ServerMetrics, model_name: str,
+                 budget: OutputBudget) -> None:
         self.engine = engine
+        self.budget = budget
         self.admission = admission
         self.metrics = metrics
         self.model_name = model_name
@@ -35,6 +39,7 @@ class Serving:
         try:
             self.admission.check(len(inputs.prompt_token_ids))
             predicted_ttft = self.admission.predict_ttft(inputs.prompt_token_ids, inputs.params, inputs.priority, inputs.slo)
+            lease = self.budget.reserve(api_key_of(raw.scope), inputs.params.max_tokens)
         except APIError as error:
             self.metrics.rejected(error.code or str(error.status))
             raise
@@ -42,12 +47,15 @@ class Serving:
             outputs = await self.engine.add_request(
                 request_id, inputs.prompt_token_ids, inputs.params, priority=inputs.priority, slo=inputs.slo
             )
-        except ValueError as error:
-            self.metrics.rejected("invalid")
-            raise APIError(400, str(error)) from None
-        except EngineStoppedError as error:
-            self.metrics.rejected("engine_stopped")
-            raise APIError(503, str(error), code="engine_stopped") from None
+        except BaseException as error:
+            lease.release()
+            if isinstance(error, ValueError):
+                self.metrics.rejected("invalid")
+                raise APIError(400, str(error)) from None
+            if isinstance(error, EngineStoppedError):
+                self.metrics.rejected("engine_stopped")
+                raise APIError(503, "the engine is not running", code="engine_stopped") from None
+            raise
         if predicted_ttft is not None:
             self.metrics.predicted_ttft(request_id, predicted_ttft)
         env = Envelope(request_id, int(time.time()), self.model_name)
@@ -57,9 +65,10 @@ class Serving:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).
                 self.engine.abort(request_id)
+                lease.release()
 
             return StreamingResponse(
-                self._events(raw, request_id, outputs, reply, body.include_usage),
+                self._events(raw, request_id, outputs, reply, body.include_usage, lease),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(abort_if_unfinished),
@@ -69,13 +78,17 @@ class Serving:
             async with self._abort_on_disconnect(raw, request_id):
                 async for out in outputs:
                     final = out
-        except EngineStepError as error:
-            raise APIError(500, str(error), code="engine_error") from None
-        except EngineStoppedError as error:
-            raise APIError(503, str(error), code="engine_stopped") from None
+        except (EngineStepError, EngineStoppedError) as error:
+            raise _engine_failure(error) from None
+        finally:
+            lease.release()
+        cut = _cut_short(final)
+        if cut is not None:
+            raise cut
         return JSONResponse(reply.full(final))
 
-    async def _events(self, raw: Request, request_id: str, outputs: RequestStream, reply: _Reply, include_usage: bool):
+    async def _events(self, raw: Request, request_id: str, outputs: RequestStream, reply: _Reply, include_usage: bool,
+                      lease):
         done = False
         try:
             async with self._abort_on_disconnect(raw, request_id):
@@ -83,20 +96,28 @@ class Serving:
                 if first is not None:
                     yield _sse(first)
                 last: StreamOutput | None = None
+                failure: APIError | None = None
                 try:
                     async for out in outputs:
                         last = out
+                        failure = _cut_short(out)
+                        if failure is not None:
+                            break
                         chunk = reply.chunk(out)
                         if chunk is not None:
                             yield _sse(chunk)
                 except (EngineStepError, EngineStoppedError) as error:
-                    # Headers are gone already: the error travels in the stream, as vLLM does.
-                    yield _sse(error_body(500, str(error), code="engine_error"))
-                if include_usage:
+                    failure = _engine_failure(error)
+                if failure is not None:
+                    # Headers are gone already: the error travels in the stream, as vLLM does, and
+                    # the stream never carries a finish_reason that would make it look complete.
+                    yield _sse(failure.body())
+                elif include_usage:
                     yield _sse(reply.fmt.usage_chunk(reply.env, reply.usage(last)))
                 yield "data: [DONE]\n\n"
                 done = True
         finally:
+            lease.release()
             if not done:  # the client left (or the response was cancelled): free the request's blocks now
                 self.engine.abort(request_id)
 
@@ -164,6 +185,28 @@ class _Reply:
         if self.continuous_usage:
             chunk["usage"] = self.usage(out).as_dict()
         return chunk
+
+
+def _cut_short(out: StreamOutput | None) -> APIError | None:
+    """The error a client gets for a request the server ended, not the model: never a 200 that looks complete.
+
+    An abort reaches a reader only when the server cut the request (a client that left reads nothing).
+    """
+    reason = None if out is None else out.output.finish_reason
+    if reason == "error":
+        return APIError(500, "the engine failed while running this request; other requests were not affected",
+                        code="engine_error")
+    if reason == "abort":
+        return APIError(503, "the server stopped this request before it finished (it is shutting down); retry",
+                        code="request_aborted")
+    return None
+
+
+def _engine_failure(error: EngineStepError | EngineStoppedError) -> APIError:
+    # The exception's text stays in the log: it describes the server, not the request.
+    if isinstance(error, EngineStoppedError):
+        return APIError(503, "the engine stopped before this request finished; retry", code="engine_stopped")
+    return APIError(500, "the engine failed while running this request", code="engine_error")
 
 
 def _sse(payload: dict) -> str:

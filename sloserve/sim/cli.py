@@ -87,7 +87,11 @@ def simulate(
     kv_cache_memory: Optional[str] = O(None, help="KV-cache memory, e.g. 2GiB (blocks from the profile's bytes per block)."),
     max_model_len: Optional[int] = O(None, help="Default: the profile's."),
     policy: str = O("fcfs", help="fcfs | priority | slo."),
-    slo: Optional[str] = O(None, help="e.g. ttft=200ms,tpot=50ms,e2e=2s."),
+    slo_class: Optional[list[str]] = O(None, help="A named SLO class, e.g. interactive=ttft:200ms,tpot:50ms (repeatable)."),
+    default_slo_class: Optional[str] = O(None, help="The class every simulated request carries (the slo policy and "
+                                         "admission act on it)."),
+    admission: str = O("none", help="none | slo: refuse (as a 429) requests predicted to miss their TTFT, as serve does."),
+    slo: Optional[str] = O(None, help="The SLO results are judged by, e.g. ttft=200ms,tpot=50ms,e2e=2s."),
     percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
     result_dir: Optional[str] = O(None, help="Output folder (default: sim-results/<time>)."),
     no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
@@ -101,7 +105,7 @@ def simulate(
     from rich.console import Console
 
     from sloserve.bench.workload import WorkloadOptions
-    from sloserve.cli_args import parse_percentiles
+    from sloserve.cli_args import parse_percentiles, parse_slo_classes
     from sloserve.bench.session import write_outputs
     from sloserve.bench.slo import SLO
     from sloserve.bench.tokens import HFTokenizer
@@ -127,6 +131,9 @@ def simulate(
         ).build()
         pcts = parse_percentiles(percentiles)
         slo_obj = SLO.parse(slo) if slo else None
+        request_slo = parse_slo_classes(slo_class, default_slo_class).resolve(None)
+        if admission not in ("none", "slo"):
+            raise ValueError(f"--admission must be none or slo, got {admission!r}")
         specs = workload.requests(tok)
     except (ValueError, OSError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
@@ -136,7 +143,8 @@ def simulate(
     clock = VirtualClock()
     engine = build_sim_engine(prof.step_model, knobs, policy, clock)
     start = time.perf_counter()
-    outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s)
+    outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s,
+                             slo=lambda _: request_slo, admission=admission == "slo")
     wall = time.perf_counter() - start
     run = sim_run(outcome, workload, label or _label(workload))
     results = sim_results([run], workload, prof, profile, knobs, policy, slo_obj, pcts, sys.argv, [outcome])

@@ -67,7 +67,7 @@ class DraftModelProposer:
                 row, p = row_of[id(s)], batch[i].sampling_params
                 token = tokens[row]
                 if not p.greedy:
-                    q = Sampler.probabilities(logits[row], p)
+                    q = Sampler.probabilities(logits[row], p, s.request_id)
                     token = int(torch.multinomial(q, 1, generator=self.executor.sampler.generator_for(s.request_id, p)))
                     probs[i].append(q)
                 drafts[i].append(token)

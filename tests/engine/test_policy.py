@@ -118,3 +118,38 @@ def test_priority_preemption_does_not_starve_the_preempted_request():
     assert dict((rid, p) for rid, p, _ in first_done)["low-1"] == 1  # it was preempted, and still came before low-2
     assert all(n == 4 for *_, n in first_done)
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_slo_preempts_a_looser_decode_only_when_it_can_afford_the_pause():
+    clock = ManualClock(0.0)
+    scheduler = slo_scheduler(clock, seqs=2)
+    roomy = request("batch-roomy", 4, 0.0, BATCH, max_tokens=100)  # 99 x 0.5 s of TPOT budget
+    busy = request("interactive", 4, 0.0, INTERACTIVE, max_tokens=100)
+    for r in (roomy, busy):
+        scheduler.add(r)
+    apply(scheduler, scheduler.schedule(), clock, 0.02)  # both decoding, both seats taken
+    newcomer = request("chat", 8, 0.02, INTERACTIVE)
+    scheduler.add(newcomer)
+    plan = scheduler.schedule()
+    assert plan.preempted_request_ids == ["batch-roomy"]  # not the interactive decode: same TPOT
+    assert [s.request_id for s in plan.scheduled] == ["interactive", "chat"]
+    # Back in line it ranks by how long it may still pause (not behind later arrivals as such): its
+    # last token is due by 0.02 + 99 x 0.5 s; recomputing 5 tokens and decoding 99 more take ~1.1 s.
+    policy = scheduler.policy
+    assert policy.rank(roomy) == (False, 1, policy.resume_slack(roomy, 0.02), 0.0)
+    assert 48 < policy.resume_slack(roomy, 0.02) < 49.5
+    urgent_later = request("urgent-later", 8, 0.03, SLO(ttft=0.3, tpot=0.05))
+    assert policy.rank(urgent_later) < policy.rank(roomy)
+    # A looser decode whose TPOT budget is spent is not preempted: first token at 0.02 s, 4 more due
+    # by 0.26 s (60 ms each), and at 0.25 s it still has to recompute 5 tokens and decode 4.
+    clock.t = 0.25
+    stalled = _decoding(request("batch-stalled", 4, 0.0, SLO(ttft=10.0, tpot=0.06), max_tokens=5), 0.02)
+    assert not policy.preempts(request("chat-2", 8, 0.25, INTERACTIVE), stalled)
+    clock.t = 0.03  # earlier, the same decode could have paused for it
+    assert policy.preempts(request("chat-2", 8, 0.03, INTERACTIVE), stalled)
+
+
+def _decoding(r: Request, first_token_at: float) -> Request:
+    r.num_computed_tokens, r.output_token_ids, r.token_times = r.num_tokens, [7], [first_token_at]
+    r.status = RequestStatus.RUNNING
+    return r

@@ -63,7 +63,8 @@ def save_chat_model(path: Path) -> Path:
 class LiveServer:
     """A real uvicorn server in a thread, on a loopback port picked by the OS."""
 
-    def __init__(self, model_dir: Path, *, engine_kwargs: dict | None = None, step_delay_s: float = 0.0, **settings) -> None:
+    def __init__(self, model_dir: Path, *, engine_kwargs: dict | None = None, step_delay_s: float = 0.0,
+                 uvicorn_kwargs: dict | None = None, **settings) -> None:
         engine_args = dict(load_format="dummy", max_num_seqs=16, num_kv_blocks=128) | (engine_kwargs or {})
         engine = build_engine(EngineConfig(model=str(model_dir), **engine_args))
         if step_delay_s:  # slow the engine down so a test can act while requests are mid-flight
@@ -82,7 +83,7 @@ class LiveServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on", **(uvicorn_kwargs or {})))
         self.loop: asyncio.AbstractEventLoop | None = None
 
         async def serve() -> None:

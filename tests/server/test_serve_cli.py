@@ -40,6 +40,50 @@ def test_null_parameters_mean_defaults(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_serve_over_tls_with_an_api_key_from_the_environment(chat_model_dir, tmp_path):
+    """The flags reach uvicorn and the app: https with a self-signed certificate, the key from SLOSERVE_API_KEY."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from serverkit import wait_until
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sloserve.cli", "serve", str(chat_model_dir), "--load-format", "dummy", "--port", str(port),
+         "--num-kv-blocks", "32", "--log-level", "warning", "--ssl-keyfile", str(key), "--ssl-certfile", str(cert)],
+        env=os.environ | {"SLOSERVE_API_KEY": "sk-env"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"https://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health", verify=False, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(lambda: healthy() or proc.poll() is not None, timeout=60, interval=0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        assert httpx.get(url + "/v1/models", verify=False).status_code == 401
+        authorized = httpx.get(url + "/v1/models", verify=False, headers={"Authorization": "Bearer sk-env"})
+        assert authorized.status_code == 200 and authorized.json()["data"][0]["id"] == chat_model_dir.name
+        # Bound to loopback: a rebound DNS name is refused.
+        assert httpx.get(url + "/health", verify=False, headers={"Host": "evil.example"}).status_code == 400
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--policy", "edf"], "unknown policy 'edf'"),
     (["--admission", "maybe"], "unknown admission 'maybe'"),

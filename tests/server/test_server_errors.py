@@ -7,6 +7,7 @@ import pytest
 from serverkit import MODEL_NAME
 
 OK = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 2}
+JSON = {"content-type": "application/json"}
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -16,9 +17,14 @@ def _post(server, path: str, **kwargs) -> httpx.Response:
 
 CASES = [
     # (id, path, request kwargs, status, substring of the message, param)
-    ("malformed-json", "/v1/completions", {"content": b'{"prompt": "x",'}, 400, "not valid JSON", None),
+    ("malformed-json", "/v1/completions", {"content": b'{"prompt": "x",', "headers": JSON}, 400, "not valid JSON", None),
     ("not-an-object", "/v1/completions", {"json": [1, 2]}, 400, "JSON object", None),
-    ("no-content-type-still-json", "/v1/completions", {"content": b'{"prompt": 5}'}, 400, "prompt", "prompt"),
+    ("json-content-type-with-charset", "/v1/completions",
+     {"content": b'{"prompt": 5}', "headers": {"content-type": "application/json; charset=utf-8"}}, 400, "prompt", "prompt"),
+    # Without a JSON Content-Type a browser page could post cross-site with no CORS preflight.
+    ("no-content-type-refused", "/v1/completions", {"content": b'{"prompt": "hi"}'}, 415, "application/json", None),
+    ("text-plain-refused", "/v1/completions",
+     {"content": b'{"prompt": "hi"}', "headers": {"content-type": "text/plain"}}, 415, "application/json", None),
     ("missing-prompt", "/v1/completions", {"json": {"model": MODEL_NAME}}, 400, "Field required", "prompt"),
     ("wrong-type", "/v1/completions", {"json": OK | {"max_tokens": "many"}}, 400, "valid integer", "max_tokens"),
     ("negative-max-tokens", "/v1/completions", {"json": OK | {"max_tokens": -3}}, 400, "greater than", "max_tokens"),
@@ -54,7 +60,7 @@ def test_invalid_request_gets_its_status_and_an_error_body(server, path, kwargs,
     assert needle in error["message"]
     if param is not None:
         assert error["param"] == param
-    assert error["type"] == ("invalid_request_error" if status in (400, 404, 413) else error["type"])
+    assert error["type"] == ("invalid_request_error" if status in (400, 404, 413, 415) else error["type"])
     # ...and the server keeps serving.
     assert _post(server, "/v1/completions", json=OK).status_code == 200
 
@@ -64,7 +70,7 @@ def test_chunked_body_over_the_limit_gets_413(server):
         for _ in range(20):
             yield b" " * 4096
 
-    r = _post(server, "/v1/completions", content=body())
+    r = _post(server, "/v1/completions", content=body(), headers=JSON)
     assert r.status_code == 413
     assert _post(server, "/v1/chat/completions", json=CHAT).status_code == 200
 

@@ -74,8 +74,8 @@ def test_queue_admission_does_not_predict(chat_model_dir, start_server):
 
 @pytest.mark.parametrize("mode, refused", [("none", False), ("queue", True)])
 def test_admission_none_has_no_queue_caps(mode, refused):
-    class FullQueue:  # an engine front with five requests waiting
-        is_running, num_waiting, num_waiting_tokens = True, 5, 500
+    class FullQueue:  # an engine front with five requests waiting and no free running slot
+        is_running, num_waiting, num_waiting_tokens, num_free_slots = True, 5, 500, 0
 
     admission = Admission(FullQueue(), AdmissionLimits(max_waiting_requests=1, mode=mode))
     if refused:

@@ -75,3 +75,17 @@ def test_simulate_takes_engine_knobs_and_rejects_bad_ones(tiny_profile, tmp_path
     assert bad.exit_code == 2 and "unknown policy" in bad.output
     beyond = simulate(path, tmp_path / "y", "--max-num-seqs", "512")
     assert beyond.exit_code == 0 and "extrapolates" in beyond.output
+
+
+def test_simulate_with_an_slo_class_and_admission_refuses_requests_predicted_late(tiny_profile, tmp_path):
+    path, _ = tiny_profile
+    args = ["--policy", "slo", "--slo-class", "chat=ttft:0.001ms,tpot:50ms", "--default-slo-class", "chat"]
+    refused = simulate(path, tmp_path / "r", *args, "--admission", "slo")
+    served = simulate(path, tmp_path / "s", *args)
+    assert refused.exit_code == 0 and served.exit_code == 0, refused.output + served.output
+    records = BenchResults.load(str(tmp_path / "r" / "results.json")).runs[0].records
+    statuses = {r.status for r in records}
+    assert statuses == {429} and all("over its TTFT objective" in r.error for r in records)  # no step takes 1 us
+    assert all(r.success for r in BenchResults.load(str(tmp_path / "s" / "results.json")).runs[0].records)
+    bad = simulate(path, tmp_path / "x", "--admission", "queue")
+    assert bad.exit_code == 2 and "--admission must be none or slo" in bad.output

@@ -28,7 +28,7 @@ def run(draft_probs: torch.Tensor | None, fixed_drafts: list[int] | None = None,
             drafts = fixed_drafts
         else:
             drafts = [int(torch.multinomial(draft_probs[i], 1, generator=g)) for i in range(2)]
-        out = verify(logits, drafts, PARAMS, lambda row: Sampler.probabilities(row, PARAMS), g, draft_probs)
+        out = verify(logits, drafts, PARAMS, lambda row: Sampler.probabilities(row, PARAMS, "r"), g, draft_probs)
         firsts[out[0]] += 1
         if out[0] == drafts[0]:
             seconds_after_accept[out[1]] += 1

@@ -315,10 +315,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 
 }  // namespace
 
+// skinny_matmul.cpp: the decode-sized matmul.
+torch::Tensor skinny_matmul(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scales,
+                            std::optional<torch::Tensor> bias, int64_t isa_code);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm_", &add_rms_norm_);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("rope_and_cache_", &rope_and_cache_);
   m.def("decode_attention", &decode_attention);
+  m.def("skinny_matmul", &skinny_matmul);
 }
