@@ -107,8 +107,8 @@ class SloservePeer:
         params = [self._params(max_tokens=n, temperature=0.0, ignore_eos=True) for n in outputs]
         outs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params)
         for out, n in zip(outs, outputs):
-            if len(out.token_ids) != n:
-                raise RuntimeError(f"sloserve produced {len(out.token_ids)} tokens, asked {n}")
+            if len(out.outputs[0].token_ids) != n:
+                raise RuntimeError(f"sloserve produced {len(out.outputs[0].token_ids)} tokens, asked {n}")
         return outs
 
     def prefill_seconds(self, prompt_ids: list[int]) -> float:
@@ -117,7 +117,7 @@ class SloservePeer:
         return time.perf_counter() - start
 
     def decode_tokens_per_s(self, prompt_ids: list[int], n_new: int) -> float:
-        return peers.decode_rate(self._generate([prompt_ids], [n_new])[0].token_times)
+        return peers.decode_rate(self._generate([prompt_ids], [n_new])[0].outputs[0].token_times)
 
     def batch_tokens_per_s(self, prompts: list[list[int]], outputs: list[int]) -> dict:
         start = time.perf_counter()

@@ -94,7 +94,7 @@ def correctness(report: Report, device: str, workdir: Path) -> None:
             llm = LLM(str(model_dir), dtype="float32", device=device, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, **knobs)
             outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
             blocks = llm.engine.block_manager
-            ok = [o.token_ids for o in outs] == expected and blocks.num_free_blocks == blocks.num_blocks
+            ok = [o.outputs[0].token_ids for o in outs] == expected and blocks.num_free_blocks == blocks.num_blocks
             equal.append(name if ok else f"{name} DIFFERS")
         verdict = "ok" if all("DIFFERS" not in e for e in equal) else "FAIL"
         report.add(f"greedy fp32 = transformers, {kind}", ", ".join(equal), verdict)
@@ -103,7 +103,7 @@ def correctness(report: Report, device: str, workdir: Path) -> None:
             hf = hf.to(torch.bfloat16)
             first = [int(hf.generate(torch.tensor([p], device=device), max_new_tokens=1, do_sample=False)[0, -1]) for p in prompts]
             llm = LLM(str(model_dir), dtype="bfloat16", device=device, max_num_seqs=8, kv_cache_memory_bytes=64 << 20)
-            ours = [o.token_ids[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=1, temperature=0))]
+            ours = [o.outputs[0].token_ids[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=1, temperature=0))]
             agree = sum(a == b for a, b in zip(first, ours))
             report.add("bf16 first token = transformers, llama", f"{agree}/{len(prompts)}", "ok" if agree == len(prompts) else "FAIL")
 
@@ -155,13 +155,13 @@ def speed(report: Report, device: str, workdir: Path, small: bool) -> None:
     llm.generate(prompt_token_ids=prompt, sampling_params=decode)  # warm
     steps = []
     for _ in range(3):
-        times = llm.generate(prompt_token_ids=prompt, sampling_params=decode)[0].token_times
+        times = llm.generate(prompt_token_ids=prompt, sampling_params=decode)[0].outputs[0].token_times
         steps.append(statistics.median(b - a for a, b in zip(times[1:], times[2:])))
     step_ms = min(steps) * 1e3
     report.add("decode step, 1 request (ms): sloserve / bandwidth limit",
                f"{step_ms:.2f} / {limit_ms:.2f} = {step_ms / limit_ms:.2f}x", "target <= 1.5x")
     graphs, llm.engine.executor.graphs = llm.engine.executor.graphs, None  # the same engine, launched op by op
-    times = llm.generate(prompt_token_ids=prompt, sampling_params=decode)[0].token_times
+    times = llm.generate(prompt_token_ids=prompt, sampling_params=decode)[0].outputs[0].token_times
     eager_ms = statistics.median(b - a for a, b in zip(times[1:], times[2:])) * 1e3
     llm.engine.executor.graphs = graphs
     report.add("decode step, 1 request, eager (no CUDA graphs) (ms)", f"{eager_ms:.2f}", f"graphs {eager_ms / step_ms:.2f}x faster")
@@ -182,7 +182,7 @@ def speed(report: Report, device: str, workdir: Path, small: bool) -> None:
     llm.generate(prompt_token_ids=batch_prompts[:8], sampling_params=SamplingParams(max_tokens=8, ignore_eos=True))
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=batch_prompts, sampling_params=batch)
-    ours_batch = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+    ours_batch = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
     del llm, model, outs
     gc.collect()
     if device.startswith("cuda"):

@@ -45,6 +45,10 @@ SMOLLM2_135M = dict(vocab_size=32000, hidden_size=576, intermediate_size=1536, n
 PCTS = (50.0, 90.0, 99.0)
 
 
+# The project's own command through this interpreter, so the script works without an activated venv.
+SLOSERVE = [sys.executable, "-m", "sloserve.cli"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="short run: fewer requests, a smaller profile grid")
@@ -79,7 +83,7 @@ def main() -> None:
           f"load average {os.getloadavg()}")
     profile_path = args.profile or str(Path(args.real or out) / "profile.json")
     if args.profile is None and args.real is None:
-        cmd = ["sloserve", "profile", str(model_dir), *knobs_args, "-o", profile_path] + (["--quick"] if args.quick else [])
+        cmd = [*SLOSERVE, "profile", str(model_dir), *knobs_args, "-o", profile_path] + (["--quick"] if args.quick else [])
         print("$ " + " ".join(cmd))
         t = time.perf_counter()
         subprocess.run(cmd, check=True, env=env)
@@ -110,7 +114,7 @@ def main() -> None:
 def _measure(args, model_dir: Path, knobs_args, env, source, prof: Profile, knobs: EngineKnobs, n: int, burst: int):
     """Serve the model, measure its capacity with a burst, then each load level; predict each the same way."""
     port = args.port or _free_port()
-    server = subprocess.Popen(["sloserve", "serve", str(model_dir), *knobs_args, "--port", str(port),
+    server = subprocess.Popen([*SLOSERVE, "serve", str(model_dir), *knobs_args, "--port", str(port),
                                "--log-level", "warning"], env=env)
     base = f"http://127.0.0.1:{port}"
     cfg = ClientConfig(base, "/v1/completions", model_dir.name, temperature=0.0, ignore_eos=True)
@@ -175,7 +179,7 @@ def _scrape(base: str) -> dict[str, tuple[float, float]]:
     """Engine-side (server) latency sums and counts from /metrics: TTFT and TPOT without HTTP in them."""
     text = httpx.get(base + "/metrics", timeout=10).text
     out = {}
-    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds"):
+    for name in ("time_to_first_token_seconds", "request_time_per_output_token_seconds"):
         s = re.search(rf"^sloserve:{name}_sum\{{.*?\}} (\S+)$", text, re.M)
         c = re.search(rf"^sloserve:{name}_count\{{.*?\}} (\S+)$", text, re.M)
         out[name] = (float(s.group(1)) if s else 0.0, float(c.group(1)) if c else 0.0)
@@ -199,7 +203,7 @@ def _print_table(rows) -> None:
                     errors[metric].append(abs(rel))
                 print(f"{label:>6} {rate:7.3g} {metric:>6} p{pct:<3g} {m * 1e3:12.1f} {pr * 1e3:13.1f} {rel:+8.1%}")
         ttft_e, tpot_e = (engine_side.get(k, float("nan")) for k in ("time_to_first_token_seconds",
-                                                                       "time_per_output_token_seconds"))
+                                                                       "request_time_per_output_token_seconds"))
         print(f"{'':>6} {'':>7} means: TTFT client {real_s.ttft.mean * 1e3:.1f} / server {ttft_e * 1e3:.1f} / "
               f"sim {sim_s.ttft.mean * 1e3:.1f} ms; TPOT client {real_s.tpot.mean * 1e3:.2f} / server "
               f"{tpot_e * 1e3:.2f} / sim {sim_s.tpot.mean * 1e3:.2f} ms")

@@ -74,9 +74,9 @@ def run_once(llm: LLM, prompts: list[str], max_tokens: int) -> dict:
     start = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     wall = time.perf_counter() - start
-    tpots = [(o.token_times[-1] - o.token_times[0]) / (len(o.token_ids) - 1) for o in outs if len(o.token_ids) > 1]
-    row = {"wall": wall, "tokens": [o.token_ids for o in outs], "tpots": tpots,
-           "tok_s": sum(len(o.token_ids) for o in outs) / wall,
+    tpots = [(o.outputs[0].token_times[-1] - o.outputs[0].token_times[0]) / (len(o.outputs[0].token_ids) - 1) for o in outs if len(o.outputs[0].token_ids) > 1]
+    row = {"wall": wall, "tokens": [o.outputs[0].token_ids for o in outs], "tpots": tpots,
+           "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
            "draft_s": propose.seconds if propose else 0.0, "target_s": execute.seconds}
     if spec:
         after = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens, spec.stats.num_emitted_tokens)

@@ -1,7 +1,14 @@
 """sloserve: a latency-first LLM inference engine."""
-from sloserve.request import SLO, RequestOutput, SamplingParams
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["LLM", "SLO", "RequestOutput", "SamplingParams"]
+from sloserve.request import SLO, CompletionOutput, RequestOutput, SamplingParams, TextPrompt, TokensPrompt
+
+try:
+    __version__ = version("sloserve")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["LLM", "SLO", "CompletionOutput", "RequestOutput", "SamplingParams", "TextPrompt", "TokensPrompt", "__version__"]
 
 
 def __getattr__(name: str):

@@ -4,11 +4,28 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import typer
+
 import sloserve
 from sloserve.slo_classes import SLOClasses
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+# Where the model runs: the same flags, with vLLM's names, on serve, generate and profile.
+DEVICE = typer.Option("auto", help="auto | cpu | cuda (auto: CUDA where PyTorch sees a GPU)")
+GPU_MEMORY_UTILIZATION = typer.Option(0.9, help="CUDA: share of the GPU's memory for weights, activations and "
+                                      "the KV cache (the KV cache gets what is left)")
+ENFORCE_EAGER = typer.Option(False, "--enforce-eager", help="CUDA: run decode steps op by op, without CUDA graphs")
+KV_CACHE_MEMORY = typer.Option(None, help="KV-cache memory, in bytes or e.g. 2GiB (default: 1GiB on a CPU; on CUDA "
+                               "what --gpu-memory-utilization leaves)")
+
+
+def device_knobs(device: str, gpu_memory_utilization: float, enforce_eager: bool, kv_cache_memory: str | None) -> dict:
+    """EngineConfig's keyword arguments for the device flags above."""
+    return dict(device=device, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                kv_cache_memory_bytes=parse_bytes(kv_cache_memory) if kv_cache_memory else None)
 
 
 def default_model_dir() -> Path:
@@ -17,8 +34,6 @@ def default_model_dir() -> Path:
 
 def parse_bytes(text: str) -> int:
     """'1073741824', '2GiB', '512MB', '1.5g' -> bytes."""
-    import typer  # the CLI's own error type, so typer names the flag
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise typer.BadParameter(f"{text!r} is not a size; write bytes or e.g. 512MiB, 2GiB")

@@ -31,7 +31,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    tokenizer: str | None = None  # None: the model directory
+    tokenizer: str | None = None  # a directory or hub id; None: the model's own
+    revision: str | None = None  # hub revision (branch, tag or commit) of a hub id
+    download_dir: str | None = None  # Hugging Face cache directory (None: the default cache)
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts and outputs are token ids only
     # sloserve's C++ CPU kernels for the small per-layer ops (built on first use); False: plain PyTorch ops.
     use_kernels: bool = True
     policy: str = "fcfs"  # scheduling policy: fcfs | priority | slo

@@ -5,6 +5,7 @@ import enum
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 _INT64 = (-(2**63), 2**63 - 1)
 _FLOAT32_MIN_NORMAL = 2.0**-126  # ~1.1755e-38
@@ -20,6 +21,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's further fields (its names, defaults and meaning); applied in model/logits_processors.py.
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +53,19 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._validate_vllm_fields()
+
+    def _validate_vllm_fields(self) -> None:
+        # vLLM's own ranges for these fields, so a request vLLM refuses is refused here too.
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
@@ -141,44 +163,75 @@ class Request:
         return self.status.value if self.status.finished else None
 
 
+class TextPrompt(TypedDict):
+    """vLLM's text prompt: `{"prompt": "..."}`."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's token prompt: `{"prompt_token_ids": [...]}` (no tokenizer needed)."""
+
+    prompt_token_ids: list[int]
+
+
 @dataclass(slots=True)
-class RequestOutput:
-    """What the engine reports about a request after a step (cumulative, not a delta).
+class CompletionOutput:
+    """One generated sequence, as vLLM's: text, token ids, why it ended; plus each token's time.
 
     The token lists are the request's own, not copies (copying every step would cost O(n^2) over a
     long output): they keep growing until the request finishes.
     """
 
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
+    index: int
     text: str
-    finished: bool
+    token_ids: list[int]
     finish_reason: str | None
     stop_reason: int | str | None
+    token_times: list[float]  # engine clock time at which each token was sampled
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What the engine reports about a request after a step (cumulative, not a delta), in vLLM's shape.
+
+    `prompt` is the text prompt when the caller gave one (None for token prompts); the timing fields
+    are sloserve's extras.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
     arrival_time: float
     first_scheduled_time: float | None
-    token_times: list[float]
     finished_time: float | None
     num_preemptions: int
 
     @classmethod
     def of(cls, request: Request) -> RequestOutput:
-        return cls(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=request.output_token_ids,
+        completion = CompletionOutput(
+            index=0,
             text=request.output_text,
-            finished=request.finished,
+            token_ids=request.output_token_ids,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
+            token_times=request.token_times,
+        )
+        return cls(
+            request_id=request.request_id,
+            prompt=None,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=request.finished,
             arrival_time=request.arrival_time,
             first_scheduled_time=request.first_scheduled_time,
-            token_times=request.token_times,
             finished_time=request.finished_time,
             num_preemptions=request.num_preemptions,
         )
 
     @property
     def ttft(self) -> float | None:
-        return self.token_times[0] - self.arrival_time if self.token_times else None
+        times = self.outputs[0].token_times
+        return times[0] - self.arrival_time if times else None

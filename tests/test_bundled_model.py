@@ -30,12 +30,12 @@ def hf_texts(llm):
 
 def test_greedy_text_matches_transformers(llm, hf_texts):
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0))
-    assert [o.text for o in outs] == hf_texts
+    assert [o.outputs[0].text for o in outs] == hf_texts
 
 
 def test_stop_string_cuts_the_text_where_it_starts(llm, hf_texts):
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, stop=["\n"]))
-    for out, full in zip(outs, hf_texts):
+    for out, full in zip((o.outputs[0] for o in outs), hf_texts):
         if "\n" in full:
             assert (out.text, out.finish_reason, out.stop_reason) == (full[: full.index("\n")], "stop", "\n")
         else:
@@ -46,6 +46,6 @@ def test_chat_reply_ends_with_eos(llm):
     prompt = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What news from the court?"}], add_generation_prompt=True, tokenize=False
     )
-    out = llm.generate([prompt], SamplingParams(max_tokens=64, temperature=0))[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=64, temperature=0))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.eos_token_ids
     assert out.text.strip()

@@ -20,6 +20,8 @@ O = typer.Option
 def bench(
     ctx: typer.Context,
     base_url: str = O("http://127.0.0.1:8000", help="Server URL (without /v1)."),
+    host: Optional[str] = O(None, help="vLLM's spelling: server host (with --port, instead of --base-url)."),
+    port: Optional[int] = O(None, help="vLLM's spelling: server port (default 8000 with --host)."),
     endpoint: str = O("/v1/completions", help="/v1/completions or /v1/chat/completions."),
     model: Optional[str] = O(None, help="Model name; default: the first one /v1/models lists."),
     api_key: Optional[str] = O(None, envvar="OPENAI_API_KEY", help="Bearer token (never saved)."),
@@ -44,12 +46,20 @@ def bench(
     seed: int = O(0),
     num_warmups: int = O(0, help="Warm-up requests sent first and excluded from results."),
     duration: Optional[float] = O(None, help="Stop sending new requests after this many seconds."),
-    slo: Optional[str] = O(None, help="e.g. ttft=200ms,tpot=50ms,e2e=2s."),
+    slo: Optional[str] = O(None, "--slo", "--goodput", help="e.g. ttft=200ms,tpot=50ms,e2e=2s; vLLM's --goodput "
+                           "form works quoted: --goodput 'ttft:200 tpot:50' (milliseconds)."),
     sweep: bool = O(False, help="Find the max rate whose SLO attainment >= --attainment (needs --slo)."),
     attainment: float = O(0.9, help="Target SLO attainment for --sweep."),
     sweep_start_rate: Optional[float] = O(None, help="First rate probed (default: --request-rate if finite, else 1)."),
     sweep_max_rate: float = O(1024.0), sweep_max_probes: int = O(10), sweep_tolerance: float = O(0.05),
     percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
+    percentile_metrics: str = O("ttft,tpot,itl,e2el", help="Latencies shown with percentiles (vLLM's names: "
+                                "ttft, tpot, itl, e2el); all are always saved."),
+    metadata: Optional[list[str]] = O(None, help="KEY=VALUE recorded in the results (repeatable, as vLLM's)."),
+    result_filename: str = O("results.json", help="Name of the results JSON inside --result-dir."),
+    save_result: bool = O(True, "--save-result", help="vLLM's flag; results are always saved here."),
+    save_detailed: bool = O(True, "--save-detailed", help="vLLM's flag; per-request records are always saved here."),
+    disable_tqdm: bool = O(False, "--disable-tqdm", help="No progress bar."),
     result_dir: Optional[str] = O(None, help="Output folder (default: bench-results/<time>)."),
     no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
     ignore_eos: bool = O(False, help="Send ignore_eos=true (vLLM/sloserve extension)."),
@@ -67,6 +77,8 @@ def bench(
     import sys
     import time
 
+    import httpx
+
     from rich.console import Console
 
     from sloserve.bench.client import ClientConfig, fetch_first_model
@@ -79,8 +91,12 @@ def bench(
 
     console = Console()
     try:
+        if host is not None or port is not None:
+            base_url = f"http://{host or '127.0.0.1'}:{port or 8000}"
         tok = HFTokenizer(tokenizer) if tokenizer else None
         pcts = parse_percentiles(percentiles)
+        shown = _percentile_metrics(percentile_metrics)
+        meta = _metadata(metadata or [])
         slo_obj = SLO.parse(slo) if slo else None
         chat = endpoint.rstrip("/").endswith("chat/completions")
         fmt = random_prompt_format if random_prompt_format != "auto" else ("words" if chat and tok is None else "ids")
@@ -109,23 +125,28 @@ def bench(
     if not cfg.model:
         try:
             cfg.model = asyncio.run(fetch_first_model(base_url, api_key))
-        except Exception as e:  # noqa: BLE001 - any failure here means "say which model"
+        except (httpx.ConnectError, httpx.TimeoutException) as e:
+            console.print(f"[red]error:[/red] no server answers at {base_url} ({e}); is it running?")
+            raise typer.Exit(2)
+        except Exception as e:  # noqa: BLE001 - it answered, but not with a model list
             console.print(f"[red]error:[/red] could not list models at {base_url} ({e}); pass --model")
             raise typer.Exit(2)
     created = time.time()
     try:
         if sweep_cfg is not None:
-            runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console)
+            runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console,
+                                         progress_bar=not disable_tqdm)
         else:
-            runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label)], None
+            runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label, not disable_tqdm)], None
     except (ValueError, OSError) as e:  # the dataset could not be read or used; requests never raise
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     config = {"workload": workload.to_dict(), "client": cfg.to_dict(), "slo": slo_obj.to_dict() if slo_obj else None,
               "percentiles": list(pcts), "num_warmups": num_warmups, "tokenizer": tokenizer,
-              "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv)}
+              "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv),
+              "percentile_metrics": shown, "metadata": meta}
     results = BenchResults(config, capture_environment(), runs, sweep_info, "client", created)
-    write_outputs(results, result_dir or default_result_dir(), console, plots=not no_plots)
+    write_outputs(results, result_dir or default_result_dir(), console, plots=not no_plots, json_name=result_filename)
     if not any(r.success for run in runs for r in run.records):
         console.print("[red]no request succeeded[/red]")
         raise typer.Exit(1)
@@ -168,4 +189,24 @@ def _redacted(argv: list[str]) -> list[str]:
     for arg in argv:
         out.append("***" if hide else ("--api-key=***" if arg.startswith("--api-key=") else arg))
         hide = arg == "--api-key"
+    return out
+
+
+def _percentile_metrics(text: str) -> list[str]:
+    names = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2el": "e2e", "e2e": "e2e"}
+    out = []
+    for part in filter(None, text.replace(" ", "").split(",")):
+        if part not in names:
+            raise ValueError(f"--percentile-metrics takes ttft, tpot, itl, e2el; got {part!r}")
+        out.append(names[part])
+    return out
+
+
+def _metadata(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in (term for text in items for term in text.split()):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--metadata takes KEY=VALUE, got {item!r}")
+        out[key] = value
     return out

@@ -114,12 +114,14 @@ async def _read_stream(resp: httpx.Response, rec: RequestRecord, text: list[str]
             choice = obj["choices"][0]
             piece = _piece(choice)
             rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
-            # A chunk counts as a token arrival only if it carries text: role-only
-            # and finish-only chunks would add fake zero-length gaps to ITL.
-            if piece:
+            so_far = usage.get("completion_tokens")  # with continuous_usage_stats
+            ids = len(choice.get("token_ids") or ())  # vLLM's return_token_ids; always sent without a tokenizer
+            # A chunk counts as a token arrival only if it carries text, or (a server without a
+            # tokenizer streams no text) token ids or a grown usage count: role-only and finish-only
+            # chunks would add fake zero-length gaps to ITL.
+            if piece or ids or (so_far is not None and so_far > last_usage):
                 rec.token_times_s.append(now)
-                so_far = usage.get("completion_tokens")  # with continuous_usage_stats
-                rec.chunk_tokens.append(so_far - last_usage if so_far is not None else None)
+                rec.chunk_tokens.append(so_far - last_usage if so_far is not None else (ids or None))
                 last_usage = so_far if so_far is not None else last_usage
                 text.append(piece)
         if usage.get("completion_tokens") is not None:

@@ -33,7 +33,7 @@ def render(results: BenchResults, sums: list[RunSummary], console: Console, deta
     detail = len(sums) == 1 if detail is None else detail
     for run, s in zip(results.runs, sums) if detail else ():
         console.print(_overview(run.label, s, results.source))
-        console.print(_latency_table(s))
+        console.print(_latency_table(s, results.config.get("percentile_metrics")))
         if s.slo is not None:
             console.print(_slo_table(s))
         if s.errors:
@@ -87,12 +87,15 @@ def _errors_table(s: RunSummary) -> Table:
     return t
 
 
-def _latency_table(s: RunSummary) -> Table:
+def _latency_table(s: RunSummary, metrics: list[str] | None = None) -> Table:
+    """metrics: vLLM's --percentile-metrics names (ttft, tpot, itl, e2el); None: all of them."""
     t = Table(title="Latency (ms)")
     pcts = list(s.ttft.percentiles)
     for col in ["metric", "n", "mean", *(("median" if p == 50 else pct_label(p)) for p in pcts)]:
         t.add_column(col, justify="right")
     for name, attr in _LATENCIES:
+        if metrics is not None and attr not in metrics:
+            continue
         st: Stats = getattr(s, attr)
         t.add_row(name, str(st.count), _ms(st.mean), *(_ms(st.percentiles[p]) for p in pcts))
     return t

@@ -21,11 +21,11 @@ from sloserve.bench.workload import Workload
 
 
 def run_once(workload: Workload, cfg: ClientConfig, num_warmups: int, tokenizer: Tokenizer | None,
-             console: Console, label: str = "") -> Run:
-    """Play the workload once, with a live progress bar."""
+             console: Console, label: str = "", progress_bar: bool = True) -> Run:
+    """Play the workload once, with a live progress bar (unless progress_bar is False: vLLM's --disable-tqdm)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[errors]} errors"))
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not progress_bar) as progress:
         task = progress.add_task(label or "benchmark", total=None, errors=0)
         failures = [0]
 
@@ -41,13 +41,14 @@ def run_once(workload: Workload, cfg: ClientConfig, num_warmups: int, tokenizer:
 
 
 def run_sweep(workload: Workload, cfg: ClientConfig, sweep: SweepConfig, slo: SLO, num_warmups: int,
-              tokenizer: Tokenizer | None, console: Console) -> tuple[list[Run], dict]:
+              tokenizer: Tokenizer | None, console: Console, progress_bar: bool = True) -> tuple[list[Run], dict]:
     """Find the max goodput rate; every probe is kept as a run (the curve)."""
     runs: list[Run] = []
 
     def probe(rate: float) -> float:
         w = workload.with_rate(rate)
-        run = run_once(w, cfg, num_warmups if not runs else 0, tokenizer, console, label=f"rate={rate:.4g}")
+        run = run_once(w, cfg, num_warmups if not runs else 0, tokenizer, console, label=f"rate={rate:.4g}",
+                       progress_bar=progress_bar)
         runs.append(run)
         s = summarize(run.records, run.duration_s, slo=slo)
         attained = s.attainment if s.attainment is not None else 0.0  # no request sent: nothing attained
@@ -76,14 +77,14 @@ def default_result_dir() -> str:
 
 def write_outputs(results: BenchResults, out_dir: str, console: Console, plots: bool = True,
                   percentiles=None, slo: SLO | None = None, save_json: bool = True,
-                  detail: bool | None = None) -> list[str]:
-    """Tables on the console; results.json, summary.csv and plots in out_dir."""
+                  detail: bool | None = None, json_name: str = "results.json") -> list[str]:
+    """Tables on the console; results.json (or json_name), summary.csv and plots in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     sums = summaries(results, percentiles, slo)
     render(results, sums, console, detail)
     paths = []
     if save_json:
-        paths.append(os.path.join(out_dir, "results.json"))
+        paths.append(os.path.join(out_dir, json_name))
         results.save(paths[-1])
     paths.append(os.path.join(out_dir, "summary.csv"))
     write_csv(results, sums, paths[-1])

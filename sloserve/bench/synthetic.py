@@ -37,6 +37,19 @@ _WORDS = tuple(
 )
 
 
+def text_of_length(ids: list[int], target: int, tokenizer: Tokenizer, max_rounds: int = 10) -> tuple[str, int]:
+    """Text near `ids` that encodes to exactly `target` tokens (its length, if no round lands there)."""
+    filler = list(ids) or [tokenizer.vocab_size // 2]
+    for _ in range(max_rounds):
+        text = tokenizer.decode(ids)
+        ids = tokenizer.encode(text)
+        if len(ids) == target:
+            return text, target
+        # Too long: cut; too short: top up with more of the original ids.
+        ids = ids[:target] if len(ids) > target else ids + (filler * target)[: target - len(ids)]
+    return text, len(tokenizer.encode(text))
+
+
 @dataclass(slots=True)
 class SyntheticSource:
     """Random prompts: `prefix_len` shared tokens, then `input` fresh tokens; `output` tokens asked.
@@ -44,9 +57,11 @@ class SyntheticSource:
     prompt_format "ids" sends token ids (the completions API takes `prompt` as
     a list of ints), drawn from [vocab_size // 10, vocab_size) to keep clear of
     the low ids where tokenizers keep special and byte tokens. With a tokenizer
-    the ids are decoded to text and the prompt length is re-measured (decoding
-    and re-encoding random ids rarely round-trips exactly). "words" sends random
-    common words, needed for chat endpoints when there is no tokenizer.
+    the prompt is sent as text of exactly the asked length: decoding random ids
+    and re-encoding the text rarely round-trips, so the ids are re-encoded,
+    cut or topped up until the text encodes to that many tokens (as vLLM's
+    random dataset does). "words" sends random common words, needed for chat
+    endpoints when there is no tokenizer.
     """
 
     input: LengthDist = field(default_factory=lambda: LengthDist(1024))
@@ -84,12 +99,11 @@ class SyntheticSource:
         return [int(i) for i in rng.integers(self.vocab_size // 10, self.vocab_size, size=k)]
 
     def _finish(self, pieces: list, tokenizer: Tokenizer | None) -> tuple[str | list[int], int]:
-        if self.prompt_format == "words":
-            text = " ".join(pieces)
-            return text, (len(tokenizer.encode(text)) if tokenizer else len(pieces))
         if tokenizer is not None:
-            text = tokenizer.decode(pieces)
-            return text, len(tokenizer.encode(text))
+            ids = tokenizer.encode(" ".join(pieces)) if self.prompt_format == "words" else pieces
+            return text_of_length(ids, len(pieces), tokenizer)
+        if self.prompt_format == "words":
+            return " ".join(pieces), len(pieces)
         return pieces, len(pieces)
 
     def to_dict(self) -> dict:

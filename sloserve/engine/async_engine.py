@@ -26,7 +26,7 @@ class EngineStoppedError(RuntimeError):
 class StreamOutput:
     """A request's state right after one step.
 
-    `output.token_ids` is the engine's live list and keeps growing in later steps, so the snapshot
+    `output.outputs[0].token_ids` is the engine's live list and keeps growing in later steps, so the snapshot
     remembers how many of its tokens belong to this moment instead of copying the list every step.
     """
 
@@ -35,7 +35,7 @@ class StreamOutput:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.output.token_ids[: self.num_tokens]
+        return self.output.outputs[0].token_ids[: self.num_tokens]
 
     @property
     def finished(self) -> bool:
@@ -265,7 +265,7 @@ class AsyncLLMEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            tracked.stream.put(StreamOutput(out, len(out.token_ids)))
+            tracked.stream.put(StreamOutput(out, len(out.outputs[0].token_ids)))
             if out.finished:
                 del self._tracked[out.request_id]
                 self._notify(out, None)
@@ -273,7 +273,7 @@ class AsyncLLMEngine:
     def _end(self, tracked: _Tracked, error: BaseException | None) -> None:
         out = RequestOutput.of(tracked.request)
         if error is None:
-            tracked.stream.put(StreamOutput(out, len(out.token_ids)))
+            tracked.stream.put(StreamOutput(out, len(out.outputs[0].token_ids)))
         else:
             tracked.stream.fail(error)
         self._notify(out, error)

@@ -5,7 +5,7 @@ import logging
 
 from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.cost import StepCostModel, StepPredictor
-from sloserve.engine.detokenizer import IncrementalDetokenizer
+from sloserve.engine.detokenizer import Detokenizer, make_detokenizer
 from sloserve.engine.executor import Executor
 from sloserve.engine.features import StepShape
 from sloserve.engine.isolation import execute_isolating
@@ -45,7 +45,7 @@ class LLMEngine:
         self.predictor = predictor or StepPredictor(StepCostModel.default(self.config.max_num_batched_tokens))
         policy = policy or make_policy(self.config.policy, self.clock, self.predictor, self.config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, policy, self.config, self.predictor)
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._detokenizers: dict[str, Detokenizer] = {}
         self.speculator = speculator
 
     @property
@@ -75,7 +75,9 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
         )
         if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+            self._detokenizers[request_id] = make_detokenizer(
+                self.tokenizer, request.prompt_token_ids, sampling_params.skip_special_tokens
+            )
         self.scheduler.add(request)
         return request
 
@@ -171,29 +173,34 @@ class LLMEngine:
 
     def _check_stop(self, request: Request, token: int, num_outputs: int) -> RequestStatus | None:
         params = request.sampling_params
-        if token in params.stop_token_ids:
-            request.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if not params.ignore_eos and token in request.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
+        # vLLM's min_tokens: no stop token or string before that many tokens (the sampler masks EOS and
+        # stop_token_ids meanwhile; this also covers executors that do not sample, like the simulator).
+        if num_outputs >= params.min_tokens:
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
         detokenizer = self._detokenizers.get(request.request_id)
         if detokenizer is not None:
             delta = detokenizer.add(token)
             request.output_text += delta
-            if delta and self._cut_at_stop_string(request, len(delta)):
+            if delta and num_outputs > params.min_tokens and self._cut_at_stop_string(request, len(delta)):
                 return RequestStatus.FINISHED_STOPPED
         if num_outputs >= params.max_tokens or request.num_prompt_tokens + num_outputs >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     def _cut_at_stop_string(self, request: Request, delta_len: int) -> bool:
-        """Truncate the text before the first stop string that the new text completed."""
+        """Truncate the text at the first stop string that the new text completed (before it, or
+        after it with include_stop_str_in_output)."""
         text = request.output_text
         for stop in request.sampling_params.stop:
             # Only a match ending inside the new text is new; look back far enough to see it start.
             i = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
             if i != -1:
-                request.output_text = text[:i]
+                keep = len(stop) if request.sampling_params.include_stop_str_in_output else 0
+                request.output_text = text[: i + keep]
                 request.stop_reason = stop
                 return True
         return False

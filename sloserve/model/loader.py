@@ -14,10 +14,10 @@ from sloserve.config import DTYPES, EngineConfig
 from sloserve.model.attention import select_backend, uses_triton
 from sloserve.model.llama import LlamaForCausalLM, ModelShape
 from sloserve.model.ops import KernelOps, select_ops
+from sloserve.model.resolve import TOKENIZER_FILES, custom_code_of, has_tokenizer, resolve_model_dir
 from sloserve.model.skinny import select_isa
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass(slots=True)
@@ -34,12 +34,25 @@ def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: it is not a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(path)
+    # Never the repository's own code: supported architectures are implemented here.
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as error:
+        if custom_code_of(path):
+            raise ValueError(_custom_code_message(path)) from None
+        raise
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        custom = f"; {_custom_code_message(path)}" if custom_code_of(path) else ""
+        raise ValueError(f"model type {config.model_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}{custom}")
     if getattr(config, "mlp_bias", False):
         raise ValueError("MLP biases (mlp_bias=True) are not supported")
     return config
+
+
+def _custom_code_message(path: Path) -> str:
+    return (f"the model needs its own Python code ({', '.join(custom_code_of(path))} in its auto_map), which "
+            "sloserve never runs, --trust-remote-code or not")
 
 
 def model_shape(config: PretrainedConfig) -> ModelShape:
@@ -101,7 +114,7 @@ def eos_token_ids(model_dir: Path, config: PretrainedConfig) -> frozenset[int]:
 
 
 def load_model(cfg: EngineConfig) -> LoadedModel:
-    model_dir = Path(cfg.model)
+    model_dir = resolve_model_dir(cfg.model, cfg.revision, cfg.download_dir)
     config = load_hf_config(model_dir)
     shape = model_shape(config)
     dtype = resolve_dtype(config, cfg.dtype)
@@ -126,11 +139,18 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     model.to(dtype).eval().requires_grad_(False)
     kernels = ops.kernels if isinstance(ops, KernelOps) else None
     model.prepare_weights(kernels, select_isa() if kernels is not None else "portable", cfg.quantization)
-    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else model_dir
-    tokenizer = None
-    if any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg, model_dir)
     return LoadedModel(model, dtype, max_model_len, shape.vocab_size, eos_token_ids(model_dir, config), tokenizer)
+
+
+def load_tokenizer(cfg: EngineConfig, model_dir: Path):
+    """The tokenizer of --tokenizer (a directory or hub id) or of the model; None where there is none."""
+    tokenizer_dir = resolve_model_dir(cfg.tokenizer, cfg.revision, cfg.download_dir, need_config=False) if cfg.tokenizer else model_dir
+    if not has_tokenizer(tokenizer_dir):
+        if cfg.tokenizer:
+            raise FileNotFoundError(f"{tokenizer_dir} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        return None
+    return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
 
 
 def init_dummy_weights(model: LlamaForCausalLM, std: float, seed: int) -> None:

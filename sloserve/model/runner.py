@@ -8,6 +8,7 @@ from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.model.attention import SequenceRows
 from sloserve.model.kv_memory import kv_cache_blocks
 from sloserve.model.loader import LoadedModel
+from sloserve.model.logits_processors import TokenHistories
 from sloserve.model.sampler import Sampler
 from sloserve.spec.rejection import verify
 
@@ -29,6 +30,7 @@ class ModelExecutor:
         )
         self.kv_caches = [(layer[0], layer[1]) for layer in cache]
         self.sampler = Sampler(config.seed, self.device)
+        self.histories = TokenHistories(loaded.eos_token_ids)  # for penalties and min_tokens
         self.graphs = None
         if use_graphs:
             from sloserve.model.cuda_graphs import DecodeGraphs  # CUDA only: imports Triton
@@ -53,7 +55,8 @@ class ModelExecutor:
         if plain:
             rows = logits if len(plain) == len(logits) else logits[[first_row[i] for i in plain]]
             tokens = self.sampler.sample(rows, [sampling[i].request_id for i in plain],
-                                         [sampling[i].sampling_params for i in plain])
+                                         [sampling[i].sampling_params for i in plain],
+                                         self.histories.of([sampling[i] for i in plain]))
             by_request.update((id(sampling[i]), [t]) for i, t in zip(plain, tokens))
         for s, r in zip(sampling, first_row):
             if s.spec_token_ids:
@@ -70,6 +73,7 @@ class ModelExecutor:
         """Run the plan's tokens; return the sampling requests (batch order) and their logits rows: one
         each, or k + 1 for a request verifying k drafts (one forward pass over all k + 1 positions)."""
         self.sampler.forget(plan.finished_request_ids)
+        self.histories.record(plan)
         # Decode rows (one new token) first, then prefill chunks and verifications: the CPU backend batches the former.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
         ordered = decodes + [s for s in plan.scheduled if s.num_new_tokens > 1]

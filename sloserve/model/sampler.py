@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from sloserve.model.logits_processors import TokenHistory, apply_logits_processors
 from sloserve.request import SamplingParams
 
 
@@ -35,8 +36,10 @@ class Sampler:
         for request_id in request_ids:
             self._request_generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """logits: [rows, vocab] float32, one row per request."""
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+               histories: list[TokenHistory] | None = None) -> list[int]:
+        """logits: [rows, vocab] float32, one row per request; histories: each row's tokens so far."""
+        logits = apply_logits_processors(logits, params, histories)
         # max(dim).indices: the same first maximal index as argmax, at less than half its cost on CPU.
         best = logits.max(dim=-1)
         tokens = best.indices.tolist()

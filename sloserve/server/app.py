@@ -25,6 +25,7 @@ from sloserve.server.responses import ChatFormat, CompletionFormat
 from sloserve.server.serving import Serving
 from sloserve.server.settings import ServerSettings
 from sloserve.server.tokenizing import PromptTokenizer
+from sloserve.server.vllm_routes import register_vllm_routes
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ class ServerContext:
         self.settings = settings
         self.model_name = settings.served_model_names[0]
         self.engine = AsyncLLMEngine(engine)
-        self.metrics = ServerMetrics(self.engine, self.model_name)
+        self.metrics = ServerMetrics(self.engine, self.model_name, max_model_len=engine.max_model_len,
+                                     block_size=engine.block_manager.block_size, compat=settings.metrics_compat)
+        engine.executor = self.metrics.observe_steps(engine.executor)
         self.engine.on_finished = self.metrics.on_finished
         self.admission = Admission(self.engine, settings.admission)
         self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len))
@@ -137,5 +140,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    register_vllm_routes(app, ctx, health)
 
     return app

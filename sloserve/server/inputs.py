@@ -47,6 +47,16 @@ async def chat_prompt(req: ChatCompletionRequest, tokens: PromptTokenizer | None
     return await tokens.chat([{"role": m.role, "content": m.text()} for m in req.messages])
 
 
+def sampling_extensions(req: SamplingFields) -> dict:
+    """The vLLM sampling fields beyond OpenAI's core, passed to SamplingParams under the same names."""
+    return dict(
+        stop_token_ids=list(req.stop_token_ids or ()), min_tokens=req.min_tokens,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, min_p=req.min_p,
+        include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+    )
+
+
 def engine_inputs(
     req: SamplingFields, prompt_token_ids: list[int], limits: ModelLimits, *, requested_max_tokens: int | None,
     default_max_tokens: int | None, slo_classes: SLOClasses | None = None, slo_class_header: str | None = None,
@@ -80,6 +90,7 @@ def engine_inputs(
         params = SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos,
+            **sampling_extensions(req),
         )
     except ValueError as error:
         # SamplingParams' messages open with the parameter's name.

@@ -7,6 +7,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sloserve.server.errors import APIError, validation_message
+from sloserve.server.vllm_fields import refuse_unsupported_vllm_fields
 
 # No coercion ("4" is not 4, 0 is not false, [true] is not a token list) and no NaN or infinity:
 # a loose reading would run something the client did not ask for.
@@ -58,6 +59,12 @@ class SamplingFields(BaseModel):
     slo: SLOParams | None = None
     slo_class: str | None = None  # a class the server defines (--slo-class); also the X-SLO-Class header
     return_token_ids: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -69,9 +76,6 @@ class SamplingFields(BaseModel):
         """(param, message) for the first parameter this server cannot honour, if any."""
         if self.n != 1:
             return "n", f"n={self.n} is not supported yet; only n=1"
-        if self.presence_penalty or self.frequency_penalty:
-            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            return param, f"{param} is not supported; leave it at 0"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         return None
@@ -174,6 +178,7 @@ def parse_body(raw: bytes, cls: type[Body]) -> Body:
         raise APIError(400, f"the request body is not valid JSON: {_first_line(error)}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    refuse_unsupported_vllm_fields(data)
     try:
         where = _lone_surrogate(data, "")
     except RecursionError:

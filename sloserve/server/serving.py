@@ -14,10 +14,10 @@ from starlette.background import BackgroundTask
 from sloserve.engine.async_engine import AsyncLLMEngine, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
 from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError
-from sloserve.server.inputs import EngineInputs
 from sloserve.server.guard import api_key_of
+from sloserve.server.inputs import EngineInputs
 from sloserve.server.metrics import ServerMetrics
-from sloserve.server.output_budget import OutputBudget
+from sloserve.server.output_budget import Lease, OutputBudget
 from sloserve.server.protocol import SamplingFields
 from sloserve.server.responses import ChatFormat, CompletionFormat, Envelope, Usage
 
@@ -59,8 +59,10 @@ class Serving:
         if predicted_ttft is not None:
             self.metrics.predicted_ttft(request_id, predicted_ttft)
         env = Envelope(request_id, int(time.time()), self.model_name)
-        reply = _Reply(fmt, env, inputs, body.return_token_ids, body.continuous_usage,
-                       text_available=self.engine.engine.tokenizer is not None)
+        text_available = self.engine.engine.tokenizer is not None
+        # Without a tokenizer there is no text: token ids always travel, so clients can count tokens.
+        reply = _Reply(fmt, env, inputs, body.return_token_ids or not text_available, body.continuous_usage,
+                       text_available=text_available)
         if body.stream:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).
@@ -88,7 +90,7 @@ class Serving:
         return JSONResponse(reply.full(final))
 
     async def _events(self, raw: Request, request_id: str, outputs: RequestStream, reply: _Reply, include_usage: bool,
-                      lease):
+                      lease: Lease):
         done = False
         try:
             async with self._abort_on_disconnect(raw, request_id):
@@ -162,7 +164,7 @@ class _Reply:
 
     def full(self, out: StreamOutput) -> dict:
         return self.fmt.full(
-            self.env, out.output.text, out.output.finish_reason, self.usage(out),
+            self.env, out.output.outputs[0].text, out.output.outputs[0].finish_reason, self.usage(out),
             out.token_ids if self.return_token_ids else None,
             self.prompt_token_ids if self.return_token_ids else None,
         )
@@ -171,17 +173,18 @@ class _Reply:
         return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None)
 
     def chunk(self, out: StreamOutput) -> dict | None:
-        text = out.output.text
+        completion = out.output.outputs[0]
+        text = completion.text
         visible = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
         delta = text[self.sent_chars : visible]
         self.sent_chars = visible
-        new_ids = out.output.token_ids[self.sent_tokens : out.num_tokens]
+        new_ids = completion.token_ids[self.sent_tokens : out.num_tokens]
         self.sent_tokens = out.num_tokens
         # Without a tokenizer there is no text: a chunk per step still shows progress (and TTFT).
         wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available))
         if not wanted:
             return None
-        chunk = self.fmt.chunk(self.env, delta, out.output.finish_reason, new_ids if self.return_token_ids else None)
+        chunk = self.fmt.chunk(self.env, delta, completion.finish_reason, new_ids if self.return_token_ids else None)
         if self.continuous_usage:
             chunk["usage"] = self.usage(out).as_dict()
         return chunk
@@ -192,7 +195,7 @@ def _cut_short(out: StreamOutput | None) -> APIError | None:
 
     An abort reaches a reader only when the server cut the request (a client that left reads nothing).
     """
-    reason = None if out is None else out.output.finish_reason
+    reason = None if out is None else out.output.outputs[0].finish_reason
     if reason == "error":
         return APIError(500, "the engine failed while running this request; other requests were not affected",
                         code="engine_error")

@@ -23,6 +23,7 @@ class ServerSettings:
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
     max_output_tokens_per_key: int | None = None  # None: no per-key budget
     slo_classes: SLOClasses = field(default_factory=SLOClasses)
+    metrics_compat: str = "none"  # "vllm": /metrics also exports vLLM's series under their vllm: names
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -31,6 +32,8 @@ class ServerSettings:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError(f"max_tokens_cap must be positive, got {self.max_tokens_cap}")
+        if self.metrics_compat not in ("none", "vllm"):
+            raise ValueError(f"metrics compat must be none or vllm, got {self.metrics_compat!r}")
         if self.body_timeout_s <= 0:
             raise ValueError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         if self.max_output_tokens_per_key is not None and self.max_output_tokens_per_key < 1:

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from sloserve import cli_args
+
 # Heavy imports (torch, numpy, rich) happen inside the commands: `sloserve` imports this for every subcommand.
 O = typer.Option
 
@@ -16,7 +18,10 @@ def profile(
     dtype: str = O("auto", help="auto | float32 | bfloat16 | float16."),
     max_num_batched_tokens: int = O(512, help="Token budget of one step (the grid's largest chunk)."),
     max_num_seqs: int = O(64),
-    kv_cache_memory: str = O("1GiB", help="KV-cache memory, in bytes or e.g. 2GiB."),
+    device: str = cli_args.DEVICE,
+    gpu_memory_utilization: float = cli_args.GPU_MEMORY_UTILIZATION,
+    enforce_eager: bool = cli_args.ENFORCE_EAGER,
+    kv_cache_memory: Optional[str] = cli_args.KV_CACHE_MEMORY,
     num_kv_blocks: Optional[int] = O(None, help="KV-cache blocks (overrides --kv-cache-memory)."),
     max_model_len: Optional[int] = O(None, help="Default: the model's max_position_embeddings."),
     block_size: int = O(16),
@@ -33,7 +38,7 @@ def profile(
     from rich.console import Console
 
     from sloserve.config import EngineConfig
-    from sloserve.cli_args import default_model_dir, parse_bytes
+    from sloserve.cli_args import default_model_dir
     from sloserve.sim.profiler import ProfileSettings, profile_model
 
     console = Console()
@@ -43,8 +48,8 @@ def profile(
     try:
         config = EngineConfig(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
-            num_kv_blocks=num_kv_blocks, kv_cache_memory_bytes=parse_bytes(kv_cache_memory),
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, **cli_args.device_knobs(device, gpu_memory_utilization, enforce_eager, kv_cache_memory),
         )
         settings = ProfileSettings(quick=quick, repeats=repeats, warmups=warmups, seed=seed,
                                    engine_requests=engine_requests or (8 if quick else 32))

@@ -121,11 +121,12 @@ def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *
         for out in outputs:
             if out.finished:
                 record = live.pop(out.request_id)
-                record.token_times_s = list(out.token_times)
-                record.chunk_tokens = [1] * len(out.token_times)
-                record.output_tokens = len(out.token_ids)
+                completion = out.outputs[0]
+                record.token_times_s = list(completion.token_times)
+                record.chunk_tokens = [1] * len(completion.token_times)
+                record.output_tokens = len(completion.token_ids)
                 record.end_s = out.finished_time
-                record.status, record.finish_reason = 200, out.finish_reason
+                record.status, record.finish_reason = 200, completion.finish_reason
                 records.append(record)
                 if free_slots is not None:
                     heapq.heappush(free_slots, out.finished_time)

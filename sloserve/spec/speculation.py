@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.scheduler import SchedulerOutput
+from sloserve.model.logits_processors import is_active
 from sloserve.request import Request
 from sloserve.spec.adaptive import AcceptanceEstimator, choose_k
 from sloserve.spec.config import SpeculativeConfig
@@ -47,7 +48,9 @@ class Speculation:
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
-        decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
+        # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
+        # token a step: their verification would need a history per draft position.
+        decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not is_active(r.sampling_params)]
         # A verification emits up to k + 1 tokens: never draft past max_tokens or the model's length.
         limits = [min(self.config.num_speculative_tokens,
                       r.sampling_params.max_tokens - len(r.output_token_ids) - 1,

@@ -35,21 +35,21 @@ def run(engine: LLMEngine) -> dict:
 def test_stop_conditions(params, prompt, tokens, reason, stop_reason):
     engine = make_engine()
     engine.add_request("r", prompt, params)
-    out = run(engine)["r"]
+    out = run(engine)["r"].outputs[0]
     assert (out.token_ids, out.finish_reason, out.stop_reason) == (tokens, reason, stop_reason)
 
 
 def test_stop_string_cuts_the_text_before_it():
     engine = make_engine(tokenizer=LetterTokenizer())
     engine.add_request("r", [0], SamplingParams(max_tokens=10, stop=["def"]))  # emits b, c, d, e, f, ...
-    out = run(engine)["r"]
+    out = run(engine)["r"].outputs[0]
     assert (out.text, out.finish_reason, out.stop_reason) == ("bc", "stop", "def")
 
 
 def test_output_stops_at_the_model_length():
     engine = make_engine(eos_token_ids=frozenset())
     engine.add_request("r", list(range(1, 61)), SamplingParams(max_tokens=10))
-    out = run(engine)["r"]
+    out = run(engine)["r"].outputs[0]
     assert (len(out.token_ids), out.finish_reason) == (4, "length")
 
 
@@ -58,8 +58,8 @@ def test_token_times_come_from_the_injected_clock():
     engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3))
     out = run(engine)["r"]
     assert out.arrival_time == pytest.approx(0.001)
-    assert all(b > a for a, b in zip(out.token_times, out.token_times[1:]))
-    assert out.ttft == pytest.approx(out.token_times[0] - 0.001)
+    assert all(b > a for a, b in zip(out.outputs[0].token_times, out.outputs[0].token_times[1:]))
+    assert out.ttft == pytest.approx(out.outputs[0].token_times[0] - 0.001)
 
 
 @pytest.mark.parametrize("abort_after_steps", [0, 1, 2, 5])

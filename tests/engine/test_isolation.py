@@ -44,14 +44,14 @@ def test_poisoned_requests_fail_alone_and_the_rest_finish_as_if_alone():
     engine.add_request("bad-1", [3], SamplingParams(max_tokens=5))
     engine.add_request("bad-2", [4, 5, 6], SamplingParams(max_tokens=5))
     finished = _run(engine)
-    assert {r: finished[r].finish_reason for r in ("bad-1", "bad-2")} == {"bad-1": "error", "bad-2": "error"}
+    assert {r: finished[r].outputs[0].finish_reason for r in ("bad-1", "bad-2")} == {"bad-1": "error", "bad-2": "error"}
     for i in range(6):
-        out = finished[f"ok-{i}"]
+        out = finished[f"ok-{i}"].outputs[0]
         assert (out.finish_reason, out.token_ids) == ("length", [11 + i + k for k in range(5)])
     # Every block came back, and the engine still takes work.
     assert engine.block_manager.num_used_blocks == 0 and not engine.requests
     engine.add_request("after", [20], SamplingParams(max_tokens=2))
-    assert _run(engine)["after"].token_ids == [21, 22]
+    assert _run(engine)["after"].outputs[0].token_ids == [21, 22]
 
 
 def test_a_fault_of_the_whole_batch_that_halving_removes_fails_nobody():
@@ -70,5 +70,5 @@ def test_a_fault_of_the_whole_batch_that_halving_removes_fails_nobody():
     for i in range(4):
         engine.add_request(f"r{i}", [10 + i], SamplingParams(max_tokens=3))
     finished = _run(engine)
-    assert sorted(out.finish_reason for out in finished.values()) == ["length"] * 4
-    assert finished["r2"].token_ids == [13, 14, 15]
+    assert sorted(out.outputs[0].finish_reason for out in finished.values()) == ["length"] * 4
+    assert finished["r2"].outputs[0].token_ids == [13, 14, 15]

@@ -112,7 +112,7 @@ def test_priority_preemption_does_not_starve_the_preempted_request():
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                first_done.append((out.request_id, out.num_preemptions, len(out.token_ids)))
+                first_done.append((out.request_id, out.num_preemptions, len(out.outputs[0].token_ids)))
     # urgent took low-1's seat (low-0 was further along and ends first); low-1 resumes before low-2.
     assert [d[0] for d in first_done] == ["low-0", "urgent", "low-1", "low-2"]
     assert dict((rid, p) for rid, p, _ in first_done)["low-1"] == 1  # it was preempted, and still came before low-2

@@ -36,7 +36,7 @@ def test_greedy_matches_transformers(kind, use_kernels, tiny_model_dir):
     for name, knobs in SCENARIOS.items():
         llm = LLM(str(model_dir), dtype="float32", use_kernels=use_kernels, **knobs)
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-        assert [o.token_ids for o in outs] == expected, f"{kind} differs under {name}"
+        assert [o.outputs[0].token_ids for o in outs] == expected, f"{kind} differs under {name}"
         if name == "preemption":
             assert sum(o.num_preemptions for o in outs) > 0
         blocks = llm.engine.block_manager
@@ -51,7 +51,7 @@ def test_bfloat16_runs_close_to_transformers(tiny_model_dir):
     expected = [hf.generate(torch.tensor([p]), max_new_tokens=1, do_sample=False)[0, -1].item() for p in prompts]
     llm = LLM(str(model_dir), dtype="bfloat16")
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=1, temperature=0))
-    assert [o.token_ids[0] for o in outs] == expected
+    assert [o.outputs[0].token_ids[0] for o in outs] == expected
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
@@ -64,4 +64,4 @@ def test_forced_fallback_matmul_matches_transformers(isa, tiny_model_dir, monkey
     llm = LLM(str(model_dir), dtype="float32")
     assert all(layer.qkv_proj.skinny.isa == isa for layer in llm.engine.executor.model.layers)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
-    assert [o.token_ids for o in outs] == hf_greedy(model_dir, prompts)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, prompts)

@@ -71,7 +71,7 @@ def test_int8_held_out_loss_within_one_percent_of_bfloat16(engines, windows):
 def test_int8_greedy_agreement_with_bfloat16(engines, windows):
     prompts = [w[:32] for w in windows]
     params = SamplingParams(max_tokens=32, temperature=0)
-    outs = {q: [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+    outs = {q: [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
             for q, llm in engines.items()}
     same = sum(a == b for x, y in zip(outs[None], outs["int8"]) for a, b in zip(x, y))
     total = sum(len(x) for x in outs[None])

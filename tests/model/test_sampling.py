@@ -9,13 +9,13 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama")), dtype="float32")
     seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1234)
     prompt = [11, 12, 13, 14]
-    alone = llm.generate(prompt_token_ids=[prompt], sampling_params=seeded)[0].token_ids
+    alone = llm.generate(prompt_token_ids=[prompt], sampling_params=seeded)[0].outputs[0].token_ids
     busy_prompts = [[20 + i] * (5 + 7 * i) for i in range(6)]
     busy_params = [SamplingParams(max_tokens=30, temperature=1.0) for _ in busy_prompts]
     outs = llm.generate(prompt_token_ids=busy_prompts + [prompt], sampling_params=busy_params + [seeded])
-    assert outs[-1].token_ids == alone
+    assert outs[-1].outputs[0].token_ids == alone
     other_seed = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=4321)
-    assert llm.generate(prompt_token_ids=[prompt], sampling_params=other_seed)[0].token_ids != alone
+    assert llm.generate(prompt_token_ids=[prompt], sampling_params=other_seed)[0].outputs[0].token_ids != alone
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

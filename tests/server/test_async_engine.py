@@ -33,7 +33,7 @@ def _run(llm_engine, body):
     finished = []
 
     async def main():
-        front = AsyncLLMEngine(llm_engine, on_finished=lambda out, error: finished.append((out.finish_reason, error)))
+        front = AsyncLLMEngine(llm_engine, on_finished=lambda out, error: finished.append((out.outputs[0].finish_reason, error)))
         front.start()
         try:
             return await body(front)
@@ -52,7 +52,7 @@ def test_concurrent_streams_match_the_offline_engine(llm_engine):
 
     outs, finished = _run(llm_engine, body)
     assert [len(o.token_ids) for o in outs] == [6, 7, 8, 9]
-    assert all(o.finished and o.output.finish_reason == "length" for o in outs)
+    assert all(o.finished and o.output.outputs[0].finish_reason == "length" for o in outs)
     assert sorted(f[0] for f in finished) == ["length"] * 4
     # Same tokens as the engine run on its own (greedy; lone requests).
     for i, out in enumerate(outs):
@@ -60,7 +60,7 @@ def test_concurrent_streams_match_the_offline_engine(llm_engine):
         solo = None
         while llm_engine.has_unfinished_requests():
             solo = (llm_engine.step() or [solo])[-1]
-        assert solo.token_ids == out.token_ids
+        assert solo.outputs[0].token_ids == out.token_ids
 
 
 def test_bad_request_raises_value_error_and_loop_keeps_going(llm_engine):
@@ -86,7 +86,7 @@ def test_abort_ends_the_stream_and_frees_blocks(llm_engine):
         return last
 
     out, finished = _run(llm_engine, body)
-    assert out.output.finish_reason == "abort" and len(out.token_ids) < 200
+    assert out.output.outputs[0].finish_reason == "abort" and len(out.token_ids) < 200
     assert finished == [("abort", None)]
 
 
@@ -139,7 +139,7 @@ def test_shutdown_aborts_in_flight_and_refuses_new(llm_engine):
         return last
 
     out, _ = _run(llm_engine, body)
-    assert out.output.finish_reason == "abort"
+    assert out.output.outputs[0].finish_reason == "abort"
 
 
 def test_http_step_failure_gives_500_and_stream_error(chat_model_dir, start_server):

@@ -52,10 +52,10 @@ def test_a_request_that_fails_in_the_executor_fails_alone(chat_model_dir, start_
     sampler = server.engine.executor.sampler
     real_sample = sampler.sample
 
-    def sample(logits, request_ids, params):
+    def sample(logits, request_ids, params, *histories):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real_sample(logits, request_ids, params)
+        return real_sample(logits, request_ids, params, *histories)
 
     sampler.sample = sample
     alone = httpx.post(server.url + "/v1/completions", json=GOOD, timeout=60).json()["choices"][0]["text"]

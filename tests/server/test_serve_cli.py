@@ -40,6 +40,42 @@ def test_null_parameters_mean_defaults(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def _words(result) -> str:
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_a_busy_port_fails_before_the_model_loads(chat_model_dir, monkeypatch):
+    import socket
+
+    import sloserve.llm
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is busy")
+
+    monkeypatch.setattr(sloserve.llm, "build_engine", never)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(chat_model_dir), "--load-format", "dummy", "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in _words(result)
+
+
+def test_a_model_without_tokenizer_needs_skip_tokenizer_init(tiny_model_dir):
+    result = CliRunner().invoke(app, ["serve", str(tiny_model_dir("llama")), "--load-format", "dummy"])
+    assert result.exit_code == 2 and "--skip-tokenizer-init" in _words(result)
+
+
+def test_version_flag_and_the_policy_alias():
+    import sloserve
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == sloserve.__version__
+    for flag in ("--scheduling-policy", "--policy"):
+        bad = CliRunner().invoke(app, ["serve", flag, "nonsense"])
+        assert bad.exit_code == 2 and "unknown policy 'nonsense'" in _words(bad)
+
+
 def test_serve_over_tls_with_an_api_key_from_the_environment(chat_model_dir, tmp_path):
     """The flags reach uvicorn and the app: https with a self-signed certificate, the key from SLOSERVE_API_KEY."""
     import os
@@ -106,3 +142,12 @@ def test_slo_classes_parse_into_engine_slos():
     assert classes.resolve(None) == SLO(ttft=0.2, tpot=0.05)
     with pytest.raises(ValueError, match="given twice"):
         parse_slo_classes(["a=ttft:1s", "a=ttft:2s"], None)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without a GPU")
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(command):
+    args = [command, str(default_model_dir()), "--device", "cuda"] + (["-p", "hi"] if command == "generate" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2  # a usage error with a message, not a traceback
+    assert "no CUDA GPU" in " ".join(result.output.replace("│", " ").split())

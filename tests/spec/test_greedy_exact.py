@@ -62,10 +62,10 @@ def test_greedy_identical_with_speculation(kind, tiny_model_dir, other_draft):
     scenarios = SCENARIOS if kind in ("llama", "qwen3") else {"batched": SCENARIOS["batched"]}
     for scenario, knobs in scenarios.items():
         _, expected = generate(model_dir, None, **knobs)
-        expected = [o.token_ids for o in expected]
+        expected = [o.outputs[0].token_ids for o in expected]
         for name, spec in methods.items():
             llm, outs = generate(model_dir, spec, **knobs)
-            assert [o.token_ids for o in outs] == expected, f"{kind}: {name} differs under {scenario}"
+            assert [o.outputs[0].token_ids for o in outs] == expected, f"{kind}: {name} differs under {scenario}"
             st = check_counts(llm)
             # (n-gram lookup drafts only where a random model's output repeats; the bundled test checks it drafts)
             assert st.num_drafts > 0 or name == "ngram", f"{kind}: {name} never verified a draft under {scenario}"
@@ -80,12 +80,12 @@ def test_bundled_pair_greedy_identical():
     draft = target.parent / "demo-draft"
     chats = ["Hello! How are you today?", "Tell me about the weather.", "What is a good name for a cat?"]
     params = SamplingParams(max_tokens=32, temperature=0)
-    expected = [o.token_ids for o in LLM(str(target)).generate(chats, params)]
+    expected = [o.outputs[0].token_ids for o in LLM(str(target)).generate(chats, params)]
     for spec in ({"method": "draft_model", "model": str(draft), "num_speculative_tokens": 4},
                  {"method": "ngram", "num_speculative_tokens": 4, "k_policy": "adaptive"},
                  {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 4, "k_policy": "adaptive"}):
         llm = LLM(str(target), speculative_config=spec)
-        assert [o.token_ids for o in llm.generate(chats, params)] == expected, spec
+        assert [o.outputs[0].token_ids for o in llm.generate(chats, params)] == expected, spec
         st = check_counts(llm)
         if spec.get("k_policy") != "adaptive":  # (adaptive may rightly choose not to speculate)
             assert st.num_accepted_tokens > 0, spec
@@ -117,7 +117,7 @@ def test_sampled_requests_with_a_draft_model_run_through_rejection_sampling(tiny
     runs = []
     for _ in range(2):
         llm = LLM(str(model_dir), dtype="float32", speculative_config=spec)
-        runs.append([o.token_ids for o in llm.generate(prompt_token_ids=prompts(), sampling_params=params)])
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts(), sampling_params=params)])
         st = check_counts(llm)
         assert st.num_drafts > 0 and st.num_accepted_tokens > 0
         assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

@@ -76,7 +76,7 @@ def test_accepted_runs_give_several_tokens_a_step_and_stop_at_max_tokens():
     engine, executor, _ = make(k=3, right=3)
     engine.add_request("r", [10, 11], SamplingParams(max_tokens=9))
     out = run(engine)["r"]
-    assert out.token_ids == list(range(12, 21))
+    assert out.outputs[0].token_ids == list(range(12, 21))
     # prefill (1 token out), then verifications of 3 drafts giving 4 tokens each: 1 + 4 + 4 = 9
     assert [s.num_new_tokens for p in executor.plans for s in p.scheduled] == [2, 4, 4]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -101,18 +101,18 @@ def test_a_stop_token_inside_an_accepted_run_cuts_there():
     engine, _, _ = make(k=4, right=4)
     engine.add_request("r", [10, 11], SamplingParams(max_tokens=20, stop_token_ids=[15]))
     out = run(engine)["r"]
-    assert (out.token_ids, out.finish_reason, out.stop_reason) == ([12, 13, 14, 15], "stop", 15)
+    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ([12, 13, 14, 15], "stop", 15)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_eos_and_stop_strings_inside_an_accepted_run_cut_there():
     engine, _, _ = make(k=4, right=4, eos_token_ids=frozenset({14}))
     engine.add_request("eos", [10, 11], SamplingParams(max_tokens=20))
-    assert run(engine)["eos"].token_ids == [12, 13, 14]
+    assert run(engine)["eos"].outputs[0].token_ids == [12, 13, 14]
     engine, _, _ = make(k=4, right=4, tokenizer=LetterTokenizer())
     engine.add_request("str", [1], SamplingParams(max_tokens=20, stop=["ef"]))  # emits c, d, e, f, ...
     out = run(engine)["str"]
-    assert (out.text, out.finish_reason, out.stop_reason) == ("cd", "stop", "ef")
+    assert (out.outputs[0].text, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("cd", "stop", "ef")
 
 
 def test_drafts_spend_the_token_budget():
@@ -134,7 +134,7 @@ def test_speculation_never_preempts_and_blocks_are_freed():
     outs = run(engine)
     for request_id, out in outs.items():
         first = 100 * (int(request_id) + 1) + 1
-        assert out.token_ids == list(range(first, first + 6))
+        assert out.outputs[0].token_ids == list(range(first, first + 6))
     assert sum(o.num_preemptions for o in outs.values()) == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert set(spec.forgotten) >= {"0", "1", "2", "3"}
