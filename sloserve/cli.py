@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from sloserve import cli_args
+from sloserve.cli_args import SPECULATIVE_CONFIG_HELP, parse_speculative_config
 
 from sloserve.demo import demo
 from sloserve.server.cli import serve
@@ -45,12 +46,14 @@ def generate(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: int | None = typer.Option(None),
+    speculative_config: str | None = typer.Option(None, help=SPECULATIVE_CONFIG_HELP),
 ) -> None:
     """Generate completions offline and print them with their latency."""
     from sloserve import LLM, SamplingParams
 
     try:
         llm = LLM(model, load_format=load_format, dtype=dtype, quantization=quantization,
+                  speculative_config=parse_speculative_config(speculative_config),
                   **cli_args.device_knobs(device, gpu_memory_utilization, enforce_eager, kv_cache_memory))
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None

@@ -69,3 +69,20 @@ def parse_slo_classes(specs: list[str] | None, default: str | None) -> SLOClasse
         o = Objectives.parse(terms)
         classes[name] = SLO(ttft=o.ttft_s, tpot=o.tpot_s, e2e=o.e2e_s)
     return SLOClasses(classes, default)
+
+
+SPECULATIVE_CONFIG_HELP = ('speculative decoding, as vLLM spells it (JSON): {"method": "ngram", "num_speculative_tokens": 3, '
+                           '"prompt_lookup_min": 2, "prompt_lookup_max": 4} or {"method": "draft_model", "model": DIR, '
+                           '"num_speculative_tokens": 3}; add "k_policy": "adaptive" to pick k per step from load')
+
+
+def parse_speculative_config(text: str | None):
+    """--speculative-config JSON -> SpeculativeConfig (None when absent)."""
+    import typer
+
+    from sloserve.spec.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(text)
+    except (ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error), param_hint="--speculative-config") from None

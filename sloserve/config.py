@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from sloserve.engine.scheduler import SchedulerConfig
+from sloserve.spec.config import SpeculativeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -39,6 +40,8 @@ class EngineConfig:
     policy: str = "fcfs"  # scheduling policy: fcfs | priority | slo
     enable_prefix_caching: bool = True  # reuse the KV of prompt prefixes other requests computed
     quantization: str | None = None  # "int8": weight-only, per-output-channel scales (vLLM's --quantization)
+    # vLLM's speculative_config: a dict (or its JSON text) such as {"method": "ngram", "num_speculative_tokens": 3}.
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -50,6 +53,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         self.scheduler_config()  # validates the scheduler's knobs and the policy name
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")

@@ -22,14 +22,20 @@ def build_engine(config: EngineConfig, step_model: StepCostModel | None = None) 
     a conservative default. Either way the engine recalibrates it from its own measured steps.
     """
     loaded = load_model(config)
+    executor, speculation = ModelExecutor(loaded, config), None
+    if config.speculative_config is not None:
+        from sloserve.spec.build import build_speculation
+
+        executor, speculation = build_speculation(config, loaded, executor)
     return LLMEngine(
-        ModelExecutor(loaded, config),
+        executor,
         config.scheduler_config(),
         max_model_len=loaded.max_model_len,
         vocab_size=loaded.vocab_size,
         eos_token_ids=loaded.eos_token_ids,
         tokenizer=loaded.tokenizer,
         predictor=StepPredictor(step_model) if step_model else None,
+        speculator=speculation,
     )
 
 

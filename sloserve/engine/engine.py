@@ -12,6 +12,7 @@ from sloserve.engine.isolation import execute_isolating
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.policy import Policy, make_policy
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from sloserve.engine.speculator import Speculator
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class LLMEngine:
         clock: Clock | None = None,
         policy: Policy | None = None,
         predictor: StepPredictor | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.executor = executor
         self.max_model_len = max_model_len
@@ -45,6 +47,7 @@ class LLMEngine:
         policy = policy or make_policy(self.config.policy, self.clock, self.predictor, self.config.max_num_batched_tokens)
         self.scheduler = Scheduler(self.block_manager, policy, self.config, self.predictor)
         self._detokenizers: dict[str, Detokenizer] = {}
+        self.speculator = speculator
 
     @property
     def requests(self) -> dict[str, Request]:
@@ -116,7 +119,13 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock.now()
-        plan = self.scheduler.schedule()
+        drafts, draft_seconds = None, 0.0
+        if self.speculator is not None:
+            drafts = self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
+            draft_seconds = self.clock.now() - start
+        plan = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
+        if self.speculator is not None and plan.preempted_request_ids:
+            self.speculator.forget(plan.preempted_request_ids)
         if not plan.scheduled:
             return []
         for s in plan.scheduled:
@@ -124,11 +133,14 @@ class LLMEngine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
         survivors, sampled, outputs = self._execute(plan)
+        if self.speculator is not None:
+            self.speculator.observe(survivors, sampled)
         now = self.clock.now()
         for request, tokens in self.scheduler.update_from_output(survivors, sampled):
             outputs.append(self._process_tokens(request, tokens, now))
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
-        self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
+        # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
+        self.predictor.observe(StepShape.of(plan), self.clock.now() - start - draft_seconds)
         return outputs
 
     def _execute(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, list[list[int]], list[RequestOutput]]:
@@ -198,3 +210,5 @@ class LLMEngine:
         request.finished_time = self.clock.now()
         self.scheduler.finish(request, status)
         self._detokenizers.pop(request.request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget([request.request_id])

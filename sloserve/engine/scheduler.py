@@ -40,6 +40,8 @@ class ScheduledRequest:
     samples: bool  # the step reaches the end of the request's tokens, so its next token is sampled
     block_table: list[int]
     sampling_params: SamplingParams
+    # Draft tokens to verify: the last len(spec_token_ids) of token_ids (vLLM v1's scheduled spec tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -82,6 +84,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self._finished_ids: list[str] = []
+        self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per running request
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -90,9 +93,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """`drafts`: draft tokens proposed for running requests; they spend the budget like any token."""
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = []
+        self._drafts = drafts or {}
         budget = self.config.max_num_batched_tokens
         batch: list[Request] = []  # the requests of out.scheduled, in the same order
         self.running.sort(key=self.policy.rank)
@@ -101,6 +106,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk(request, budget, batch, out)
+            without_drafts = min(n, request.num_tokens - request.num_computed_tokens)
+            if n > without_drafts and not self.block_manager.allocate_slots(
+                    request.request_id, request.num_computed_tokens + n):
+                n = without_drafts  # speculation never preempts anyone
             if self._allocate(request, n, out):
                 self._add(request, n, batch, out)
                 budget -= n
@@ -126,11 +135,12 @@ class Scheduler:
                 self.running.append(request)
                 self._add(request, n, batch, out)
                 budget -= n
+        self._drafts = {}
         return out
 
     def _chunk(self, request: Request, budget: int, batch: list[Request], out: SchedulerOutput) -> int:
         """The request's next tokens within the budget; a prefill chunk is cut to the policy's step time limit."""
-        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        n = min(request.num_tokens + len(self._drafts.get(request.request_id, ())) - request.num_computed_tokens, budget)
         if n <= self.min_chunk or self.predictor is None:
             return n
         limit = self.policy.step_time_limit(batch)
@@ -173,13 +183,16 @@ class Scheduler:
             request = self.requests.get(s.request_id)
             if request is None:
                 continue
-            request.num_computed_tokens += s.num_new_tokens
-            # Blocks this step filled now hold real KV: from here on other requests may share them.
-            self.block_manager.cache_full_blocks(
-                request.request_id, request.num_computed_tokens, lambda a, b, r=request: token_slice(r, a, b))
+            # Rejected drafts roll back: their KV slots are rewritten by the tokens that replace them.
+            rejected = len(s.spec_token_ids) + 1 - len(tokens) if s.spec_token_ids else 0
+            request.num_computed_tokens += s.num_new_tokens - rejected
             if tokens:
                 request.output_token_ids.extend(tokens)
                 updated.append((request, tokens))
+            # Blocks this step filled now hold real KV: from here on other requests may share them. (After the
+            # append: accepted drafts are computed tokens whose ids arrive with this step's output.)
+            self.block_manager.cache_full_blocks(
+                request.request_id, request.num_computed_tokens, lambda a, b, r=request: token_slice(r, a, b))
         return updated
 
     def _allocate(self, request: Request, n: int, out: SchedulerOutput) -> bool:
@@ -195,6 +208,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         # Recompute, not swap: the freed blocks are refilled when the request is admitted again.
         self.block_manager.free(request.request_id)
+        self._drafts.pop(request.request_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -202,16 +216,19 @@ class Scheduler:
 
     def _add(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput) -> None:
         start = request.num_computed_tokens
+        num_drafts = max(0, start + n - request.num_tokens)
+        drafts = self._drafts.get(request.request_id, [])[:num_drafts]
         batch.append(request)
         out.scheduled.append(ScheduledRequest(
             request_id=request.request_id,
-            token_ids=token_slice(request, start, start + n),
+            token_ids=token_slice(request, start, start + n - num_drafts) + drafts,
             num_computed_tokens=start,
             num_new_tokens=n,
-            samples=start + n == request.num_tokens,
+            samples=start + n >= request.num_tokens,
             # A copy: the plan must not change under an executor when the table grows next step.
             block_table=list(self.block_manager.block_tables[request.request_id]),
             sampling_params=request.sampling_params,
+            spec_token_ids=drafts,
         ))
 
     def finish(self, request: Request, status: RequestStatus) -> None:

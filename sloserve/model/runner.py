@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 
 from sloserve.config import EngineConfig
-from sloserve.engine.scheduler import SchedulerOutput
+from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.model.attention import SequenceRows
 from sloserve.model.kv_memory import kv_cache_blocks
 from sloserve.model.loader import LoadedModel
 from sloserve.model.logits_processors import TokenHistories
 from sloserve.model.sampler import Sampler
+from sloserve.spec.rejection import verify
 
 
 class ModelExecutor:
@@ -38,10 +39,42 @@ class ModelExecutor:
                                        loaded.max_model_len, sink_block=self.num_kv_blocks)
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> list[list[int]]:
+    def execute(self, plan: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None) -> list[list[int]]:
+        """`draft_probs`: per request, the draft model's distributions its drafts were sampled from
+        (absent: deterministic drafts, such as n-gram's or a greedy draft's)."""
+        sampling, logits = self.forward(plan)
+        if not sampling:
+            return [[] for _ in plan.scheduled]
+        # A request verifying k drafts owns k + 1 consecutive logits rows; any other sampling request one.
+        first_row, row = [], 0
+        for s in sampling:
+            first_row.append(row)
+            row += len(s.spec_token_ids) + 1
+        plain = [i for i, s in enumerate(sampling) if not s.spec_token_ids]
+        by_request: dict[int, list[int]] = {}
+        if plain:
+            rows = logits if len(plain) == len(logits) else logits[[first_row[i] for i in plain]]
+            tokens = self.sampler.sample(rows, [sampling[i].request_id for i in plain],
+                                         [sampling[i].sampling_params for i in plain],
+                                         self.histories.of([sampling[i] for i in plain]))
+            by_request.update((id(sampling[i]), [t]) for i, t in zip(plain, tokens))
+        for s, r in zip(sampling, first_row):
+            if s.spec_token_ids:
+                p = s.sampling_params
+                by_request[id(s)] = verify(
+                    logits[r : r + len(s.spec_token_ids) + 1], s.spec_token_ids, p, lambda row, p=p, rid=s.request_id: Sampler.probabilities(row, p, rid),
+                    None if p.greedy else self.sampler.generator_for(s.request_id, p),
+                    (draft_probs or {}).get(s.request_id),
+                )
+        return [by_request.get(id(s), []) for s in plan.scheduled]
+
+    @torch.inference_mode()
+    def forward(self, plan: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """Run the plan's tokens; return the sampling requests (batch order) and their logits rows: one
+        each, or k + 1 for a request verifying k drafts (one forward pass over all k + 1 positions)."""
         self.sampler.forget(plan.finished_request_ids)
         self.histories.record(plan)
-        # Decode rows (one new token) first, then prefill chunks: the CPU backend batches the former.
+        # Decode rows (one new token) first, then prefill chunks and verifications: the CPU backend batches the former.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
         ordered = decodes + [s for s in plan.scheduled if s.num_new_tokens > 1]
         bs = self.block_size
@@ -58,23 +91,17 @@ class ModelExecutor:
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             rows.append(SequenceRows(start, s.num_new_tokens, table))
             if s.samples:
-                sample_rows.append(len(positions) - 1)
+                sample_rows += range(len(positions) - len(s.spec_token_ids) - 1, len(positions))
+        # CUDA graphs cover steps of one new token per request only; verifications take the eager path.
         if self.graphs is not None and len(decodes) == len(ordered) and self.graphs.fits(len(rows)):
             logits = self.graphs.run(rows, input_ids, positions, slots)[sample_rows]  # one row per request
         else:
             meta = self.model.attention.prepare(rows, self._tensor(slots))
             logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches,
                                 self._tensor(sample_rows or [0]))
-        if not sample_rows:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the step ends when the GPU is done, not when it is queued
-            return [[] for _ in plan.scheduled]
-        sampling = [s for s in ordered if s.samples]
-        tokens = self.sampler.sample(
-            logits, [s.request_id for s in sampling], [s.sampling_params for s in sampling], self.histories.of(sampling)
-        )
-        by_request = {id(s): [t] for s, t in zip(sampling, tokens)}
-        return [by_request.get(id(s), []) for s in plan.scheduled]
+        if not sample_rows and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step ends when the GPU is done, not when it is queued
+        return [s for s in ordered if s.samples], logits
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

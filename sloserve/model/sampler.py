@@ -49,10 +49,10 @@ class Sampler:
             tokens[row] = _finite_argmax(logits[row], request_ids[row])
         for row, (request_id, p) in enumerate(zip(request_ids, params)):
             if not p.greedy:
-                tokens[row] = self._sample_row(logits[row], p, self._generator(request_id, p), request_id)
+                tokens[row] = self._sample_row(logits[row], p, self.generator_for(request_id, p), request_id)
         return tokens
 
-    def _generator(self, request_id: str, p: SamplingParams) -> torch.Generator:
+    def generator_for(self, request_id: str, p: SamplingParams) -> torch.Generator:
         if p.seed is None:
             return self.generator
         generator = self._request_generators.get(request_id)
@@ -60,8 +60,13 @@ class Sampler:
             generator = self._request_generators[request_id] = torch.Generator(self.device).manual_seed(p.seed)
         return generator
 
+    @classmethod
+    def _sample_row(cls, logits: torch.Tensor, p: SamplingParams, generator: torch.Generator, request_id: str) -> int:
+        return int(torch.multinomial(cls.probabilities(logits, p, request_id), 1, generator=generator))
+
     @staticmethod
-    def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator, request_id: str) -> int:
+    def probabilities(logits: torch.Tensor, p: SamplingParams, request_id: str) -> torch.Tensor:
+        """The distribution a non-greedy request samples from: temperature, top-k, top-p applied to one row."""
         logits = _sanitized(logits, request_id)
         # Max at 0, so dividing by any positive temperature yields values in [-inf, 0]: no overflow to +inf.
         # CUDA divides by a scalar as a multiply by its reciprocal, which is inf in float32 below ~2.9e-39:
@@ -78,8 +83,7 @@ class Sampler:
             drop = probs.cumsum(-1) - probs >= p.top_p
             drop[0] = False
             logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return logits.softmax(-1)
 
 
 def _sanitized(logits: torch.Tensor, request_id: str) -> torch.Tensor:

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from sloserve import cli_args
-from sloserve.cli_args import default_model_dir, parse_bytes, parse_slo_classes
+from sloserve.cli_args import (SPECULATIVE_CONFIG_HELP, default_model_dir, parse_bytes, parse_slo_classes,
+                               parse_speculative_config)
 
 def read_chat_template(value: str) -> str:
     """vLLM's --chat-template: a file's path, or the Jinja template itself."""
@@ -65,6 +66,7 @@ def serve(
     profile: str | None = typer.Option(None, help="a profile.json (`sloserve profile`) to start the step-time predictor from"),
     profile_out: str | None = typer.Option(None, help="on shutdown, save the online-calibrated step-time model here (for `sloserve simulate`)"),
     enable_prefix_caching: bool = cli_args.ENABLE_PREFIX_CACHING,
+    speculative_config: str | None = typer.Option(None, help=SPECULATIVE_CONFIG_HELP),
     kernels: bool = typer.Option(True, help="sloserve's C++ CPU kernels (built on first use); --no-kernels: plain PyTorch ops"),
     served_model_name: list[str] | None = typer.Option(None, help="name(s) clients use (default: the directory's name)"),
     max_waiting_requests: int = typer.Option(256, help="waiting requests beyond which new ones get 429"),
@@ -126,6 +128,7 @@ def serve(
             skip_tokenizer_init=skip_tokenizer_init, load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, use_kernels=kernels, policy=policy, quantization=quantization,
+            speculative_config=parse_speculative_config(speculative_config),
             **cli_args.device_knobs(device, gpu_memory_utilization, enforce_eager, kv_cache_memory),
             enable_prefix_caching=enable_prefix_caching,
         )

@@ -105,6 +105,33 @@ class _Renamed:
             yield renamed
 
 
+class _SpecDecodeCollector:
+    """vLLM's spec-decode counters (drafts, draft/accepted/emitted tokens, accepted per position), read at scrape time."""
+
+    def __init__(self, stats, labels: dict[str, str]) -> None:
+        self.stats, self.labels = stats, labels
+
+    def collect(self):
+        st, names, values = self.stats, list(self.labels), list(self.labels.values())
+        for name, doc, value in (
+            ("num_drafts", "Verifications: request-steps that verified drafts.", st.num_drafts),
+            ("num_draft_tokens", "Draft tokens proposed and verified.", st.num_draft_tokens),
+            ("num_accepted_tokens", "Draft tokens accepted.", st.num_accepted_tokens),
+            ("num_emitted_tokens", "Tokens emitted by verifications (accepted drafts plus the target's own).", st.num_emitted_tokens),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}spec_decode_{name}", doc, labels=names)
+            family.add_metric(values, value)
+            yield family
+        per_pos = CounterMetricFamily(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos", "Accepted drafts by position.",
+                                      labels=[*names, "position"])
+        for pos, value in enumerate(st.accepted_per_pos):
+            per_pos.add_metric([*values, str(pos)], value)
+        yield per_pos
+        rate = GaugeMetricFamily(f"{PREFIX}spec_decode_draft_acceptance_rate", "Accepted over drafted tokens.", labels=names)
+        rate.add_metric(values, st.acceptance_rate)
+        yield rate
+
+
 class ServerMetrics:
     """One registry per server (never prometheus-client's global one), so servers in one process do not mix."""
 
@@ -115,6 +142,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name, "engine": "0"}  # vLLM's labels (one engine here)
         self.registry.register(_EngineStateCollector(engine, labels, block_size))
+        speculator = getattr(engine.engine, "speculator", None)
+        if speculator is not None:
+            self.registry.register(_SpecDecodeCollector(speculator.stats, labels))
         self._compat = None
         if COMPAT_PREFIXES[compat] is not None:
             self._compat = CollectorRegistry()

@@ -1,0 +1,79 @@
+"""Adaptive speculation length (SmartSpec): per-request acceptance estimates, and the k in 0..K whose
+step yields the most expected tokens per predicted second, draft cost included."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sloserve.engine.cost import StepTimeModel
+from sloserve.engine.features import StepShape
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a k-draft verification yields when each draft is accepted with probability alpha
+    (until the first rejection), plus the target's own token: (1 - alpha^(k+1)) / (1 - alpha)."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass(slots=True)
+class _Counts:
+    accepted: int = 0
+    trials: int = 0  # accepted drafts plus rejections (a verification that accepted all has none)
+
+
+class AcceptanceEstimator:
+    """Per-token acceptance per request (the geometric model's maximum-likelihood estimate), shrunk towards
+    the estimate over all requests so a new request starts from what the workload has shown."""
+
+    def __init__(self, prior_weight: float = 4.0) -> None:
+        self.prior_weight = prior_weight
+        self.total = _Counts(1, 2)  # a weak start at 0.5 until verifications are seen
+        self._requests: dict[str, _Counts] = {}
+
+    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        trials = num_accepted + (num_accepted < num_drafts)
+        counts = self._requests.setdefault(request_id, _Counts())
+        for c in (counts, self.total):
+            c.accepted += num_accepted
+            c.trials += trials
+
+    def alpha(self, request_id: str) -> float:
+        overall = self.total.accepted / self.total.trials
+        c = self._requests.get(request_id, _Counts())
+        return (c.accepted + self.prior_weight * overall) / (c.trials + self.prior_weight)
+
+    def forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+
+def choose_k(
+    max_k: int,
+    limits: list[int],  # per request, the most drafts it can use (max_tokens, max_model_len)
+    contexts: list[int],
+    alphas: list[float],
+    prefill_tokens: int,  # waiting prompt tokens that would share the step
+    budget: int,
+    target: StepTimeModel,
+    draft_seconds: Callable[[list[int], list[int]], float],
+) -> int:
+    """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k).
+
+    Drafts spend the token budget that prefill chunks would otherwise take, so the prefill that fits
+    beside them is part of each candidate's step; its tokens do not count as output.
+    """
+    best_k, best_rate, previous = 0, 0.0, 0.0
+    for k in range(max_k + 1):
+        ks = [min(k, limit) for limit in limits]
+        new = [1 + x for x in ks]
+        shape = StepShape(new, list(contexts), [True] * len(new))
+        prefill = min(prefill_tokens, budget - sum(new))
+        if prefill > 0:
+            shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
+        # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
+        previous = seconds = max(previous, target.step_seconds(shape) + (draft_seconds(ks, contexts) if k else 0.0))
+        rate = sum(expected_tokens(a, x) for a, x in zip(alphas, ks)) / max(seconds, 1e-9)
+        if rate > best_rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
+            best_k, best_rate = k, rate
+    return best_k

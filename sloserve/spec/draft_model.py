@@ -1,0 +1,119 @@
+"""Draft-model proposer: a small model with the target's tokenizer drafts k tokens, autoregressively,
+batched over requests, on its own paged KV cache (blocks freed with the request, reused across steps)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sloserve.engine.cost import StepCostModel, StepPredictor
+from sloserve.engine.features import StepShape
+from sloserve.engine.kv_cache import BlockManager
+from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from sloserve.model.runner import ModelExecutor
+from sloserve.model.sampler import Sampler
+from sloserve.request import SamplingParams
+from sloserve.spec.proposer import DraftRequest
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class DraftModelProposer:
+    def __init__(self, executor: ModelExecutor, block_size: int, max_num_batched_tokens: int) -> None:
+        self.executor = executor
+        self.blocks = BlockManager(executor.num_kv_blocks, block_size)
+        # Per request, the tokens whose keys and values sit in the draft's cache (positions 0..len-1).
+        self.cached: dict[str, list[int]] = {}
+        # The distributions sampled drafts were drawn from, for the verifier's rejection sampling.
+        self.draft_probs: dict[str, torch.Tensor] = {}
+        # The draft's step time, by the same predictor the engine uses for the target.
+        self.predictor = StepPredictor(StepCostModel.default(max_num_batched_tokens))
+
+    def forget(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.blocks.free(request_id)
+            self.cached.pop(request_id, None)
+        self.executor.sampler.forget(request_ids)
+
+    @torch.inference_mode()
+    def propose(self, batch: list[DraftRequest]) -> list[list[int]]:
+        self.draft_probs = {}
+        drafts: list[list[int]] = [[] for _ in batch]
+        probs: list[list[torch.Tensor]] = [[] for _ in batch]
+        # Per request: tokens in the draft cache, and the tokens this draft step feeds.
+        computed, pending = [0] * len(batch), [[] for _ in batch]
+        for i, r in enumerate(batch):
+            cached = self.cached.get(r.request_id, [])
+            common = _common_prefix(cached, r.token_ids, len(r.token_ids) - 1)  # rejected drafts roll back here
+            # The last draft is never fed back, so k drafts need len(tokens) + k - 1 slots.
+            if r.k < 1 or not self.blocks.allocate_slots(r.request_id, len(r.token_ids) + r.k - 1):
+                self.cached.pop(r.request_id, None)
+                continue
+            computed[i], pending[i] = common, r.token_ids[common:]
+        for _ in range(max((r.k for r in batch), default=0)):
+            active = [i for i, r in enumerate(batch) if pending[i] and len(drafts[i]) < r.k]
+            if not active:
+                break
+            plan = SchedulerOutput([ScheduledRequest(
+                request_id=batch[i].request_id, token_ids=pending[i], num_computed_tokens=computed[i],
+                num_new_tokens=len(pending[i]), samples=True, block_table=self.blocks.block_tables[batch[i].request_id],
+                sampling_params=batch[i].sampling_params,
+            ) for i in active])
+            start = time.perf_counter()
+            sampling, logits = self.executor.forward(plan)
+            tokens = logits.max(dim=-1).indices.tolist()
+            row_of = {id(s): row for row, s in enumerate(sampling)}
+            for s, i in zip(plan.scheduled, active):
+                row, p = row_of[id(s)], batch[i].sampling_params
+                token = tokens[row]
+                if not p.greedy:
+                    q = Sampler.probabilities(logits[row], p, s.request_id)
+                    token = int(torch.multinomial(q, 1, generator=self.executor.sampler.generator_for(s.request_id, p)))
+                    probs[i].append(q)
+                drafts[i].append(token)
+                computed[i] += len(pending[i])
+                pending[i] = [token]
+            self.predictor.observe(StepShape.of(plan), time.perf_counter() - start)
+        for i, r in enumerate(batch):
+            if drafts[i]:
+                self.cached[r.request_id] = r.token_ids + drafts[i][:-1]
+            if probs[i]:
+                self.draft_probs[r.request_id] = torch.stack(probs[i])
+        return drafts
+
+    def predict_seconds(self, ks: list[int], contexts: list[int]) -> float:
+        seconds = 0.0
+        for step in range(max(ks, default=0)):
+            rows = [(c, k) for k, c in zip(ks, contexts) if k > step]
+            # The first step feeds what the target accepted since the last proposal (typically two tokens).
+            new = 2 if step == 0 else 1
+            seconds += self.predictor.step_seconds(
+                StepShape([new] * len(rows), [c + step for c, _ in rows], [True] * len(rows)))
+        return seconds
+
+    @torch.inference_mode()
+    def calibrate(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), repeats: int = 3) -> None:
+        """Time a few draft steps on scratch blocks so the first adaptive choice knows the draft's cost."""
+        context = 64
+        for b in batch_sizes:
+            ids = [f"__calibrate{j}" for j in range(b)]
+            if not all(self.blocks.allocate_slots(i, context + 2) for i in ids):
+                self.forget(ids)
+                break
+            for new in (1, 2):
+                plan = SchedulerOutput([ScheduledRequest(i, [0] * new, context, new, True, self.blocks.block_tables[i], _GREEDY)
+                                        for i in ids])
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    self.executor.forward(plan)
+                    self.predictor.observe(StepShape.of(plan), time.perf_counter() - start)
+            self.forget(ids)
+        self.predictor.refit()
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,97 @@
+"""Speculation as the engine sees it: which requests draft how many tokens this step, and what verification showed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from sloserve.engine.cost import StepTimeModel
+from sloserve.engine.scheduler import SchedulerOutput
+from sloserve.model.logits_processors import is_active
+from sloserve.request import Request
+from sloserve.spec.adaptive import AcceptanceEstimator, choose_k
+from sloserve.spec.config import SpeculativeConfig
+from sloserve.spec.proposer import DraftRequest, Proposer
+
+
+@dataclass(slots=True)
+class SpecDecodeStats:
+    """Cumulative counters, as vLLM's spec-decode metrics count them."""
+
+    num_drafts: int = 0  # verifications (requests x steps that verified at least one draft)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_emitted_tokens: int = 0  # accepted drafts plus the target's own token of each verification
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification, the target's own included (vLLM's 'mean acceptance length')."""
+        return self.num_emitted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class Speculation:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int) -> None:
+        self.config = config
+        self.proposer = proposer
+        self.max_model_len = max_model_len
+        self.budget = max_num_batched_tokens
+        self.acceptance = AcceptanceEstimator()
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.last_k = 0  # the k the latest step chose (adaptive) or K (fixed)
+        # Measured over predicted proposal time: the proposer's model times its forward passes, a proposal
+        # also pays for building batches and sampling; this running ratio folds that in.
+        self.draft_scale = 1.0
+
+    def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
+        """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
+        # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
+        # token a step: their verification would need a history per draft position.
+        decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not is_active(r.sampling_params)]
+        # A verification emits up to k + 1 tokens: never draft past max_tokens or the model's length.
+        limits = [min(self.config.num_speculative_tokens,
+                      r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
+                      self.max_model_len - r.num_tokens - 1) for r in decoding]
+        k = self.config.num_speculative_tokens
+        if self.config.k_policy == "adaptive" and decoding:
+            prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+            k = choose_k(k, limits, [r.num_tokens for r in decoding], [self.acceptance.alpha(r.request_id) for r in decoding],
+                         prefill, self.budget, predictor, self._draft_seconds)
+        self.last_k = k
+        batch = [DraftRequest(r.request_id, r.all_token_ids, min(k, limit), r.sampling_params)
+                 for r, limit in zip(decoding, limits) if min(k, limit) > 0]
+        if not batch:
+            return {}
+        predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
+        start = time.perf_counter()
+        drafts = self.proposer.propose(batch)
+        if predicted > 0:
+            ratio = min(max((time.perf_counter() - start) / predicted, 0.1), 10.0)
+            self.draft_scale += 0.1 * (ratio - self.draft_scale)
+        return {r.request_id: d for r, d in zip(batch, drafts) if d}
+
+    def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
+        return self.draft_scale * self.proposer.predict_seconds(ks, contexts)
+
+    def observe(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
+        for s, tokens in zip(plan.scheduled, sampled):
+            if not s.spec_token_ids or not tokens:
+                continue
+            accepted = len(tokens) - 1
+            self.acceptance.observe(s.request_id, len(s.spec_token_ids), accepted)
+            st = self.stats
+            st.num_drafts += 1
+            st.num_draft_tokens += len(s.spec_token_ids)
+            st.num_accepted_tokens += accepted
+            st.num_emitted_tokens += len(tokens)
+            for pos in range(accepted):
+                st.accepted_per_pos[pos] += 1
+
+    def forget(self, request_ids: list[str]) -> None:
+        """Requests that ended or were preempted: their draft state goes (a preempted one restarts it)."""
+        self.proposer.forget(request_ids)
+        for request_id in request_ids:
+            self.acceptance.forget(request_id)
