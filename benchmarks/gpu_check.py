@@ -35,6 +35,9 @@ SCENARIOS = {  # the engine knobs that change how a step is batched
     "eager": dict(enforce_eager=True),
     "chunked_prefill": dict(max_num_batched_tokens=16),
     "preemption": dict(block_size=4, num_kv_blocks=40),
+    "no_prefix_cache": dict(enable_prefix_caching=False),
+    "ngram_speculation": dict(speculative_config={"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 4,
+                                                  "num_speculative_tokens": 3}),
 }
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -10,7 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
+#include "bits.h"
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -23,11 +23,11 @@ namespace {
 using BF16 = uint16_t;
 
 inline float to_float(float v) { return v; }
-inline float to_float(BF16 v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+inline float to_float(BF16 v) { return bits_as<float>(static_cast<uint32_t>(v) << 16); }
 template <typename T> inline T from_float(float v);
 template <> inline float from_float<float>(float v) { return v; }
 template <> inline BF16 from_float<BF16>(float v) {  // round to nearest even, as PyTorch does; NaN stays NaN
-  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t bits = bits_as<uint32_t>(v);
   const uint32_t rounded_bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   return v != v ? BF16{0x7FC0} : static_cast<BF16>(rounded_bits);
 }
@@ -52,7 +52,7 @@ inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return p * bits_as<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 // Per-thread scratch rows are stack arrays of this many floats.

@@ -8,7 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <bit>
+#include "bits.h"
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -20,9 +20,9 @@ constexpr int kRowBlock = 4;  // weight rows streamed together
 constexpr int kMaxTile = 4;   // rows of x sharing each loaded weight vector
 
 using BF16 = uint16_t;  // raw bits, as in cpu_ops.cpp
-inline float bf16_to_float(BF16 v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+inline float bf16_to_float(BF16 v) { return bits_as<float>(static_cast<uint32_t>(v) << 16); }
 inline BF16 float_to_bf16(float v) {  // round to nearest even, as PyTorch does; NaN stays NaN
-  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t bits = bits_as<uint32_t>(v);
   return v != v ? BF16{0x7FC0} : static_cast<BF16>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
