@@ -171,13 +171,15 @@ def speed(report: Report, device: str, workdir: Path, small: bool) -> None:
     report.data["decode"] = dict(step_ms=steps, limit_ms=limit_ms, weight_bytes=weight_bytes, bandwidth=bandwidth)
 
     # Prefill of 2,048 tokens, and 64 concurrent requests, against transformers.
-    prefill_prompt = random_prompts(1, 2048, 2048, vocab, 2)
+    # A fresh prompt each time: a repeated one would be served from the prefix cache, not prefilled.
+    prefill_prompts = [random_prompts(1, 2048, 2048, vocab, 10 + i) for i in range(4)]
+    prefill_prompt = prefill_prompts[0]
     one = SamplingParams(max_tokens=1, temperature=0)
     llm.generate(prompt_token_ids=prefill_prompt, sampling_params=one)
     ours_prefill = []
-    for _ in range(3):
+    for prompt_ in prefill_prompts[1:]:
         start = time.perf_counter()
-        llm.generate(prompt_token_ids=prefill_prompt, sampling_params=one)
+        llm.generate(prompt_token_ids=prompt_, sampling_params=one)
         ours_prefill.append(time.perf_counter() - start)
     batch_prompts = random_prompts(64, 128, 512, vocab, 3)
     new = 128
