@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +43,24 @@ def _build_tag() -> str:
     return digest.hexdigest()[:12]
 
 
+STALE_LOCK_SECONDS = 600  # far longer than a build takes
+
+
+def clear_stale_lock(build_dir: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """PyTorch guards a build with a `lock` file that a killed build leaves behind, and every later load
+    then waits on it forever: remove one older than any build. Returns whether one was removed."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age:
+        return False
+    logger.warning("removing a stale build lock %s (%.0f s old: a build was killed part-way)", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def load_kernels() -> ModuleType | None:
     """The compiled kernels, or None (with a warning) where they cannot be built."""
@@ -52,12 +71,16 @@ def load_kernels() -> ModuleType | None:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join(filter(None, (os.environ.get("PATH"), bin_dir)))
-    logger.info("loading sloserve's C++ kernels (compiled on this machine's first use: ~30 s)")
+    name = f"sloserve_cpu_ops_{_build_tag()}"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        clear_stale_lock(build_dir)
+        if not any(build_dir.glob("*.so")):  # say so only when the wait is a compile
+            logger.info("compiling sloserve's C++ kernels (this machine's first use: ~30-60 s)")
         return load(
-            name=f"sloserve_cpu_ops_{_build_tag()}",
+            name=name,
             sources=[str(source) for source in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],

@@ -103,3 +103,18 @@ def test_decode_attention_reads_through_block_tables(ops, dtype, batch):
     first_slot = tables[0][0] * block_size
     expected = v_cache[first_slot].repeat_interleave(heads // kv_heads, dim=0)
     torch.testing.assert_close(out[0], expected, **TOLERANCE[dtype])
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    from sloserve.model.kernels import clear_stale_lock
+
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    assert not clear_stale_lock(tmp_path, max_age=600) and lock.exists()  # a build may be running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path, max_age=600) and not lock.exists()
