@@ -1,4 +1,5 @@
-"""Test doubles for the engine's seams: an executor that counts, a clock that ticks, a tokenizer of letters."""
+"""Test doubles for the engine's seams (an executor that counts, a clock that ticks, a tokenizer of letters),
+and a loop that steps an engine until every request has finished."""
 from sloserve.engine.scheduler import SchedulerOutput
 
 
@@ -28,3 +29,13 @@ class LetterTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == 0))
+
+
+def run_to_completion(engine) -> dict:
+    """Step until nothing is left; the final output of each request, by id."""
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished

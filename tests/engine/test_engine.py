@@ -5,7 +5,7 @@ from sloserve.engine.engine import LLMEngine
 from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
 
-from .fakes import CountingExecutor, LetterTokenizer, TickingClock
+from .fakes import CountingExecutor, LetterTokenizer, TickingClock, run_to_completion
 
 
 def make_engine(max_num_batched_tokens: int = 512, **kw) -> LLMEngine:
@@ -13,14 +13,6 @@ def make_engine(max_num_batched_tokens: int = 512, **kw) -> LLMEngine:
     config = SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, block_size=4)
     return LLMEngine(CountingExecutor(), config, max_model_len=64, vocab_size=100, clock=TickingClock(), **kw)
 
-
-def run(engine: LLMEngine) -> dict:
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return finished
 
 
 @pytest.mark.parametrize(
@@ -35,28 +27,28 @@ def run(engine: LLMEngine) -> dict:
 def test_stop_conditions(params, prompt, tokens, reason, stop_reason):
     engine = make_engine()
     engine.add_request("r", prompt, params)
-    out = run(engine)["r"].outputs[0]
+    out = run_to_completion(engine)["r"].outputs[0]
     assert (out.token_ids, out.finish_reason, out.stop_reason) == (tokens, reason, stop_reason)
 
 
 def test_stop_string_cuts_the_text_before_it():
     engine = make_engine(tokenizer=LetterTokenizer())
     engine.add_request("r", [0], SamplingParams(max_tokens=10, stop=["def"]))  # emits b, c, d, e, f, ...
-    out = run(engine)["r"].outputs[0]
+    out = run_to_completion(engine)["r"].outputs[0]
     assert (out.text, out.finish_reason, out.stop_reason) == ("bc", "stop", "def")
 
 
 def test_output_stops_at_the_model_length():
     engine = make_engine(eos_token_ids=frozenset())
     engine.add_request("r", list(range(1, 61)), SamplingParams(max_tokens=10))
-    out = run(engine)["r"].outputs[0]
+    out = run_to_completion(engine)["r"].outputs[0]
     assert (len(out.token_ids), out.finish_reason) == (4, "length")
 
 
 def test_token_times_come_from_the_injected_clock():
     engine = make_engine()
     engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3))
-    out = run(engine)["r"]
+    out = run_to_completion(engine)["r"]
     assert out.arrival_time == pytest.approx(0.001)
     assert all(b > a for a, b in zip(out.outputs[0].token_times, out.outputs[0].token_times[1:]))
     assert out.ttft == pytest.approx(out.outputs[0].token_times[0] - 0.001)
@@ -71,7 +63,7 @@ def test_abort_at_any_point_frees_the_blocks(abort_after_steps):
         engine.step()
     assert engine.abort_request("victim")
     assert not engine.abort_request("victim")
-    run(engine)
+    run_to_completion(engine)
     assert engine.block_manager.num_used_blocks == 0
     assert "victim" not in engine.requests
 

@@ -3,7 +3,7 @@ tokens per step pass through the stop checks (a stop in the middle of an accepte
 from sloserve.engine.engine import LLMEngine
 from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
-from tests.engine.fakes import LetterTokenizer, TickingClock
+from tests.engine.fakes import LetterTokenizer, TickingClock, run_to_completion
 
 
 class CountingVerifier:
@@ -63,19 +63,11 @@ def make(k=3, right=3, budget=512, **kw):
     return engine, executor, spec
 
 
-def run(engine):
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return finished
-
 
 def test_accepted_runs_give_several_tokens_a_step_and_stop_at_max_tokens():
     engine, executor, _ = make(k=3, right=3)
     engine.add_request("r", [10, 11], SamplingParams(max_tokens=9))
-    out = run(engine)["r"]
+    out = run_to_completion(engine)["r"]
     assert out.outputs[0].token_ids == list(range(12, 21))
     # prefill (1 token out), then verifications of 3 drafts giving 4 tokens each: 1 + 4 + 4 = 9
     assert [s.num_new_tokens for p in executor.plans for s in p.scheduled] == [2, 4, 4]
@@ -100,7 +92,7 @@ def test_rejected_drafts_roll_back_num_computed_tokens():
 def test_a_stop_token_inside_an_accepted_run_cuts_there():
     engine, _, _ = make(k=4, right=4)
     engine.add_request("r", [10, 11], SamplingParams(max_tokens=20, stop_token_ids=[15]))
-    out = run(engine)["r"]
+    out = run_to_completion(engine)["r"]
     assert (out.outputs[0].token_ids, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ([12, 13, 14, 15], "stop", 15)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -108,10 +100,10 @@ def test_a_stop_token_inside_an_accepted_run_cuts_there():
 def test_eos_and_stop_strings_inside_an_accepted_run_cut_there():
     engine, _, _ = make(k=4, right=4, eos_token_ids=frozenset({14}))
     engine.add_request("eos", [10, 11], SamplingParams(max_tokens=20))
-    assert run(engine)["eos"].outputs[0].token_ids == [12, 13, 14]
+    assert run_to_completion(engine)["eos"].outputs[0].token_ids == [12, 13, 14]
     engine, _, _ = make(k=4, right=4, tokenizer=LetterTokenizer())
     engine.add_request("str", [1], SamplingParams(max_tokens=20, stop=["ef"]))  # emits c, d, e, f, ...
-    out = run(engine)["str"]
+    out = run_to_completion(engine)["str"]
     assert (out.outputs[0].text, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("cd", "stop", "ef")
 
 
@@ -119,7 +111,7 @@ def test_drafts_spend_the_token_budget():
     engine, executor, _ = make(k=4, right=4, budget=12)
     for i in range(4):
         engine.add_request(str(i), [100 * (i + 1)], SamplingParams(max_tokens=30))
-    run(engine)
+    run_to_completion(engine)
     for plan in executor.plans:
         assert plan.num_batched_tokens <= 12
     # A step that cannot give every request its drafts cuts them; one token each still flows.
@@ -131,7 +123,7 @@ def test_speculation_never_preempts_and_blocks_are_freed():
     engine, executor, spec = make(k=4, right=2, num_kv_blocks=12)
     for i in range(4):
         engine.add_request(str(i), [100 * (i + 1)] * 5, SamplingParams(max_tokens=6))
-    outs = run(engine)
+    outs = run_to_completion(engine)
     for request_id, out in outs.items():
         first = 100 * (int(request_id) + 1) + 1
         assert out.outputs[0].token_ids == list(range(first, first + 6))
