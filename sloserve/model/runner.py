@@ -61,8 +61,9 @@ class ModelExecutor:
         for s, r in zip(sampling, first_row):
             if s.spec_token_ids:
                 p = s.sampling_params
+                probabilities = lambda row, p=p, rid=s.request_id: Sampler.probabilities(row, p, rid)  # noqa: E731
                 by_request[id(s)] = verify(
-                    logits[r : r + len(s.spec_token_ids) + 1], s.spec_token_ids, p, lambda row, p=p, rid=s.request_id: Sampler.probabilities(row, p, rid),
+                    logits[r : r + len(s.spec_token_ids) + 1], s.spec_token_ids, p, probabilities,
                     None if p.greedy else self.sampler.generator_for(s.request_id, p),
                     (draft_probs or {}).get(s.request_id),
                 )
