@@ -170,8 +170,8 @@ def _real(w: Workload, cfg: ClientConfig, base: str, label: str):
 
 def _sim(prof: Profile, knobs: EngineKnobs, w: Workload, label: str):
     clock = VirtualClock()
-    outcome = simulate(build_sim_engine(prof.step_model, knobs, "fcfs", clock), clock, w.requests(),
-                       max_concurrency=w.max_concurrency, duration_s=w.duration_s)
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock, prof.rank_seconds_per_waiting.get("fcfs", 0.0))
+    outcome = simulate(engine, clock, w.requests(), max_concurrency=w.max_concurrency, duration_s=w.duration_s)
     return sim_run(outcome, w, label), outcome
 
 
@@ -217,7 +217,7 @@ def _sim_speed(prof: Profile, knobs: EngineKnobs, source, rate: float, num: int,
     w = Workload(source, Arrivals("poisson", rate), num, seed=seed)
     specs = w.requests()
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock)
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock, prof.rank_seconds_per_waiting.get("fcfs", 0.0))
     start = time.perf_counter()
     outcome = simulate(engine, clock, specs)
     wall = time.perf_counter() - start

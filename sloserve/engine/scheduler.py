@@ -50,6 +50,7 @@ class SchedulerOutput:
     preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that ended since the last plan, so executors can drop per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
+    num_waiting_ranked: int = 0  # waiting requests the policy ranked for this plan (the simulator charges for them)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -108,6 +109,7 @@ class Scheduler:
                 request.all_token_ids if request.output_token_ids else request.prompt_token_ids)
         self.running.sort(key=self.policy.rank)
         self.waiting.sort(key=self.policy.rank)
+        out.num_waiting_ranked = len(self.waiting)
         self._prefill_rate = self.policy.prefill_rate(self.running, self.waiting)
         self._prompt_floor, self._prompt_tokens = None, 0  # prompt tokens this step must carry, and has
 
