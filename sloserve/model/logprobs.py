@@ -12,10 +12,19 @@ from sloserve.engine.executor import PositionLogprobs
 from sloserve.engine.scheduler import ScheduledRequest
 
 
+ROWS_AT_ONCE = 512  # a long prompt's rows are scored in slices: its log-softmax copy stays small
+
+
 def position_logprobs(logits: torch.Tensor, chosen: list[int], num_top: list[int]) -> list[PositionLogprobs]:
     """logits: [rows, vocab]; chosen: each row's token; num_top: how many alternatives each row lists."""
-    if not chosen:
-        return []
+    out: list[PositionLogprobs] = []
+    for i in range(0, len(chosen), ROWS_AT_ONCE):
+        j = i + ROWS_AT_ONCE
+        out += _score(logits[i:j], chosen[i:j], num_top[i:j])
+    return out
+
+
+def _score(logits: torch.Tensor, chosen: list[int], num_top: list[int]) -> list[PositionLogprobs]:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(chosen, dtype=torch.long, device=logprobs.device)[:, None]
     chosen_logprobs = logprobs.gather(1, index)
@@ -30,7 +39,6 @@ def position_logprobs(logits: torch.Tensor, chosen: list[int], num_top: list[int
         PositionLogprobs([token] + ids[:n], [value] + values[:n], rank)
         for token, value, rank, ids, values, n in zip(chosen, chosen_values, ranks, top_ids, top_values, num_top)
     ]
-
 
 
 class PromptScorer:

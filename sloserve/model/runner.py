@@ -76,13 +76,20 @@ class ModelExecutor:
                     None if p.greedy else self.sampler.generator_for(s.request_id, p),
                     (draft_probs or {}).get(s.request_id),
                 )
-        for s, r in zip(sampling, first_row):
-            k = s.sampling_params.logprobs
-            if k is not None:
-                # Row r + i is the distribution token i was drawn from (a verification's accepted drafts too).
+        asking = [(s, r) for s, r in zip(sampling, first_row) if s.sampling_params.logprobs is not None]
+        if asking:
+            # Row r + i is the distribution token i was drawn from (a verification's accepted drafts too):
+            # one log-softmax over all those rows.
+            rows, chosen, ks = [], [], []
+            for s, r in asking:
                 tokens = by_request[id(s)]
+                rows += range(r, r + len(tokens))
+                chosen += tokens
+                ks += [s.sampling_params.logprobs] * len(tokens)
+            scored = iter(position_logprobs(logits[rows], chosen, ks))
+            for s, _ in asking:
                 step = step_logprobs.setdefault(s.request_id, StepLogprobs())
-                step.sampled = position_logprobs(logits[r : r + len(tokens)], tokens, [k] * len(tokens))
+                step.sampled = [next(scored) for _ in by_request[id(s)]]
         self._commit(step_logprobs, waiting)
         return [by_request.get(id(s), []) for s in plan.scheduled]
 

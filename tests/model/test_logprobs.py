@@ -135,3 +135,15 @@ def test_logprobs_out_of_range_are_refused(model_dir, field, value, needle):
     with pytest.raises(ValueError, match=needle):
         llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_tokens=2, **{field: value}))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_long_prompts_are_scored_in_slices_with_the_same_values(model_dir, hf, monkeypatch):
+    from sloserve.model import logprobs
+
+    monkeypatch.setattr(logprobs, "ROWS_AT_ONCE", 4)
+    prompt = make_prompts()[2]
+    llm = LLM(str(model_dir), dtype="float32")
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=3))[0]
+    rows = hf_logprobs(hf, prompt)
+    for j in range(1, len(prompt)):
+        check_position(out.prompt_logprobs[j], prompt[j], rows[j - 1], 3)
