@@ -107,10 +107,10 @@ class ModelExecutor:
     def forward(self, plan: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:
         """Run the plan's tokens; return the sampling requests (batch order) and their logits rows: one
         each, or k + 1 for a request verifying k drafts (one forward pass over all k + 1 positions)."""
-        sampling, logits, _, _ = self._run(plan)
+        sampling, logits, _, _ = self._run(plan, score_prompts=False)  # a draft model's pass scores nothing
         return sampling, logits
 
-    def _run(self, plan: SchedulerOutput):
+    def _run(self, plan: SchedulerOutput, score_prompts: bool = True):
         """As `forward`, and then the prompt rows of the requests that ask for prompt logprobs: (request,
         number of its rows) in row order, and those rows' logits. Other requests get no extra rows."""
         self.sampler.forget(plan.finished_request_ids)
@@ -137,7 +137,7 @@ class ModelExecutor:
             num_sampled = len(s.spec_token_ids) + 1 if s.samples else 0
             if s.samples:
                 sample_rows += range(len(positions) - num_sampled, len(positions))
-            if s.sampling_params.prompt_logprobs is not None:
+            if score_prompts and s.sampling_params.prompt_logprobs is not None:
                 first = len(positions) - s.num_new_tokens
                 prompt_rows += range(first, len(positions) - num_sampled)
                 prompt_parts.append((s, s.num_new_tokens - num_sampled))
