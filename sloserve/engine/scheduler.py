@@ -105,8 +105,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         batch: list[Request] = []  # the requests of out.scheduled, in the same order
         for request in self.waiting:  # policies rank by the prefill each will compute: after its cached prefix
-            request.num_cached_tokens = self.block_manager.num_cached_tokens(
-                request.all_token_ids if request.output_token_ids else request.prompt_token_ids)
+            request.num_cached_tokens = 0 if request.sampling_params.prompt_logprobs is not None else (
+                self.block_manager.num_cached_tokens(
+                    request.all_token_ids if request.output_token_ids else request.prompt_token_ids))
         self.running.sort(key=self.policy.rank)
         self.waiting.sort(key=self.policy.rank)
         out.num_waiting_ranked = len(self.waiting)
@@ -133,8 +134,10 @@ class Scheduler:
         if not out.preempted_request_ids:  # a step that had to preempt for running requests admits nobody new
             while self.waiting and budget > 0 and self.waiting[0].request_id not in out.preempted_request_ids:
                 request = self.waiting[0]
-                # A cached prefix is not recomputed: the request starts after it (prefix caching).
-                cached = self.block_manager.cached_prefix(request.all_token_ids)
+                # A cached prefix is not recomputed: the request starts after it (prefix caching). Prompt
+                # logprobs need every prompt position's logits, so such a request skips the lookup (as vLLM's).
+                cached = ([] if request.sampling_params.prompt_logprobs is not None
+                          else self.block_manager.cached_prefix(request.all_token_ids))
                 request.num_computed_tokens = request.num_cached_tokens = len(cached) * self.block_manager.block_size
                 n = self._chunk(request, budget, batch, out)
                 if n == 0:  # the step is full by the policy's time limit
