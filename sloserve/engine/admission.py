@@ -73,7 +73,7 @@ class TTFTAdmission:
 
     def predict(self, snapshot: LoadSnapshot, request: Request, extra_tokens_ahead: int = 0) -> tuple[float, int]:
         """(predicted TTFT in seconds from now, prompt tokens computed before its first token)."""
-        if snapshot.prefix_cache is not None:
+        if snapshot.prefix_cache is not None and request.sampling_params.prompt_logprobs is None:
             request.num_cached_tokens = snapshot.prefix_cache.num_cached_tokens(request.all_token_ids)
         rank = self.policy.rank(request)
         waiting_ahead = [tokens for r, tokens in snapshot.waiting if r <= rank]
