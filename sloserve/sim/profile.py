@@ -42,6 +42,8 @@ class Profile:
     execute_timings: list[Timing] = field(default_factory=list)
     overhead_timings: list[Timing] = field(default_factory=list)
     created_unix: float = 0.0
+    # With --speculative-config: the draft's step-time fit and the measured acceptance (sim/speculation.py).
+    speculative: dict | None = None
     step_model: StepCostModel = field(init=False, repr=False, compare=False)  # the two fits as one predictor
 
     def __post_init__(self) -> None:
@@ -63,7 +65,7 @@ class Profile:
                     "overhead": self.overhead.to_dict()},
             "timings": {"execute": [t.to_dict() for t in self.execute_timings],
                         "overhead": [t.to_dict() for t in self.overhead_timings]},
-        }
+        } | ({"speculative": self.speculative} if self.speculative else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> Profile:
@@ -76,7 +78,7 @@ class Profile:
             settings=d.get("settings", {}),
             execute_timings=[Timing.from_dict(t) for t in d["timings"]["execute"]],
             overhead_timings=[Timing.from_dict(t) for t in d["timings"]["overhead"]],
-            created_unix=d.get("created_unix", 0.0),
+            created_unix=d.get("created_unix", 0.0), speculative=d.get("speculative"),
         )
 
     def save(self, path: str) -> None:

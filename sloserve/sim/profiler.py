@@ -53,6 +53,10 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
 
     machine = describe_machine(config.device)  # before the work, so the load average is other people's
     engine = build_engine(config)
+    # The target is profiled without speculation; with --speculative-config the draft and acceptance after it.
+    speculation, speculative_executor = engine.speculator, engine.executor
+    if speculation is not None:
+        engine.speculator, engine.executor = None, speculative_executor.target
     executor = engine.executor
     limits = GridLimits(config.max_num_batched_tokens, config.max_num_seqs, engine.max_model_len,
                         executor.num_kv_blocks, config.block_size)
@@ -66,6 +70,13 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
     execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
     overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
+    speculative = None
+    if speculation is not None:
+        from sloserve.sim.spec_profiler import profile_speculation
+
+        engine.executor = speculative_executor
+        speculative = profile_speculation(config, engine, speculation, settings, log).to_dict()
+        engine.executor = executor
     return Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
         model=model_info(config, executor),
@@ -77,6 +88,7 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
         execute_timings=execute_timings,
         overhead_timings=overhead_timings,
         created_unix=time.time(),
+        speculative=speculative,
     )
 
 
