@@ -67,16 +67,18 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     log(f"timing a real engine run of {settings.engine_requests} requests")
     engine_timings, overhead_timings = time_engine_run(engine, settings)
     execute_timings = grid_timings + engine_timings
-    features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
-    execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
-    overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     speculative = None
     if speculation is not None:
         from sloserve.sim.spec_profiler import profile_speculation
 
         engine.executor = speculative_executor
-        speculative = profile_speculation(config, engine, speculation, settings, log).to_dict()
+        profiled, verify_timings = profile_speculation(config, engine, speculation, settings, log)
         engine.executor = executor
+        speculative = profiled.to_dict()
+        execute_timings += verify_timings  # verification steps (k + 1 rows a request) are the target's steps too
+    features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
+    execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
+    overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     return Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
         model=model_info(config, executor),

@@ -14,7 +14,8 @@ from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import ExecuteFeatures, token_knots
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.request import SamplingParams
-from sloserve.sim.profiler import ProfileSettings, model_info, time_grid
+from sloserve.sim.profile import Timing
+from sloserve.sim.profiler import ProfileSettings, TimingExecutor, model_info, time_grid
 from sloserve.sim.shapes import GridLimits, PlanBuilder, step_grid
 from sloserve.sim.speculation import SpeculationProfile
 from sloserve.spec.draft_cost import draft_model_seconds
@@ -22,8 +23,9 @@ from sloserve.spec.speculation import Speculation
 
 
 def profile_speculation(config: EngineConfig, engine: LLMEngine, speculation: Speculation, settings: ProfileSettings,
-                        log: Callable[[str], None]) -> SpeculationProfile:
-    """`engine` is the target's, with `speculation` detached; it is attached for the engine run and detached again."""
+                        log: Callable[[str], None]) -> tuple[SpeculationProfile, list[Timing]]:
+    """`engine` is the target's, with `speculation` detached; it is attached for the engine run and detached again.
+    Returns what was measured, and the target's execute time of each step of that run (verification shapes)."""
     proposer = speculation.proposer
     draft = getattr(proposer, "executor", None)  # the draft model's ModelExecutor (method draft_model)
     profiled = SpeculationProfile(dataclasses.asdict(speculation.config), None, None, None)
@@ -41,7 +43,7 @@ def profile_speculation(config: EngineConfig, engine: LLMEngine, speculation: Sp
         profiled.draft_token_knots = features.knots
         profiled.draft_model = model_info(dataclasses.replace(config, model=speculation.config.model), draft)
     log(f"timing a speculative engine run of {settings.engine_requests} requests")
-    proposals = _speculative_run(engine, speculation, settings)
+    proposals, steps = _speculative_run(engine, speculation, settings)
     measured = speculation.acceptance.measured()
     stats = speculation.stats
     profiled.per_token_acceptance = measured
@@ -54,13 +56,14 @@ def profile_speculation(config: EngineConfig, engine: LLMEngine, speculation: Sp
         profiled.draft_scale = sum(s for _, _, s in proposals) / predicted if predicted > 0 else 1.0
     if draft is None:
         profiled.ngram_seconds_per_token = proposer.seconds_per_token
-    return profiled
+    return profiled, steps
 
 
-def _speculative_run(engine: LLMEngine, speculation: Speculation, settings: ProfileSettings) -> list[tuple[list[int], list[int], float]]:
-    """The profile's engine-run requests again, speculating; per proposal: ks, contexts and seconds."""
+def _speculative_run(engine: LLMEngine, speculation: Speculation,
+                     settings: ProfileSettings) -> tuple[list[tuple[list[int], list[int], float]], list[Timing]]:
+    """Requests like the profile's engine run, speculating: per proposal ks, contexts and seconds; per step its timing."""
     proposer = speculation.proposer
-    proposals = []
+    proposals, steps = [], []
     propose = proposer.propose
 
     def timed(batch):
@@ -71,6 +74,7 @@ def _speculative_run(engine: LLMEngine, speculation: Speculation, settings: Prof
 
     proposer.propose = timed
     engine.speculator = speculation
+    timing = engine.executor = TimingExecutor(engine.executor)
     rng = np.random.default_rng(settings.seed + 1)
     longest = max(8, min(256, engine.max_model_len // 2))
     try:
@@ -80,7 +84,10 @@ def _speculative_run(engine: LLMEngine, speculation: Speculation, settings: Prof
             engine.add_request(f"profile-spec-{i}", prompt, params)
         while engine.has_unfinished_requests():
             engine.step()
+            if timing.last is not None:
+                steps.append(Timing(timing.last[0], timing.last[1], "engine"))
+                timing.last = None
     finally:
-        engine.speculator = None
+        engine.speculator, engine.executor = None, timing.inner
         del proposer.propose  # the instance attribute: the method shows through again
-    return proposals
+    return proposals, steps

@@ -26,7 +26,11 @@ def spec_profile(tiny_model_dir, tmp_path_factory):
 
 def test_profile_records_the_drafts_step_model_and_acceptance(spec_profile):
     path, output = spec_profile
-    spec = json.loads(path.read_text())["speculative"]
+    raw = json.loads(path.read_text())
+    spec = raw["speculative"]
+    # The target's fit also learns from the verification steps (k + 1 = 4 new tokens on cached context).
+    assert any(t["source"] == "engine" and any(n == 4 and c > 0 for n, c in zip(t["shape"]["new_tokens"], t["shape"]["contexts"]))
+               for t in raw["timings"]["execute"])
     assert spec["config"]["method"] == "draft_model" and spec["config"]["num_speculative_tokens"] == 3
     assert spec["per_token_acceptance"] == 1.0 and spec["acceptance_rate"] == 1.0
     assert 1.0 < spec["mean_accepted_length"] <= 4.0
