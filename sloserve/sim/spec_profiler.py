@@ -43,7 +43,8 @@ def profile_speculation(config: EngineConfig, engine: LLMEngine, speculation: Sp
         profiled.draft_token_knots = features.knots
         profiled.draft_model = model_info(dataclasses.replace(config, model=speculation.config.model), draft)
     log(f"timing a speculative engine run of {settings.engine_requests} requests")
-    proposals, steps = _speculative_run(engine, speculation, settings)
+    proposals, steps, rate = _speculative_run(engine, speculation, settings)
+    profiled.proposal_rate = rate
     measured = speculation.acceptance.measured()
     stats = speculation.stats
     profiled.per_token_acceptance = measured
@@ -60,15 +61,18 @@ def profile_speculation(config: EngineConfig, engine: LLMEngine, speculation: Sp
 
 
 def _speculative_run(engine: LLMEngine, speculation: Speculation,
-                     settings: ProfileSettings) -> tuple[list[tuple[list[int], list[int], float]], list[Timing]]:
-    """Requests like the profile's engine run, speculating: per proposal ks, contexts and seconds; per step its timing."""
+                     settings: ProfileSettings) -> tuple[list[tuple[list[int], list[int], float]], list[Timing], float]:
+    """Requests like the profile's engine run, speculating: per proposal ks, contexts and seconds; per step its timing;
+    the share of requests asked for drafts that got any."""
     proposer = speculation.proposer
-    proposals, steps = [], []
+    proposals, steps, asked, answered = [], [], [0], [0]
     propose = proposer.propose
 
     def timed(batch):
         start = time.perf_counter()
         drafts = propose(batch)
+        asked[0] += len(batch)
+        answered[0] += sum(1 for d in drafts if d)
         proposals.append(([r.k for r in batch], [len(r.token_ids) for r in batch], time.perf_counter() - start))
         return drafts
 
@@ -90,4 +94,4 @@ def _speculative_run(engine: LLMEngine, speculation: Speculation,
     finally:
         engine.speculator, engine.executor = None, timing.inner
         del proposer.propose  # the instance attribute: the method shows through again
-    return proposals, steps
+    return proposals, steps, answered[0] / asked[0] if asked[0] else 1.0

@@ -31,6 +31,8 @@ class SpeculationProfile:
     acceptance_rate: float | None  # vLLM's: accepted / drafted tokens
     mean_accepted_length: float | None  # tokens per verification, the target's own included
     draft_scale: float = 1.0  # measured proposal time / the draft fit's prediction, over the profile's engine run
+    # Of the requests asked for drafts, the share that got any: an n-gram lookup often finds no match.
+    proposal_rate: float = 1.0
     ngram_seconds_per_token: float | None = None
     draft_model: dict | None = None  # path, shape, dtype of the draft (method draft_model)
     draft_token_knots: tuple[int, ...] | None = None
@@ -46,7 +48,7 @@ class SpeculationProfile:
         return {
             "config": self.config, "per_token_acceptance": self.per_token_acceptance,
             "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
-            "draft_scale": self.draft_scale, "ngram_seconds_per_token": self.ngram_seconds_per_token,
+            "draft_scale": self.draft_scale, "proposal_rate": self.proposal_rate, "ngram_seconds_per_token": self.ngram_seconds_per_token,
             "draft_model": self.draft_model,
             "draft_token_knots": list(self.draft_token_knots) if self.draft_token_knots else None,
             "draft_execute": self.draft_execute.to_dict() if self.draft_execute else None,
@@ -56,21 +58,25 @@ class SpeculationProfile:
     def from_dict(cls, d: dict) -> SpeculationProfile:
         return cls(
             d["config"], d.get("per_token_acceptance"), d.get("acceptance_rate"), d.get("mean_accepted_length"),
-            d.get("draft_scale", 1.0), d.get("ngram_seconds_per_token"), d.get("draft_model"),
+            d.get("draft_scale", 1.0), d.get("proposal_rate", 1.0), d.get("ngram_seconds_per_token"), d.get("draft_model"),
             tuple(d["draft_token_knots"]) if d.get("draft_token_knots") else None,
             FittedModel.from_dict(d["draft_execute"]) if d.get("draft_execute") else None,
         )
 
 
 class SimulatedProposer:
-    """Drafts k placeholder tokens per request and moves the virtual clock by what drafting would cost.
+    """Drafts k placeholder tokens per request (a request gets none with probability 1 - proposal_rate, as when
+    an n-gram lookup finds no match) and moves the virtual clock by what drafting would cost.
 
     It predicts with the draft's fit alone and charges the fit times the profiled scale (batch building,
     sampling): the real engine's Speculation learns that ratio from its clock, and here it does the same.
     """
 
-    def __init__(self, clock: VirtualClock, cost: DraftCost, scale: float, token_id: int = 0) -> None:
+    def __init__(self, clock: VirtualClock, cost: DraftCost, scale: float, proposal_rate: float = 1.0, seed: int = 0,
+                 token_id: int = 0) -> None:
         self.clock, self.cost, self.scale, self.token_id = clock, cost, scale, token_id
+        self.proposal_rate = proposal_rate
+        self.rng = random.Random(seed)
         self.draft_probs: dict = {}  # verification is a draw, not a comparison of distributions
         self.busy_seconds = 0.0
 
@@ -78,7 +84,8 @@ class SimulatedProposer:
         seconds = self.scale * self.cost([r.k for r in batch], [len(r.token_ids) for r in batch])
         self.clock.advance(seconds)
         self.busy_seconds += seconds
-        return [[self.token_id] * r.k for r in batch]
+        return [[self.token_id] * r.k if self.proposal_rate >= 1.0 or self.rng.random() < self.proposal_rate else []
+                for r in batch]
 
     def predict_seconds(self, ks: list[int], contexts: list[int]) -> float:
         return self.cost(ks, contexts)
@@ -115,13 +122,14 @@ class SimSpeculation:
     acceptance: float
     draft_cost: DraftCost
     draft_scale: float = 1.0
+    proposal_rate: float = 1.0
     seed: int = 0
 
     def executor(self, model: StepTimeModel, clock: VirtualClock, num_kv_blocks: int) -> SpeculativeSimulatedExecutor:
         return SpeculativeSimulatedExecutor(model, clock, num_kv_blocks, self.acceptance, self.seed)
 
     def speculator(self, clock: VirtualClock, max_model_len: int, max_num_batched_tokens: int) -> Speculation:
-        proposer = SimulatedProposer(clock, self.draft_cost, self.draft_scale)
+        proposer = SimulatedProposer(clock, self.draft_cost, self.draft_scale, self.proposal_rate, self.seed + 1)
         return Speculation(self.config, proposer, max_model_len, max_num_batched_tokens, clock=clock)
 
 
@@ -138,11 +146,13 @@ def sim_speculation(config: SpeculativeConfig, profiled: SpeculationProfile | No
     if profiled is not None and profiled.config.get("method") != config.method:
         raise ValueError(f"the profile measured speculation with method {profiled.config.get('method')!r}, "
                          f"not {config.method!r}: profile again with this --speculative-config")
+    rate = profiled.proposal_rate if profiled else 1.0
     if config.method == "ngram":
         per_token = (profiled.ngram_seconds_per_token if profiled else None) or NGRAM_SECONDS_PER_TOKEN
-        return SimSpeculation(config, acceptance, lambda ks, cs: ngram_seconds(per_token, ks, cs), 1.0, seed)
+        return SimSpeculation(config, acceptance, lambda ks, cs: ngram_seconds(per_token, ks, cs), 1.0, rate, seed)
     step = profiled.draft_step_model() if profiled else None
     if step is None:
         raise ValueError("simulating method 'draft_model' needs the draft's step time: profile with "
                          "--speculative-config naming the draft model")
-    return SimSpeculation(config, acceptance, lambda ks, cs: draft_model_seconds(step, ks, cs), profiled.draft_scale, seed)
+    return SimSpeculation(config, acceptance, lambda ks, cs: draft_model_seconds(step, ks, cs), profiled.draft_scale,
+                          rate, seed)

@@ -37,7 +37,24 @@ def test_profile_records_the_drafts_step_model_and_acceptance(spec_profile):
     assert spec["draft_execute"]["terms"] == list(ExecuteFeatures(token_knots(64)).terms)
     assert all(c >= 0 for c in spec["draft_execute"]["coefficients"]) and any(spec["draft_execute"]["coefficients"])
     assert spec["draft_model"]["shape"]["hidden_size"] == 64 and spec["draft_scale"] > 0
+    assert spec["proposal_rate"] == 1.0  # a draft model always drafts
     assert "per-token acceptance 100.0%" in output
+
+
+def test_an_ngram_profile_measures_lookup_cost_and_how_often_a_lookup_matches(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir("smollm"))
+    config = json.dumps({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    result = RUNNER.invoke(app, [
+        "profile", model, "--quick", "--repeats", "1", "--warmups", "0", "--max-num-batched-tokens", "64",
+        "--max-num-seqs", "8", "--num-kv-blocks", "64", "--engine-requests", "2", "--speculative-config", config,
+        "-o", str(tmp_path / "p.json"),
+    ])
+    assert result.exit_code == 0, result.output
+    spec = json.loads((tmp_path / "p.json").read_text())["speculative"]
+    assert spec["draft_execute"] is None and spec["ngram_seconds_per_token"] > 0
+    assert 0.0 < spec["proposal_rate"] <= 1.0  # random prompts: single-token matches are common, not certain
+    sim = _simulate(tmp_path / "p.json", tmp_path / "s", "--speculative-config", config, "--spec-acceptance", "0.5")
+    assert sim.exit_code == 0 and "Speculation: acceptance rate" in sim.output
 
 
 def _simulate(path, out, *extra):

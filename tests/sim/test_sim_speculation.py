@@ -24,12 +24,12 @@ def draft_cost(ks, contexts):
     return DRAFT_STEP * max(ks, default=0)
 
 
-def run(acceptance=None, k_policy="fixed", workload=None, seed=0):
+def run(acceptance=None, k_policy="fixed", workload=None, seed=0, proposal_rate=1.0):
     clock = VirtualClock()
     speculation = None
     if acceptance is not None:
         config = SpeculativeConfig("draft_model", K, model="draft", k_policy=k_policy)
-        speculation = SimSpeculation(config, acceptance, draft_cost, seed=seed)
+        speculation = SimSpeculation(config, acceptance, draft_cost, proposal_rate=proposal_rate, seed=seed)
     engine = build_sim_engine(known_profile().step_model, KNOBS, "fcfs", clock, speculation)
     verified = []  # (drafts, tokens emitted) per verification
     execute = engine.executor.execute
@@ -69,6 +69,17 @@ def test_zero_acceptance_gives_the_same_tokens_one_a_step():
     assert off.num_steps <= on.num_steps <= off.num_steps + 2
     assert on.duration_s > off.duration_s  # drafting and verifying cost time and bought nothing
     assert engine.speculator.stats.num_accepted_tokens == 0
+
+
+def test_requests_without_drafts_decode_as_without_speculation():
+    _, off, _ = run()
+    engine, none, verified = run(acceptance=1.0, proposal_rate=0.0)  # an n-gram lookup that never matches
+    assert not verified and engine.speculator.stats.num_drafts == 0
+    # The same target steps; the lookups still cost their time.
+    assert none.num_steps == off.num_steps and none.busy_s == pytest.approx(off.busy_s)
+    assert none.duration_s == pytest.approx(off.duration_s + engine.speculator.proposer.busy_seconds)
+    engine, half, verified = run(acceptance=1.0, proposal_rate=0.5, workload=specs(4, output_len=lambda i: 200))
+    assert 0.4 < len(verified) / (half.num_steps * 4) < 0.6  # about half of the decoding request-steps verify
 
 
 def test_draws_are_seeded_and_follow_the_acceptance_rate():
