@@ -195,7 +195,8 @@ def _print_speculation(console, speculative: dict) -> None:
     err = f"; draft fit held-out median error {draft['heldout_error']['median_abs_rel']:.1%}" if draft else ""
     console.print(f"Speculation ({speculative['config']['method']}): per-token acceptance "
                   f"{fmt(speculative['per_token_acceptance'], '.1%')}, acceptance rate {fmt(speculative['acceptance_rate'], '.1%')}, "
-                  f"mean accepted length {fmt(speculative['mean_accepted_length'], '.2f')}, proposal time / draft fit "
+                  f"mean accepted length {fmt(speculative['mean_accepted_length'], '.2f')}, requests given drafts "
+                  f"{speculative.get('proposal_rate', 1.0):.0%}, proposal time / draft fit "
                   f"{speculative['draft_scale']:.2f}{err}")
 
 
