@@ -77,8 +77,8 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
         speculative = profiled.to_dict()
         execute_timings += verify_timings  # verification steps (k + 1 rows a request) are the target's steps too
     features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
-    execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
-    overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
+    execute = fit_timings(features.terms, features, execute_timings, settings.holdout_every)
+    overhead = fit_timings(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     return Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
         model=model_info(config, executor),
@@ -116,12 +116,7 @@ def time_engine_run(engine: LLMEngine, settings: ProfileSettings) -> tuple[list[
     """Run requests through the real LLMEngine: per step, execute() time and step() minus execute()."""
     timed = TimingExecutor(engine.executor)
     engine.executor = timed  # the same engine object the server would step, with a stopwatch around the model
-    rng = np.random.default_rng(settings.seed)
-    longest = max(8, min(256, engine.max_model_len // 2))
-    for i in range(settings.engine_requests):
-        prompt = [int(t) for t in rng.integers(engine.vocab_size // 10, engine.vocab_size, rng.integers(4, longest))]
-        params = SamplingParams(max_tokens=int(rng.integers(2, 48)), temperature=0.0, ignore_eos=True)
-        engine.add_request(f"profile-engine-{i}", prompt, params)
+    add_engine_run_requests(engine, settings.engine_requests, settings.seed, "profile-engine", (2, 48))
     execute, overhead = [], []
     while engine.has_unfinished_requests():
         start = time.perf_counter()
@@ -138,7 +133,17 @@ def time_engine_run(engine: LLMEngine, settings: ProfileSettings) -> tuple[list[
     return execute, overhead
 
 
-def _fit(terms, features, timings: list[Timing], every: int):
+def add_engine_run_requests(engine: LLMEngine, count: int, seed: int, prefix: str, max_tokens: tuple[int, int]) -> None:
+    """Random-id prompts of random lengths, greedy, ignore_eos: the profile's engine runs."""
+    rng = np.random.default_rng(seed)
+    longest = max(8, min(256, engine.max_model_len // 2))
+    for i in range(count):
+        prompt = [int(t) for t in rng.integers(engine.vocab_size // 10, engine.vocab_size, rng.integers(4, longest))]
+        params = SamplingParams(max_tokens=int(rng.integers(*max_tokens)), temperature=0.0, ignore_eos=True)
+        engine.add_request(f"{prefix}-{i}", prompt, params)
+
+
+def fit_timings(terms, features, timings: list[Timing], every: int):
     x = np.array([features(t.shape) for t in timings], dtype=float)
     return fit_with_holdout(terms, x, np.array([t.seconds for t in timings]), every)
 

@@ -6,16 +6,13 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from sloserve.config import EngineConfig
-from sloserve.engine.cost_model import fit_with_holdout
 from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import ExecuteFeatures, token_knots
 from sloserve.engine.kv_cache import BlockManager
-from sloserve.request import SamplingParams
 from sloserve.sim.profile import Timing
-from sloserve.sim.profiler import ProfileSettings, TimingExecutor, model_info, time_grid
+from sloserve.sim.profiler import (ProfileSettings, TimingExecutor, add_engine_run_requests, fit_timings, model_info,
+                                   time_grid)
 from sloserve.sim.shapes import GridLimits, PlanBuilder, step_grid
 from sloserve.sim.speculation import SpeculationProfile
 from sloserve.spec.draft_cost import draft_model_seconds
@@ -37,9 +34,7 @@ def profile_speculation(config: EngineConfig, engine: LLMEngine, speculation: Sp
         timings, _ = time_grid(draft, PlanBuilder(BlockManager(draft.num_kv_blocks, config.block_size), engine.vocab_size),
                                grid, settings.repeats, settings.warmups)
         features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
-        x = np.array([features(t.shape) for t in timings], dtype=float)
-        profiled.draft_execute = fit_with_holdout(features.terms, x, np.array([t.seconds for t in timings]),
-                                                  settings.holdout_every)
+        profiled.draft_execute = fit_timings(features.terms, features, timings, settings.holdout_every)
         profiled.draft_token_knots = features.knots
         profiled.draft_model = model_info(dataclasses.replace(config, model=speculation.config.model), draft)
     log(f"timing a speculative engine run of {settings.engine_requests} requests")
@@ -79,13 +74,9 @@ def _speculative_run(engine: LLMEngine, speculation: Speculation,
     proposer.propose = timed
     engine.speculator = speculation
     timing = engine.executor = TimingExecutor(engine.executor)
-    rng = np.random.default_rng(settings.seed + 1)
-    longest = max(8, min(256, engine.max_model_len // 2))
     try:
-        for i in range(settings.engine_requests):
-            prompt = [int(t) for t in rng.integers(engine.vocab_size // 10, engine.vocab_size, rng.integers(4, longest))]
-            params = SamplingParams(max_tokens=int(rng.integers(8, 64)), temperature=0.0, ignore_eos=True)
-            engine.add_request(f"profile-spec-{i}", prompt, params)
+        # Longer outputs than the target's run: a speculative run needs decode steps to verify.
+        add_engine_run_requests(engine, settings.engine_requests, settings.seed + 1, "profile-spec", (8, 64))
         while engine.has_unfinished_requests():
             engine.step()
             if timing.last is not None:
