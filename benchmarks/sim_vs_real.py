@@ -181,7 +181,8 @@ def _real(w: Workload, cfg: ClientConfig, base: str, label: str):
 
 def _sim(prof: Profile, knobs: EngineKnobs, w: Workload, label: str):
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock, prof.rank_seconds_per_waiting.get("fcfs", 0.0))
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock,
+                              seconds_per_waiting=prof.rank_seconds_per_waiting.get("fcfs", 0.0))
     outcome = simulate(engine, clock, w.requests(), max_concurrency=w.max_concurrency, duration_s=w.duration_s)
     return sim_run(outcome, w, label), outcome
 
@@ -231,7 +232,8 @@ def _sim_speed(prof: Profile, knobs: EngineKnobs, source, rate: float, num: int,
     w = Workload(source, Arrivals("poisson", rate), num, seed=seed)
     specs = w.requests()
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock, prof.rank_seconds_per_waiting.get("fcfs", 0.0))
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock,
+                              seconds_per_waiting=prof.rank_seconds_per_waiting.get("fcfs", 0.0))
     start = time.perf_counter()
     outcome = simulate(engine, clock, specs)
     wall = time.perf_counter() - start

@@ -62,7 +62,8 @@ def mixed_specs(n: int, rate: float, seed: int, vocab: int) -> tuple[list[Reques
 
 def simulated(prof: Profile, knobs: EngineKnobs, specs, classes, policy: str, admission: bool):
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock, prof.rank_seconds_per_waiting.get(policy, 0.0))
+    engine = build_sim_engine(prof.step_model, knobs, policy, clock,
+                              seconds_per_waiting=prof.rank_seconds_per_waiting.get(policy, 0.0))
     out = simulate(engine, clock, specs, slo=lambda s: CLASSES[classes[s.index]],
                    priority=lambda s: 0 if classes[s.index] == "interactive" else 1, admission=admission)
     assert engine.block_manager.num_used_blocks == 0, "a request kept KV blocks after the run"

@@ -83,7 +83,8 @@ def bench(
 
     from sloserve.bench.client import ClientConfig, fetch_first_model
     from sloserve.bench.results import BenchResults, capture_environment
-    from sloserve.bench.server_counters import prefix_cache_counters, prefix_cache_delta
+    from sloserve.bench.server_counters import (prefix_cache_counters, prefix_cache_delta, spec_decode_counters,
+                                                  spec_decode_delta)
     from sloserve.bench.session import default_result_dir, run_once, run_sweep, write_outputs
     from sloserve.bench.slo import SLO
     from sloserve.bench.sweep import SweepConfig
@@ -134,6 +135,7 @@ def bench(
             raise typer.Exit(2)
     created = time.time()
     counters_before = prefix_cache_counters(base_url, api_key)
+    spec_before = spec_decode_counters(base_url, api_key)
     try:
         if sweep_cfg is not None:
             runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console,
@@ -147,7 +149,8 @@ def bench(
               "percentiles": list(pcts), "num_warmups": num_warmups, "tokenizer": tokenizer,
               "sweep": sweep_info["config"] if sweep_info else None, "command": _redacted(sys.argv),
               "percentile_metrics": shown, "metadata": meta,
-              "server_prefix_cache": prefix_cache_delta(counters_before, prefix_cache_counters(base_url, api_key))}
+              "server_prefix_cache": prefix_cache_delta(counters_before, prefix_cache_counters(base_url, api_key)),
+              "server_spec_decode": spec_decode_delta(spec_before, spec_decode_counters(base_url, api_key))}
     results = BenchResults(config, capture_environment(), runs, sweep_info, "client", created)
     write_outputs(results, result_dir or default_result_dir(), console, plots=not no_plots, json_name=result_filename)
     cache = config["server_prefix_cache"]

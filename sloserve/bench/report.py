@@ -50,7 +50,17 @@ def render(results: BenchResults, sums: list[RunSummary], console: Console, deta
         else:
             msg = f"{best:.3g} req/s (missed at {upper:.3g} req/s)"
         console.print(f"[bold]Max goodput rate[/bold] at attainment >= {target:.0%}: {msg}")
+    spec = results.config.get("server_spec_decode")
+    if spec and spec.get("mean_accepted_length") is not None:
+        console.print(_spec_decode_line(spec))
     console.print(f"[dim]{AVERAGING_NOTE}[/dim]")
+
+
+def _spec_decode_line(spec: dict) -> str:
+    """The server's own speculation counters over the run (warm-ups included: /metrics cannot tell them apart)."""
+    return (f"Speculative decoding (server /metrics, warm-ups included): mean accepted length "
+            f"{spec['mean_accepted_length']:.2f} tokens per verification, acceptance rate {spec['acceptance_rate']:.1%} "
+            f"({spec['num_accepted_tokens']:.0f} of {spec['num_draft_tokens']:.0f} drafted tokens)")
 
 
 def _overview(label: str, s: RunSummary, source: str) -> Table:

@@ -31,6 +31,8 @@ def profile(
     warmups: int = O(1, help="Untimed rounds over the grid first."),
     engine_requests: Optional[int] = O(None, help="Requests of the real engine run (default 32; 8 with --quick)."),
     output: str = O("profile.json", "--output", "-o"),
+    speculative_config: Optional[str] = O(None, help=cli_args.SPECULATIVE_CONFIG_HELP + "; the profile then holds "
+                                          "the draft's step time and the acceptance measured in its engine run"),
 ) -> None:
     """Time the real executor over a grid of step shapes and a real engine run; fit and save a step-time model."""
     from pathlib import Path
@@ -49,7 +51,8 @@ def profile(
         config = EngineConfig(
             model=str(model_dir), load_format=load_format, dtype=dtype, seed=seed, block_size=block_size,
             num_kv_blocks=num_kv_blocks, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, **cli_args.device_knobs(device, gpu_memory_utilization, enforce_eager, kv_cache_memory),
+            max_model_len=max_model_len, speculative_config=cli_args.parse_speculative_config(speculative_config),
+            **cli_args.device_knobs(device, gpu_memory_utilization, enforce_eager, kv_cache_memory),
         )
         settings = ProfileSettings(quick=quick, repeats=repeats, warmups=warmups, seed=seed,
                                    engine_requests=engine_requests or (8 if quick else 32))
@@ -60,6 +63,8 @@ def profile(
         raise typer.BadParameter(str(error)) from None
     result.save(output)
     _print_fit(console, result)
+    if result.speculative:
+        _print_speculation(console, result.speculative)
     load, spread = result.machine.get("load_average"), result.settings["repeat_spread_median"]
     console.print(f"  repeats of a shape differ by {spread:.1%} (median); load average before "
                   f"{load[0] if load else float('nan'):.2f} (machine has {result.machine['cores']} cores)")
@@ -102,6 +107,10 @@ def simulate(
     result_dir: Optional[str] = O(None, help="Output folder (default: sim-results/<time>)."),
     no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
     label: str = O("", help="Name of this run in tables and plots."),
+    speculative_config: Optional[str] = O(None, help=cli_args.SPECULATIVE_CONFIG_HELP + "; simulated with the draft "
+                                          "cost and acceptance the profile measured"),
+    spec_acceptance: Optional[float] = O(None, help="With --speculative-config: the chance a draft token is accepted "
+                                         "(given the drafts before it were), instead of the profile's measured one."),
 ) -> None:
     """Predict TTFT/TPOT of a workload with the real scheduler on a virtual clock; writes a bench results file."""
     import os
@@ -142,13 +151,15 @@ def simulate(
         if admission not in ("none", "slo"):
             raise ValueError(f"--admission must be none or slo, got {admission!r}")
         specs = workload.requests(tok)
+        speculation = _speculation(prof, cli_args.parse_speculative_config(speculative_config), spec_acceptance, seed)
     except (ValueError, OSError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
     for warning in _extrapolation(prof, knobs):
         console.print(f"[yellow]warning:[/yellow] {warning}")
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock, prof.rank_seconds_per_waiting.get(policy, 0.0))
+    engine = build_sim_engine(prof.step_model, knobs, policy, clock, speculation=speculation,
+                              seconds_per_waiting=prof.rank_seconds_per_waiting.get(policy, 0.0))
     start = time.perf_counter()
     outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s,
                              slo=lambda _: request_slo, admission=admission == "slo")
@@ -159,6 +170,35 @@ def simulate(
     write_outputs(results, out_dir, console, plots=not no_plots)
     console.print(f"Simulated {len(specs)} requests, {outcome.num_steps} steps, {outcome.duration_s:.1f} s of "
                   f"virtual time in {wall:.2f} s ({outcome.duration_s / max(wall, 1e-9):.0f}x real time)")
+    if engine.speculator is not None:
+        st = engine.speculator.stats
+        console.print(f"Speculation: acceptance rate {st.acceptance_rate:.1%}, mean accepted length "
+                      f"{st.mean_accepted_length:.2f} over {st.num_drafts} verifications")
+
+
+def _speculation(prof, config, acceptance, seed):
+    """The simulated speculation of --speculative-config (None without it; --spec-acceptance alone is refused)."""
+    from sloserve.sim.speculation import SpeculationProfile, sim_speculation
+
+    if config is None:
+        if acceptance is not None:
+            raise ValueError("--spec-acceptance needs --speculative-config")
+        return None
+    profiled = SpeculationProfile.from_dict(prof.speculative) if prof.speculative else None
+    return sim_speculation(config, profiled, acceptance, seed)
+
+
+def _print_speculation(console, speculative: dict) -> None:
+    def fmt(x, spec):
+        return "n/a" if x is None else format(x, spec)
+
+    draft = speculative.get("draft_execute")
+    err = f"; draft fit held-out median error {draft['heldout_error']['median_abs_rel']:.1%}" if draft else ""
+    console.print(f"Speculation ({speculative['config']['method']}): per-token acceptance "
+                  f"{fmt(speculative['per_token_acceptance'], '.1%')}, acceptance rate {fmt(speculative['acceptance_rate'], '.1%')}, "
+                  f"mean accepted length {fmt(speculative['mean_accepted_length'], '.2f')}, requests given drafts "
+                  f"{speculative.get('proposal_rate', 1.0):.0%}, proposal time / draft fit "
+                  f"{speculative['draft_scale']:.2f}{err}")
 
 
 def _knobs(prof, budget, seqs, blocks, memory, max_len):

@@ -45,6 +45,8 @@ class Profile:
     # Seconds a step spends ranking each waiting request, per policy (sim/rank_cost.py); {} in older profiles
     # and in harvested ones (their measured steps already include the ranking of the queues they saw).
     rank_seconds_per_waiting: dict[str, float] = field(default_factory=dict)
+    # With --speculative-config: the draft's step-time fit and the measured acceptance (sim/speculation.py).
+    speculative: dict | None = None
     step_model: StepCostModel = field(init=False, repr=False, compare=False)  # the two fits as one predictor
 
     def __post_init__(self) -> None:
@@ -66,7 +68,7 @@ class Profile:
                     "overhead": self.overhead.to_dict(), "rank_seconds_per_waiting": self.rank_seconds_per_waiting},
             "timings": {"execute": [t.to_dict() for t in self.execute_timings],
                         "overhead": [t.to_dict() for t in self.overhead_timings]},
-        }
+        } | ({"speculative": self.speculative} if self.speculative else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> Profile:
@@ -79,7 +81,7 @@ class Profile:
             settings=d.get("settings", {}),
             execute_timings=[Timing.from_dict(t) for t in d["timings"]["execute"]],
             overhead_timings=[Timing.from_dict(t) for t in d["timings"]["overhead"]],
-            created_unix=d.get("created_unix", 0.0),
+            created_unix=d.get("created_unix", 0.0), speculative=d.get("speculative"),
             rank_seconds_per_waiting=dict(fit.get("rank_seconds_per_waiting", {})),
         )
 

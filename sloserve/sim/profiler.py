@@ -54,6 +54,10 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
 
     machine = describe_machine(config.device)  # before the work, so the load average is other people's
     engine = build_engine(config)
+    # The target is profiled without speculation; with --speculative-config the draft and acceptance after it.
+    speculation, speculative_executor = engine.speculator, engine.executor
+    if speculation is not None:
+        engine.speculator, engine.executor = None, speculative_executor.target
     executor = engine.executor
     limits = GridLimits(config.max_num_batched_tokens, config.max_num_seqs, engine.max_model_len,
                         executor.num_kv_blocks, config.block_size)
@@ -64,9 +68,18 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     log(f"timing a real engine run of {settings.engine_requests} requests")
     engine_timings, overhead_timings = time_engine_run(engine, settings)
     execute_timings = grid_timings + engine_timings
+    speculative = None
+    if speculation is not None:
+        from sloserve.sim.spec_profiler import profile_speculation
+
+        engine.executor = speculative_executor
+        profiled, verify_timings = profile_speculation(config, engine, speculation, settings, log)
+        engine.executor = executor
+        speculative = profiled.to_dict()
+        execute_timings += verify_timings  # verification steps (k + 1 rows a request) are the target's steps too
     features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
-    execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
-    overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
+    execute = fit_timings(features.terms, features, execute_timings, settings.holdout_every)
+    overhead = fit_timings(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
     profile = Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
         model=model_info(config, executor),
@@ -78,6 +91,7 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
         execute_timings=execute_timings,
         overhead_timings=overhead_timings,
         created_unix=time.time(),
+        speculative=speculative,
     )
     log("timing the policies' ranking of waiting requests")
     profile.rank_seconds_per_waiting = rank_seconds_per_waiting(profile.step_model, config.max_num_batched_tokens,
@@ -107,12 +121,7 @@ def time_engine_run(engine: LLMEngine, settings: ProfileSettings) -> tuple[list[
     """Run requests through the real LLMEngine: per step, execute() time and step() minus execute()."""
     timed = TimingExecutor(engine.executor)
     engine.executor = timed  # the same engine object the server would step, with a stopwatch around the model
-    rng = np.random.default_rng(settings.seed)
-    longest = max(8, min(256, engine.max_model_len // 2))
-    for i in range(settings.engine_requests):
-        prompt = [int(t) for t in rng.integers(engine.vocab_size // 10, engine.vocab_size, rng.integers(4, longest))]
-        params = SamplingParams(max_tokens=int(rng.integers(2, 48)), temperature=0.0, ignore_eos=True)
-        engine.add_request(f"profile-engine-{i}", prompt, params)
+    add_engine_run_requests(engine, settings.engine_requests, settings.seed, "profile-engine", (2, 48))
     execute, overhead = [], []
     while engine.has_unfinished_requests():
         start = time.perf_counter()
@@ -129,7 +138,17 @@ def time_engine_run(engine: LLMEngine, settings: ProfileSettings) -> tuple[list[
     return execute, overhead
 
 
-def _fit(terms, features, timings: list[Timing], every: int):
+def add_engine_run_requests(engine: LLMEngine, count: int, seed: int, prefix: str, max_tokens: tuple[int, int]) -> None:
+    """Random-id prompts of random lengths, greedy, ignore_eos: the profile's engine runs."""
+    rng = np.random.default_rng(seed)
+    longest = max(8, min(256, engine.max_model_len // 2))
+    for i in range(count):
+        prompt = [int(t) for t in rng.integers(engine.vocab_size // 10, engine.vocab_size, rng.integers(4, longest))]
+        params = SamplingParams(max_tokens=int(rng.integers(*max_tokens)), temperature=0.0, ignore_eos=True)
+        engine.add_request(f"{prefix}-{i}", prompt, params)
+
+
+def fit_timings(terms, features, timings: list[Timing], every: int):
     x = np.array([features(t.shape) for t in timings], dtype=float)
     return fit_with_holdout(terms, x, np.array([t.seconds for t in timings]), every)
 

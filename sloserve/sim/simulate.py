@@ -6,6 +6,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sloserve.bench.records import RequestRecord
 from sloserve.bench.workload import RequestSpec
@@ -16,6 +17,9 @@ from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SLO, Request, SamplingParams
 from sloserve.sim.clock import VirtualClock
 from sloserve.sim.executor import SimulatedExecutor
+
+if TYPE_CHECKING:
+    from sloserve.sim.speculation import SimSpeculation
 
 
 @dataclass(slots=True)
@@ -58,8 +62,21 @@ def prompt_token_ids(spec: RequestSpec, vocab_size: int) -> list[int]:
             for i in range(max(1, spec.prompt_len))]
 
 
-def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock,
-                     seconds_per_waiting: float = 0.0) -> LLMEngine:
+def arrivals(token_times: list[float]) -> tuple[list[float], list[int]]:
+    """Per-token times as the client sees them: tokens of one step (accepted drafts) arrive as one chunk."""
+    times: list[float] = []
+    counts: list[int] = []
+    for t in token_times:
+        if times and t == times[-1]:
+            counts[-1] += 1
+        else:
+            times.append(t)
+            counts.append(1)
+    return times, counts
+
+
+def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock, *,
+                     seconds_per_waiting: float = 0.0, speculation: SimSpeculation | None = None) -> LLMEngine:
     """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock.
 
     The executor's step times and the engine's predictor are the same model, so policies and
@@ -68,10 +85,15 @@ def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, cloc
     charged on top, as the real engine pays it.
     """
     predictor = StepPredictor(model, calibrate=False)
-    executor = SimulatedExecutor(predictor, clock, knobs.num_kv_blocks, seconds_per_waiting=seconds_per_waiting)
+    if speculation is None:
+        executor = SimulatedExecutor(predictor, clock, knobs.num_kv_blocks, seconds_per_waiting=seconds_per_waiting)
+        speculator = None
+    else:
+        executor = speculation.executor(predictor, clock, knobs.num_kv_blocks, seconds_per_waiting)
+        speculator = speculation.speculator(clock, knobs.max_model_len, knobs.max_num_batched_tokens)
     return LLMEngine(
         executor, knobs.scheduler_config(policy), max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size,
-        clock=clock, predictor=predictor,
+        clock=clock, predictor=predictor, speculator=speculator,
     )
 
 
@@ -142,8 +164,7 @@ def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *
             if out.finished:
                 record = live.pop(out.request_id)
                 completion = out.outputs[0]
-                record.token_times_s = list(completion.token_times)
-                record.chunk_tokens = [1] * len(completion.token_times)
+                record.token_times_s, record.chunk_tokens = arrivals(completion.token_times)
                 record.output_tokens = len(completion.token_ids)
                 record.end_s = out.finished_time
                 record.status, record.finish_reason = 200, completion.finish_reason

@@ -29,7 +29,7 @@ class AcceptanceEstimator:
 
     def __init__(self, prior_weight: float = 4.0) -> None:
         self.prior_weight = prior_weight
-        self.total = _Counts(1, 2)  # a weak start at 0.5 until verifications are seen
+        self.total = _Counts()
         self._requests: dict[str, _Counts] = {}
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
@@ -40,9 +40,13 @@ class AcceptanceEstimator:
             c.trials += trials
 
     def alpha(self, request_id: str) -> float:
-        overall = self.total.accepted / self.total.trials
+        overall = (self.total.accepted + 1) / (self.total.trials + 2)  # a weak start at 0.5 until verifications are seen
         c = self._requests.get(request_id, _Counts())
         return (c.accepted + self.prior_weight * overall) / (c.trials + self.prior_weight)
+
+    def measured(self) -> float | None:
+        """Per-draft-token acceptance over every verification so far (no prior): what a simulator draws from."""
+        return self.total.accepted / self.total.trials if self.total.trials else None
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

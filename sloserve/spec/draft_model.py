@@ -2,10 +2,9 @@
 batched over requests, on its own paged KV cache (blocks freed with the request, reused across steps)."""
 from __future__ import annotations
 
-import time
-
 import torch
 
+from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
@@ -13,14 +12,17 @@ from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.model.runner import ModelExecutor
 from sloserve.model.sampler import Sampler
 from sloserve.request import SamplingParams
+from sloserve.spec.draft_cost import draft_model_seconds
 from sloserve.spec.proposer import DraftRequest
 
 _GREEDY = SamplingParams(temperature=0.0)
 
 
 class DraftModelProposer:
-    def __init__(self, executor: ModelExecutor, block_size: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, executor: ModelExecutor, block_size: int, max_num_batched_tokens: int,
+                 clock: Clock | None = None) -> None:
         self.executor = executor
+        self.clock = clock or MonotonicClock()  # times the draft's forward passes for its predictor
         self.blocks = BlockManager(executor.num_kv_blocks, block_size)
         # Per request, the tokens whose keys and values sit in the draft's cache (positions 0..len-1).
         self.cached: dict[str, list[int]] = {}
@@ -59,7 +61,7 @@ class DraftModelProposer:
                 num_new_tokens=len(pending[i]), samples=True, block_table=self.blocks.block_tables[batch[i].request_id],
                 sampling_params=batch[i].sampling_params,
             ) for i in active])
-            start = time.perf_counter()
+            start = self.clock.now()
             sampling, logits = self.executor.forward(plan)
             tokens = logits.max(dim=-1).indices.tolist()
             row_of = {id(s): row for row, s in enumerate(sampling)}
@@ -73,7 +75,7 @@ class DraftModelProposer:
                 drafts[i].append(token)
                 computed[i] += len(pending[i])
                 pending[i] = [token]
-            self.predictor.observe(StepShape.of(plan), time.perf_counter() - start)
+            self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
         for i, r in enumerate(batch):
             if drafts[i]:
                 self.cached[r.request_id] = r.token_ids + drafts[i][:-1]
@@ -82,14 +84,7 @@ class DraftModelProposer:
         return drafts
 
     def predict_seconds(self, ks: list[int], contexts: list[int]) -> float:
-        seconds = 0.0
-        for step in range(max(ks, default=0)):
-            rows = [(c, k) for k, c in zip(ks, contexts) if k > step]
-            # The first step feeds what the target accepted since the last proposal (typically two tokens).
-            new = 2 if step == 0 else 1
-            seconds += self.predictor.step_seconds(
-                StepShape([new] * len(rows), [c + step for c, _ in rows], [True] * len(rows)))
-        return seconds
+        return draft_model_seconds(self.predictor, ks, contexts)
 
     @torch.inference_mode()
     def calibrate(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), repeats: int = 3) -> None:
@@ -104,9 +99,9 @@ class DraftModelProposer:
                 plan = SchedulerOutput([ScheduledRequest(i, [0] * new, context, new, True, self.blocks.block_tables[i], _GREEDY)
                                         for i in ids])
                 for _ in range(repeats):
-                    start = time.perf_counter()
+                    start = self.clock.now()
                     self.executor.forward(plan)
-                    self.predictor.observe(StepShape.of(plan), time.perf_counter() - start)
+                    self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
             self.forget(ids)
         self.predictor.refit()
 

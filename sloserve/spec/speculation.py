@@ -1,9 +1,9 @@
 """Speculation as the engine sees it: which requests draft how many tokens this step, and what verification showed."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
+from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.logits_processors import is_active
@@ -34,8 +34,11 @@ class SpecDecodeStats:
 
 
 class Speculation:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int,
+                 clock: Clock | None = None) -> None:
         self.config = config
+        # The engine's clock: real time when serving, virtual time when simulated proposals cost modelled seconds.
+        self.clock = clock or MonotonicClock()
         self.proposer = proposer
         self.max_model_len = max_model_len
         self.budget = max_num_batched_tokens
@@ -66,10 +69,10 @@ class Speculation:
         if not batch:
             return {}
         predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
-        start = time.perf_counter()
+        start = self.clock.now()
         drafts = self.proposer.propose(batch)
         if predicted > 0:
-            ratio = min(max((time.perf_counter() - start) / predicted, 0.1), 10.0)
+            ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
             self.draft_scale += 0.1 * (ratio - self.draft_scale)
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
 

@@ -17,7 +17,7 @@ KNOBS = EngineKnobs(max_num_batched_tokens=64, max_num_seqs=1, num_kv_blocks=64,
 
 def first_step(seconds_per_waiting: float) -> tuple[float, int, StepShape]:
     clock = VirtualClock()
-    engine = build_sim_engine(known_profile().step_model, KNOBS, "slo", clock, seconds_per_waiting)
+    engine = build_sim_engine(known_profile().step_model, KNOBS, "slo", clock, seconds_per_waiting=seconds_per_waiting)
     for i in range(5):
         engine.add_request(str(i), [10 + i] * 20, SamplingParams(max_tokens=4), arrival_time=0.0)
     plan = engine.scheduler.schedule()  # what the step will run: the policy ranked all 5 waiting requests
