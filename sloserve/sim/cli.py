@@ -102,6 +102,8 @@ def simulate(
     result_dir: Optional[str] = O(None, help="Output folder (default: sim-results/<time>)."),
     no_plots: bool = O(False, "--no-plots", help="Skip the PNG plots."),
     label: str = O("", help="Name of this run in tables and plots."),
+    data_parallel_size: int = cli_args.DATA_PARALLEL_SIZE,
+    router: str = cli_args.ROUTER,
 ) -> None:
     """Predict TTFT/TPOT of a workload with the real scheduler on a virtual clock; writes a bench results file."""
     import os
@@ -142,16 +144,30 @@ def simulate(
         if admission not in ("none", "slo"):
             raise ValueError(f"--admission must be none or slo, got {admission!r}")
         specs = workload.requests(tok)
+        if data_parallel_size < 1:
+            raise ValueError("--data-parallel-size must be positive")
+        if data_parallel_size > 1 and workload.max_concurrency:
+            raise ValueError("--max-concurrency is not simulated with --data-parallel-size > 1 (arrivals only)")
     except (ValueError, OSError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
     for warning in _extrapolation(prof, knobs):
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock)
     start = time.perf_counter()
-    outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s,
-                             slo=lambda _: request_slo, admission=admission == "slo")
+    if data_parallel_size > 1:
+        from sloserve.sim.replicas import run_replicas
+
+        try:
+            outcome = run_replicas(prof.step_model, knobs, policy, data_parallel_size, router, specs,
+                                   slo=lambda _: request_slo, admission=admission == "slo")
+        except ValueError as error:
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2)
+    else:
+        clock = VirtualClock()
+        engine = build_sim_engine(prof.step_model, knobs, policy, clock)
+        outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency,
+                                 duration_s=workload.duration_s, slo=lambda _: request_slo, admission=admission == "slo")
     wall = time.perf_counter() - start
     run = sim_run(outcome, workload, label or _label(workload))
     results = sim_results([run], workload, prof, profile, knobs, policy, slo_obj, pcts, sys.argv, [outcome])
