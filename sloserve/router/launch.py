@@ -22,6 +22,7 @@ class ReplicaSettings:
     ray_address: str | None = None  # None: start a local Ray sized for the replicas
     admission: bool = False  # --admission slo: the router refuses what no replica can serve in time
     max_restarts: int = -1  # Ray restarts a dead replica (-1: always)
+    startup_timeout_s: float = 600.0  # loading the model (and, on a machine's first use, compiling kernels)
 
 
 def start_replicas(config: EngineConfig, settings: ReplicaSettings, step_model: StepCostModel | None = None) -> ReplicaSet:
@@ -42,8 +43,8 @@ def start_replicas(config: EngineConfig, settings: ReplicaSettings, step_model: 
     actor = ray.remote(EngineReplica).options(num_cpus=settings.num_threads, max_restarts=settings.max_restarts)
     actors = [actor.remote(i, config, model, settings.num_threads) for i in range(settings.num_replicas)]
     try:
-        info: ModelInfo = ray.get(actors[0].info.remote())
-        loads = ray.get([a.load.remote() for a in actors])
+        info: ModelInfo = ray.get(actors[0].info.remote(), timeout=settings.startup_timeout_s)
+        loads = ray.get([a.load.remote() for a in actors], timeout=settings.startup_timeout_s)
     except Exception:
         for a in actors:
             ray.kill(a, no_restart=True)

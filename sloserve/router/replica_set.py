@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -114,8 +115,9 @@ class ReplicaSet:
             total.num_blocks += s.num_blocks
             total.prefix_cache_queries += s.prefix_cache_queries
             total.prefix_cache_hits += s.prefix_cache_hits
-            if s.step_time_error == s.step_time_error and not total.step_time_error >= s.step_time_error:
-                total.step_time_error = s.step_time_error
+            if not math.isnan(s.step_time_error):
+                total.step_time_error = s.step_time_error if math.isnan(total.step_time_error) else max(
+                    total.step_time_error, s.step_time_error)
         return total
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,

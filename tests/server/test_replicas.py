@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")  # a dependency; a broken install fails here loudly in CI's own import check
+import ray
 
-from serverkit import MODEL_NAME, LiveServer, metric, parse_metrics, wait_until  # noqa: E402
-from sloserve.router.launch import ReplicaSettings, start_replicas, stop_replicas  # noqa: E402
+from serverkit import MODEL_NAME, LiveServer, metric, parse_metrics, wait_until
+from sloserve.router.launch import ReplicaSettings, start_replicas, stop_replicas
 
 GOOD = {"model": MODEL_NAME, "prompt": "Shall I compare thee", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
 
