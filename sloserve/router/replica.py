@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sloserve.config import EngineConfig
 from sloserve.engine.async_engine import AsyncLLMEngine, StreamOutput
+from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SLO, SamplingParams
 from sloserve.router.load import ReplicaLoad
@@ -20,6 +21,7 @@ class ModelInfo:
     tokenizer: object | None
     config: SchedulerConfig
     speculator: None = None  # spec-decode counters are per replica and not gathered yet
+    clock: Clock = field(default_factory=MonotonicClock)  # the front's own: arrivals are stamped on it
 
 
 ACCEPTED = "accepted"  # the first item of every stream: the engine took the request
@@ -67,14 +69,20 @@ class EngineReplica:
         return ReplicaLoad.of(self.replica, self.engine, self.num_received)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0, slo: SLO | None = None):
-        """Yields ACCEPTED once the engine took the request (or raises its ValueError), then each output."""
+                       priority: int = 0, slo: SLO | None = None, waited_s: float = 0.0):
+        """Yields ACCEPTED once the engine took the request (or raises its ValueError), then each output.
+
+        `waited_s`: how long ago the request reached the front end (its arrival on this engine's clock, which
+        need not be the front's: replicas may run on other machines).
+        """
         self._start()
         self.num_received += 1
         if request_id in self._early_aborts:  # the front aborted before this call ran
             self._early_aborts.discard(request_id)
             return
-        stream = await self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, slo=slo)
+        arrival = self.core.clock.now() - max(0.0, waited_s)
+        stream = await self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, slo=slo,
+                                               arrival_time=arrival)
         yield ACCEPTED
         finished = False
         try:

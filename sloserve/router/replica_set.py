@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 
 import ray
@@ -121,20 +120,22 @@ class ReplicaSet:
         return total
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                          priority: int = 0, slo: SLO | None = None) -> RequestStream:
+                          priority: int = 0, slo: SLO | None = None, arrival_time: float | None = None) -> RequestStream:
+        """As AsyncLLMEngine's; `arrival_time` is on `self.engine.clock` (the front's)."""
         if not self.is_running:
             raise EngineStoppedError("no replica is running")
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
         try:
-            route = self.router.route(list(prompt_token_ids), slo, params=params, now=time.monotonic())
+            route = self.router.route(list(prompt_token_ids), slo, params=params, now=self.engine.clock.now())
         except NoReplicaError:
             raise EngineStoppedError("no replica is ready") from None
         if route.replica is None:
             raise RouteRefused(route)
         loop = asyncio.get_running_loop()
-        flight = _InFlight(request_id, list(prompt_token_ids), params, priority, slo, route.replica, time.monotonic(),
-                           RequestStream(request_id), loop.create_future())
+        now = self.engine.clock.now()
+        flight = _InFlight(request_id, list(prompt_token_ids), params, priority, slo, route.replica,
+                           now if arrival_time is None else arrival_time, RequestStream(request_id), loop.create_future())
         self._tracked[request_id] = flight
         flight.task = loop.create_task(self._run(flight))
         try:
@@ -191,8 +192,9 @@ class ReplicaSet:
 
     async def _stream_from(self, flight: _InFlight) -> None:
         actor = self.actors[flight.replica]
+        waited = self.engine.clock.now() - flight.arrival_time
         outputs = actor.generate.options(num_returns="streaming").remote(
-            flight.request_id, flight.prompt_token_ids, flight.params, flight.priority, flight.slo)
+            flight.request_id, flight.prompt_token_ids, flight.params, flight.priority, flight.slo, waited)
         async for ref in outputs:
             item = await ref
             if isinstance(item, str) and item == ACCEPTED:
