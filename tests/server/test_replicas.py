@@ -55,6 +55,22 @@ def test_two_replicas_serve_the_same_answers_and_metrics_total_the_replicas(repl
     assert metric(samples, "sloserve:request_success_total", engine="total") == 5
 
 
+def test_slo_admission_behind_the_router_refuses_only_what_no_replica_can_serve_in_time(replicated):
+    router = replicated.ctx.engine.router
+    router.admission = True  # what `serve --admission slo` sets
+    try:
+        url = replicated.url + "/v1/completions"
+        refused = httpx.post(url, json=GOOD | {"slo": {"ttft_ms": 0.001}}, timeout=60)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "slo_unattainable" and "Retry-After" in refused.headers
+        assert "replicas" in refused.json()["error"]["message"]
+        assert httpx.post(url, json=GOOD | {"slo": {"ttft_ms": 60000}}, timeout=60).status_code == 200
+    finally:
+        router.admission = False
+    samples = parse_metrics(httpx.get(replicated.url + "/metrics").text)
+    assert metric(samples, "sloserve:request_rejected_total", reason="slo_unattainable") == 1
+
+
 def _stream_and_kill_its_replica(server) -> tuple[list[dict], int]:
     """Start a long streamed request, kill its replica once tokens flow; returns the events and the replica."""
     body = GOOD | {"max_tokens": 240, "stream": True}
