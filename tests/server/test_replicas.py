@@ -32,7 +32,8 @@ def replicated(local_ray, chat_model_dir):
         made.append(start_replicas(config, ReplicaSettings(2, "round_robin", num_threads=1)))
         return made[-1]
 
-    server = LiveServer(chat_model_dir, replicas=replicas)
+    # No C++ kernels in the actors: a restarted actor must not compile (nor be killed while it compiles).
+    server = LiveServer(chat_model_dir, replicas=replicas, engine_kwargs={"use_kernels": False})
     yield server
     server.stop()
     stop_replicas(made[0])
