@@ -54,7 +54,17 @@ def sampling_extensions(req: SamplingFields) -> dict:
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, min_p=req.min_p,
         include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+        **logprobs_params(req),
     )
+
+
+def logprobs_params(req: SamplingFields) -> dict:
+    """Completions' `logprobs` (and with echo, the prompt's too) or chat's `logprobs` + `top_logprobs`, as vLLM maps them."""
+    if isinstance(req, CompletionRequest):
+        return dict(logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+    if isinstance(req, ChatCompletionRequest) and req.logprobs:
+        return dict(logprobs=req.top_logprobs or 0)
+    return {}
 
 
 def engine_inputs(

@@ -17,6 +17,7 @@ from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError
 from sloserve.server.guard import api_key_of
 from sloserve.server.inputs import EngineInputs
+from sloserve.server.logprobs import ChoiceLogprobs, choice_logprobs
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.output_budget import Lease, OutputBudget
 from sloserve.server.protocol import SamplingFields
@@ -74,7 +75,8 @@ class Serving:
         text_available = self.engine.engine.tokenizer is not None
         # Without a tokenizer there is no text: token ids always travel, so clients can count tokens.
         reply = _Reply(fmt, env, inputs, body.return_token_ids or not text_available, body.continuous_usage,
-                       text_available=text_available)
+                       text_available=text_available,
+                       logprobs=choice_logprobs(body, inputs.prompt_token_ids, self.engine.engine.tokenizer))
         if body.stream:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).
@@ -158,8 +160,9 @@ class _Reply:
     """Turns cumulative outputs into one response body or a sequence of stream deltas."""
 
     def __init__(self, fmt, env: Envelope, inputs: EngineInputs, return_token_ids: bool, continuous_usage: bool,
-                 text_available: bool) -> None:
+                 text_available: bool, logprobs: ChoiceLogprobs) -> None:
         self.fmt = fmt
+        self.logprobs = logprobs
         self.env = env
         self.prompt_token_ids = inputs.prompt_token_ids
         self.return_token_ids = return_token_ids
@@ -172,31 +175,41 @@ class _Reply:
         self.sent_tokens = 0
 
     def usage(self, out: StreamOutput | None) -> Usage:
-        return Usage(len(self.prompt_token_ids), 0 if out is None else out.num_tokens)
+        return Usage(len(self.prompt_token_ids), 0 if out is None else self._shown(out))
+
+    def _shown(self, out: StreamOutput) -> int:
+        """How many output tokens the client sees (none when echo with max_tokens 0 only scores the prompt)."""
+        return 0 if self.logprobs.echo_only else out.num_tokens
 
     def full(self, out: StreamOutput) -> dict:
-        return self.fmt.full(
-            self.env, out.output.outputs[0].text, out.output.outputs[0].finish_reason, self.usage(out),
-            out.token_ids if self.return_token_ids else None,
+        shown = self._shown(out)
+        body = self.fmt.full(
+            self.env, out.output.outputs[0].text if shown else "", out.output.outputs[0].finish_reason, self.usage(out),
+            out.token_ids[:shown] if self.return_token_ids else None,
             self.prompt_token_ids if self.return_token_ids else None,
         )
+        self.logprobs.fill(body["choices"][0], out.output, 0, shown)
+        return body
 
     def first_chunk(self) -> dict | None:
         return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None)
 
     def chunk(self, out: StreamOutput) -> dict | None:
         completion = out.output.outputs[0]
-        text = completion.text
+        text = completion.text if not self.logprobs.echo_only else ""
         visible = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
         delta = text[self.sent_chars : visible]
         self.sent_chars = visible
-        new_ids = completion.token_ids[self.sent_tokens : out.num_tokens]
-        self.sent_tokens = out.num_tokens
+        start, end = self.sent_tokens, self._shown(out)
+        new_ids = completion.token_ids[start:end]
+        self.sent_tokens = end
         # Without a tokenizer there is no text: a chunk per step still shows progress (and TTFT).
-        wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available))
+        wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available
+                                                        or self.logprobs.wanted))
         if not wanted:
             return None
         chunk = self.fmt.chunk(self.env, delta, completion.finish_reason, new_ids if self.return_token_ids else None)
+        self.logprobs.fill(chunk["choices"][0], out.output, start, end)
         if self.continuous_usage:
             chunk["usage"] = self.usage(out).as_dict()
         return chunk

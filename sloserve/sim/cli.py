@@ -159,13 +159,14 @@ def simulate(
 
         try:
             outcome = run_replicas(prof.step_model, knobs, policy, data_parallel_size, router, specs,
-                                   slo=lambda _: request_slo, admission=admission == "slo")
+                                   slo=lambda _: request_slo, admission=admission == "slo",
+                                   rank_seconds=prof.rank_seconds_per_waiting.get(policy, 0.0))
         except ValueError as error:
             console.print(f"[red]error:[/red] {error}")
             raise typer.Exit(2)
     else:
         clock = VirtualClock()
-        engine = build_sim_engine(prof.step_model, knobs, policy, clock)
+        engine = build_sim_engine(prof.step_model, knobs, policy, clock, prof.rank_seconds_per_waiting.get(policy, 0.0))
         outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency,
                                  duration_s=workload.duration_s, slo=lambda _: request_slo, admission=admission == "slo")
     wall = time.perf_counter() - start

@@ -24,18 +24,20 @@ class SimReplica:
     routed: list[int] = field(default_factory=list)  # spec indices, in the order routed here
 
 
-def build_sim_replicas(model: StepCostModel, knobs: EngineKnobs, policy: str, n: int) -> list[SimReplica]:
+def build_sim_replicas(model: StepCostModel, knobs: EngineKnobs, policy: str, n: int,
+                       rank_seconds: float = 0.0) -> list[SimReplica]:
     replicas = []
     for _ in range(n):
         clock = VirtualClock()
-        replicas.append(SimReplica(build_sim_engine(model, knobs, policy, clock), clock))
+        replicas.append(SimReplica(build_sim_engine(model, knobs, policy, clock, rank_seconds), clock))
     return replicas
 
 
 def run_replicas(model: StepCostModel, knobs: EngineKnobs, policy: str, n: int, router: str, specs: list[RequestSpec], *,
-                 slo: Callable[[RequestSpec], SLO | None] | None = None, admission: bool = False) -> SimOutcome:
+                 slo: Callable[[RequestSpec], SLO | None] | None = None, admission: bool = False,
+                 rank_seconds: float = 0.0) -> SimOutcome:
     """`sloserve simulate --data-parallel-size N --router R`: N replicas of the engine behind the named router."""
-    return simulate_replicas(build_sim_replicas(model, knobs, policy, n),
+    return simulate_replicas(build_sim_replicas(model, knobs, policy, n, rank_seconds),
                              Router(make_routing_policy(router), n, admission=admission), specs, slo=slo)
 
 

@@ -40,7 +40,7 @@ CASES = [
     ("prompt-fills-context", "/v1/completions", {"json": OK | {"prompt": [5] * 256, "max_tokens": None}}, 400, "256", "prompt"),
     ("over-cap", "/v1/completions", {"json": OK | {"prompt": [5], "max_tokens": 250}}, 400, "at most 200", "max_tokens"),
     ("empty-stop", "/v1/completions", {"json": OK | {"stop": [""]}}, 400, "stop", None),
-    ("logprobs", "/v1/completions", {"json": OK | {"logprobs": 2}}, 400, "logprobs", "logprobs"),
+    ("logprobs-over-cap", "/v1/completions", {"json": OK | {"logprobs": 21}}, 400, "logprobs", "logprobs"),
     ("body-too-large", "/v1/completions", {"json": OK | {"prompt": "x" * 70_000}}, 413, "limit", None),
     ("chat-no-messages", "/v1/chat/completions", {"json": CHAT | {"messages": []}}, 400, "messages", "messages"),
     ("chat-image-part", "/v1/chat/completions",
