@@ -24,6 +24,12 @@ KV_CACHE_MEMORY = typer.Option(None, help="KV-cache memory, in bytes or e.g. 2Gi
 ENABLE_PREFIX_CACHING = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
                                      help="reuse the KV cache of prompt prefixes earlier requests computed")
 
+# Replicas behind a router: `serve` runs them on Ray, `simulate` on one virtual clock.
+DATA_PARALLEL_SIZE = typer.Option(1, "--data-parallel-size", "-dp", help="engine replicas behind the router "
+                                  "(serve: Ray actors; 1 keeps one in-process engine)")
+ROUTER = typer.Option("slo", help="with --data-parallel-size > 1: round_robin | least_loaded | slo (least predicted "
+                      "TTFT, near-ties to the replica caching the prompt's prefix)")
+
 
 def device_knobs(device: str, gpu_memory_utilization: float, enforce_eager: bool, kv_cache_memory: str | None) -> dict:
     """EngineConfig's keyword arguments for the device flags above."""

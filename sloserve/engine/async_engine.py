@@ -148,6 +148,14 @@ class AsyncLLMEngine:
         self._worker.shutdown(wait=True)
 
     @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def has_request(self, request_id: str) -> bool:
+        """Accepted and not yet ended."""
+        return request_id in self._pending_adds or request_id in self._tracked
+
+    @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
 

@@ -11,6 +11,18 @@ BlockKey = tuple[int, tuple[int, ...]]
 _ROOT = 0  # the "parent hash" of a request's first block
 
 
+def chain_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The chain hash of each full block of `token_ids`: the identity the prefix cache files it under.
+
+    Ints hash the same in every process, so a router can predict which replica holds a prefix.
+    """
+    parent, out = _ROOT, []
+    for i in range(len(token_ids) // block_size):
+        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+        out.append(parent)
+    return out
+
+
 @dataclass(slots=True)
 class Block:
     block_id: int

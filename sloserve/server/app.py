@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -36,15 +37,22 @@ _ABORT_WAIT_S = 10.0
 class ServerContext:
     """Everything one app serves with; kept on `app.state.server` (no module-level state)."""
 
-    def __init__(self, engine: LLMEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: LLMEngine | None, settings: ServerSettings, replicas=None) -> None:
+        """One in-process engine, or (`replicas`, a router.ReplicaSet) several behind a router."""
         self.settings = settings
         self.model_name = settings.served_model_names[0]
-        self.engine = AsyncLLMEngine(engine)
+        self.engine = AsyncLLMEngine(engine) if replicas is None else replicas
+        engine = self.engine.engine  # the LLMEngine, or the replicas' ModelInfo
         self.metrics = ServerMetrics(self.engine, self.model_name, max_model_len=engine.max_model_len,
-                                     block_size=engine.block_manager.block_size, compat=settings.metrics_compat)
-        engine.executor = self.metrics.observe_steps(engine.executor)
+                                     block_size=engine.config.block_size, compat=settings.metrics_compat,
+                                     engine_label="0" if replicas is None else "total")
+        if replicas is None:
+            engine.executor = self.metrics.observe_steps(engine.executor)
         self.engine.on_finished = self.metrics.on_finished
-        self.admission = Admission(self.engine, settings.admission)
+        # Behind a router, TTFT admission is the router's: it refuses only what no replica can serve in time.
+        limits = settings.admission if replicas is None else dataclasses.replace(
+            settings.admission, mode="queue" if settings.admission.mode == "slo" else settings.admission.mode)
+        self.admission = Admission(self.engine, limits)
         self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len))
         self.budget = OutputBudget(settings.max_output_tokens_per_key, settings.admission.retry_after_s)
         self.serving = Serving(self.engine, self.admission, self.metrics, self.model_name, self.budget)
@@ -71,8 +79,8 @@ class ServerContext:
             await asyncio.wait_for(self.engine.wait_until_idle(), _ABORT_WAIT_S)
 
 
-def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
-    ctx = ServerContext(engine, settings)
+def build_app(engine: LLMEngine | None, settings: ServerSettings, replicas=None) -> FastAPI:
+    ctx = ServerContext(engine, settings, replicas)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

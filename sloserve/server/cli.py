@@ -89,6 +89,11 @@ def serve(
     ssl_certfile: str | None = typer.Option(None, help="TLS certificate (serve https)"),
     max_output_tokens_per_key: int | None = typer.Option(
         None, help="most output tokens (sum of max_tokens) one API key may have in flight; more get 429"),
+    data_parallel_size: int = cli_args.DATA_PARALLEL_SIZE,
+    router: str = cli_args.ROUTER,
+    ray_address: str | None = typer.Option(None, help="with --data-parallel-size > 1: an existing Ray cluster "
+                                           "(default: start a local Ray sized for the replicas)"),
+    num_threads: int | None = typer.Option(None, help="torch threads of the engine (of each replica); default: torch's"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (completions, chat, /metrics)."""
@@ -155,10 +160,26 @@ def serve(
     # uvicorn configures only its own loggers; sloserve's (drain, step failures) go to the same stream.
     level = logging.getLevelNamesMapping().get(log_level.upper(), logging.DEBUG)  # uvicorn's "trace": debug
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    if data_parallel_size > 1 and profile_out:
+        raise typer.BadParameter("--profile-out saves one engine's model: not with --data-parallel-size > 1")
+    if num_threads is not None and num_threads < 1:
+        raise typer.BadParameter("--num-threads must be positive", param_hint="--num-threads")
     # Bind before loading: a busy port fails now, not after minutes of loading the model.
     sock = bind_socket(host, port)
+    replicas = None
     try:
-        engine = build_engine(config, step_model)
+        if data_parallel_size > 1:
+            from sloserve.router.launch import ReplicaSettings, start_replicas
+
+            replicas = start_replicas(config, ReplicaSettings(data_parallel_size, router, num_threads or 1, ray_address,
+                                                              admission == "slo"), step_model)
+            engine = replicas.engine  # the model's info; the engines live in the replicas
+        else:
+            if num_threads:
+                import torch
+
+                torch.set_num_threads(num_threads)
+            engine = build_engine(config, step_model)
     except (ValueError, FileNotFoundError) as error:
         sock.close()
         raise typer.BadParameter(str(error)) from None
@@ -166,17 +187,25 @@ def serve(
         if engine.tokenizer is None:
             raise typer.BadParameter("--chat-template needs a tokenizer", param_hint="--chat-template")
         engine.tokenizer.chat_template = template
-    app = build_app(engine, settings)
+    app = build_app(None if replicas else engine, settings, replicas)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10,
         http=protocol_with_header_timeout(header_timeout), timeout_keep_alive=timeout_keep_alive,
         limit_concurrency=limit_concurrency, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
     )
     scheme = "https" if ssl_certfile else "http"
-    typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({engine.block_manager.num_blocks} KV blocks, "
+    where = (f"{data_parallel_size} replicas, router {router}" if replicas
+             else f"{engine.block_manager.num_blocks} KV blocks")
+    typer.echo(f"sloserve: serving {settings.served_model_names[0]} ({where}, "
                f"max model len {engine.max_model_len}) on {scheme}://{host}:{port}"
                + ("" if settings.guard.api_keys else " (no --api-key: anyone who can reach it may use it)"))
-    GracefulServer(uv_config, drain=app.state.server.drain).run(sockets=[sock])
+    try:
+        GracefulServer(uv_config, drain=app.state.server.drain).run(sockets=[sock])
+    finally:
+        if replicas is not None:
+            from sloserve.router.launch import stop_replicas
+
+            stop_replicas(replicas)
     if profile_out:
         from sloserve.sim.served_profile import served_profile
 

@@ -56,35 +56,47 @@ class _EngineStateCollector:
         self.labels = labels
         self.block_size = block_size
 
-    def _gauge(self, name: str, doc: str, value: float, **extra: str) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(PREFIX + name, doc, labels=[*self.labels, *extra])
-        family.add_metric([*self.labels.values(), *extra.values()], value)
-        return family
-
-    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        family = CounterMetricFamily(PREFIX + name, doc, labels=list(self.labels))
-        family.add_metric(list(self.labels.values()), value)
-        return family
+    def _rows(self):
+        """(engine label, stats, waiting) per engine: one here, or each replica and their total."""
+        replica_stats = getattr(self.engine, "replica_stats", None)
+        if replica_stats is None:
+            return [(self.labels["engine"], self.engine.stats, self.engine.num_waiting)]
+        return [*replica_stats(), ("total", self.engine.stats, self.engine.num_waiting)]
 
     def collect(self):
-        stats = self.engine.stats
-        yield self._gauge("num_requests_running", "Number of requests in model execution batches.", stats.num_running)
-        yield self._gauge("num_requests_waiting", "Number of requests waiting to be processed (queued in the "
-                          "engine, or accepted and not yet handed to it).", self.engine.num_waiting)
-        usage = stats.num_used_blocks / stats.num_blocks if stats.num_blocks else 0.0
-        yield self._gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage)
-        yield self._gauge("kv_cache_used_blocks", "KV-cache blocks held by requests.", stats.num_used_blocks)
-        yield self._gauge("kv_cache_total_blocks", "KV-cache blocks in all.", stats.num_blocks)
+        rows = self._rows()
+        names = list(self.labels)
+
+        def family(kind, name: str, doc: str, value, **extra: str):
+            metric = kind(PREFIX + name, doc, labels=[*names, *extra])
+            for engine, stats, waiting in rows:
+                values = {**self.labels, "engine": engine}
+                metric.add_metric([*values.values(), *extra.values()], value(stats, waiting))
+            return metric
+
+        yield family(GaugeMetricFamily, "num_requests_running", "Number of requests in model execution batches.",
+                     lambda s, w: s.num_running)
+        yield family(GaugeMetricFamily, "num_requests_waiting", "Number of requests waiting to be processed (queued "
+                     "in the engine, or accepted and not yet handed to it).", lambda s, w: w)
+        yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                     lambda s, w: s.num_used_blocks / s.num_blocks if s.num_blocks else 0.0)
+        yield family(GaugeMetricFamily, "kv_cache_used_blocks", "KV-cache blocks held by requests.",
+                     lambda s, w: s.num_used_blocks)
+        yield family(GaugeMetricFamily, "kv_cache_total_blocks", "KV-cache blocks in all.", lambda s, w: s.num_blocks)
         # vLLM's info gauge: value 1, the cache configuration in its labels (its label names).
-        yield self._gauge("cache_config_info", "Information of the LLMEngine CacheConfig", 1.0,
-                          block_size=str(self.block_size), num_gpu_blocks=str(stats.num_blocks))
-        yield self._gauge("step_time_prediction_error", "Median |predicted - measured| / measured step time over "
-                          "recent steps (each predicted before it ran).", stats.step_time_error)
+        info = GaugeMetricFamily(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
+                                 labels=[*names, "block_size", "num_gpu_blocks"])
+        for engine, stats, _ in rows:
+            info.add_metric([*{**self.labels, "engine": engine}.values(), str(self.block_size), str(stats.num_blocks)], 1.0)
+        yield info
+        yield family(GaugeMetricFamily, "step_time_prediction_error", "Median |predicted - measured| / measured step "
+                     "time over recent steps (each predicted before it ran; engine=total: the worst replica's).",
+                     lambda s, w: s.step_time_error)
         # vLLM's prefix-cache pair, in tokens: hit rate = hits / queries over any window.
-        yield self._counter("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-                            stats.prefix_cache_queries)
-        yield self._counter("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                            stats.prefix_cache_hits)
+        yield family(CounterMetricFamily, "prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                     "queried tokens.", lambda s, w: s.prefix_cache_queries)
+        yield family(CounterMetricFamily, "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                     lambda s, w: s.prefix_cache_hits)
 
 
 class _Renamed:
@@ -136,11 +148,12 @@ class ServerMetrics:
     """One registry per server (never prometheus-client's global one), so servers in one process do not mix."""
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, *, max_model_len: int, block_size: int,
-                 compat: str = "none") -> None:
+                 compat: str = "none", engine_label: str = "0") -> None:
         if compat not in COMPAT_PREFIXES:
             raise ValueError(f"unknown metrics compat {compat!r}; choose from {', '.join(COMPAT_PREFIXES)}")
         self.registry = CollectorRegistry()
-        labels = {"model_name": model_name, "engine": "0"}  # vLLM's labels (one engine here)
+        # vLLM's labels; behind a router, request series are the server's whole ("total"), engine state per replica.
+        labels = {"model_name": model_name, "engine": engine_label}
         self.registry.register(_EngineStateCollector(engine, labels, block_size))
         speculator = getattr(engine.engine, "speculator", None)
         if speculator is not None:

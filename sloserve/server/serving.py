@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from sloserve.engine.async_engine import AsyncLLMEngine, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
+from sloserve.router.router import RouteRefused
 from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError
 from sloserve.server.guard import api_key_of
@@ -59,6 +60,11 @@ class Serving:
             if isinstance(error, ValueError):
                 self.metrics.rejected("invalid")
                 raise APIError(400, str(error)) from None
+            if isinstance(error, RouteRefused):
+                self.metrics.rejected("slo_unattainable")
+                raise APIError(429, f"the request would miss its latency objective: {error.route.reject}; retry later",
+                               code="slo_unattainable",
+                               headers={"Retry-After": str(error.route.retry_after_s)}) from None
             if isinstance(error, EngineStoppedError):
                 self.metrics.rejected("engine_stopped")
                 raise APIError(503, "the engine is not running", code="engine_stopped") from None

@@ -111,6 +111,8 @@ def simulate(
                                           "cost and acceptance the profile measured"),
     spec_acceptance: Optional[float] = O(None, help="With --speculative-config: the chance a draft token is accepted "
                                          "(given the drafts before it were), instead of the profile's measured one."),
+    data_parallel_size: int = cli_args.DATA_PARALLEL_SIZE,
+    router: str = cli_args.ROUTER,
 ) -> None:
     """Predict TTFT/TPOT of a workload with the real scheduler on a virtual clock; writes a bench results file."""
     import os
@@ -152,17 +154,34 @@ def simulate(
             raise ValueError(f"--admission must be none or slo, got {admission!r}")
         specs = workload.requests(tok)
         speculation = _speculation(prof, cli_args.parse_speculative_config(speculative_config), spec_acceptance, seed)
+        if data_parallel_size < 1:
+            raise ValueError("--data-parallel-size must be positive")
+        if data_parallel_size > 1 and workload.max_concurrency:
+            raise ValueError("--max-concurrency is not simulated with --data-parallel-size > 1 (arrivals only)")
     except (ValueError, OSError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2)
     for warning in _extrapolation(prof, knobs):
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock, speculation=speculation,
-                              seconds_per_waiting=prof.rank_seconds_per_waiting.get(policy, 0.0))
     start = time.perf_counter()
-    outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s,
-                             slo=lambda _: request_slo, admission=admission == "slo")
+    speculator = None  # the stats below are one engine's; N replicas report only their outcome
+    if data_parallel_size > 1:
+        from sloserve.sim.replicas import run_replicas
+
+        try:
+            outcome = run_replicas(prof.step_model, knobs, policy, data_parallel_size, router, specs,
+                                   slo=lambda _: request_slo, admission=admission == "slo",
+                                   rank_seconds=prof.rank_seconds_per_waiting.get(policy, 0.0), speculation=speculation)
+        except ValueError as error:
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2)
+    else:
+        clock = VirtualClock()
+        engine = build_sim_engine(prof.step_model, knobs, policy, clock, speculation=speculation,
+                                  seconds_per_waiting=prof.rank_seconds_per_waiting.get(policy, 0.0))
+        outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency,
+                                 duration_s=workload.duration_s, slo=lambda _: request_slo, admission=admission == "slo")
+        speculator = engine.speculator
     wall = time.perf_counter() - start
     run = sim_run(outcome, workload, label or _label(workload))
     results = sim_results([run], workload, prof, profile, knobs, policy, slo_obj, pcts, sys.argv, [outcome])
@@ -170,8 +189,8 @@ def simulate(
     write_outputs(results, out_dir, console, plots=not no_plots)
     console.print(f"Simulated {len(specs)} requests, {outcome.num_steps} steps, {outcome.duration_s:.1f} s of "
                   f"virtual time in {wall:.2f} s ({outcome.duration_s / max(wall, 1e-9):.0f}x real time)")
-    if engine.speculator is not None:
-        st = engine.speculator.stats
+    if speculator is not None:
+        st = speculator.stats
         console.print(f"Speculation: acceptance rate {st.acceptance_rate:.1%}, mean accepted length "
                       f"{st.mean_accepted_length:.2f} over {st.num_drafts} verifications")
 

@@ -64,9 +64,12 @@ class LiveServer:
     """A real uvicorn server in a thread, on a loopback port picked by the OS."""
 
     def __init__(self, model_dir: Path, *, engine_kwargs: dict | None = None, step_delay_s: float = 0.0,
-                 uvicorn_kwargs: dict | None = None, **settings) -> None:
+                 uvicorn_kwargs: dict | None = None, replicas=None, **settings) -> None:
         engine_args = dict(load_format="dummy", max_num_seqs=16, num_kv_blocks=128) | (engine_kwargs or {})
-        engine = build_engine(EngineConfig(model=str(model_dir), **engine_args))
+        # `replicas`: a function EngineConfig -> router.ReplicaSet, serving through replicas instead of one engine.
+        config = EngineConfig(model=str(model_dir), **engine_args)
+        replicas = replicas(config) if replicas else None
+        engine = None if replicas else build_engine(config)
         if step_delay_s:  # slow the engine down so a test can act while requests are mid-flight
             step = engine.step
 
@@ -77,7 +80,7 @@ class LiveServer:
             engine.step = slow_step
         self.engine = engine
         settings.setdefault("served_model_names", [MODEL_NAME])
-        self.app = build_app(engine, ServerSettings(**settings))
+        self.app = build_app(engine, ServerSettings(**settings), replicas)
         self.ctx = self.app.state.server
         sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]

@@ -89,3 +89,15 @@ def test_simulate_with_an_slo_class_and_admission_refuses_requests_predicted_lat
     assert all(r.success for r in BenchResults.load(str(tmp_path / "s" / "results.json")).runs[0].records)
     bad = simulate(path, tmp_path / "x", "--admission", "queue")
     assert bad.exit_code == 2 and "--admission must be none or slo" in bad.output
+
+
+def test_simulate_two_replicas_behind_the_slo_router(tiny_profile, tmp_path):
+    path, _ = tiny_profile
+    one = simulate(path, tmp_path / "one", "--request-rate", "inf")
+    two = simulate(path, tmp_path / "two", "--request-rate", "inf", "--data-parallel-size", "2", "--router", "slo")
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    runs = [BenchResults.load(str(tmp_path / d / "results.json")).runs[0] for d in ("one", "two")]
+    assert all(len(r.records) == 40 and all(rec.success for rec in r.records) for r in runs)
+    assert runs[1].duration_s < runs[0].duration_s  # twice the engines drain the same arrivals sooner
+    bad = simulate(path, tmp_path / "bad", "--data-parallel-size", "2", "--router", "random")
+    assert bad.exit_code == 2 and "unknown router" in bad.output

@@ -1,0 +1,43 @@
+"""A replica's load report: plain data the router reads to choose a replica (it may cross a process boundary)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sloserve.engine.admission import LoadSnapshot
+from sloserve.engine.async_engine import AsyncLLMEngine, EngineStats
+from sloserve.engine.engine import LLMEngine
+
+
+@dataclass(slots=True)
+class ReplicaLoad:
+    replica: int
+    ready: bool = True  # False: dead or restarting; the router sends it nothing
+    num_running: int = 0
+    num_waiting: int = 0
+    num_waiting_tokens: int = 0
+    num_received: int = 0  # requests the replica has taken since it (re)started: the router counts the rest in flight
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    # The replica's step-time model (engine/cost.py StepCostModel), calibrated on its own steps.
+    knots: tuple[int, ...] = ()
+    coefficients: tuple[float, ...] = ()
+    snapshot: LoadSnapshot = field(default_factory=LoadSnapshot)  # what TTFT prediction needs of its queue
+
+    stats: EngineStats = field(default_factory=EngineStats)  # for /metrics, per replica
+
+    @classmethod
+    def of(cls, replica: int, engine: AsyncLLMEngine, num_received: int) -> ReplicaLoad:
+        """From what the step loop snapshots between steps (the engine itself may be mid-step)."""
+        stats, config, model = engine.stats, engine.engine.config, engine.engine.predictor.model
+        return cls(replica, engine.is_running, stats.num_running, engine.num_waiting, engine.num_waiting_tokens,
+                   num_received, config.max_num_batched_tokens, config.block_size, tuple(model.knots),
+                   tuple(model.coefficients), engine.load, stats)
+
+    @classmethod
+    def of_engine(cls, replica: int, engine: LLMEngine, num_received: int) -> ReplicaLoad:
+        """Straight from an engine no other thread steps (the simulator's)."""
+        scheduler, config, model = engine.scheduler, engine.config, engine.predictor.model
+        snapshot = LoadSnapshot.of(scheduler)
+        return cls(replica, True, len(scheduler.running), len(scheduler.waiting), sum(t for _, t in snapshot.waiting),
+                   num_received, config.max_num_batched_tokens, config.block_size, tuple(model.knots),
+                   tuple(model.coefficients), snapshot)

@@ -1,0 +1,268 @@
+"""ReplicaSet: N engine replicas (Ray actors) behind the router, looking to the server like one AsyncLLMEngine."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from sloserve.engine.async_engine import EngineStats, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
+from sloserve.request import SLO, CompletionOutput, RequestOutput, SamplingParams
+from sloserve.router.replica import ACCEPTED, ModelInfo
+from sloserve.router.router import NoReplicaError, RouteRefused, Router
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaDiedError(EngineStoppedError):
+    """The replica running a request died after the request's first output: it cannot move elsewhere."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    slo: SLO | None
+    replica: int
+    arrival_time: float
+    stream: RequestStream
+    accepted: asyncio.Future
+    aborted: bool = False
+    last: StreamOutput | None = None
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+
+class ReplicaSet:
+    """Routes each request to a replica actor and pumps its output stream into a local RequestStream.
+
+    A replica that dies is marked down at once (the router routes around it); its requests that had
+    streamed nothing yet are sent to another replica, the others fail with ReplicaDiedError. Ray
+    restarts the actor; its next load report puts it back in the router.
+    """
+
+    def __init__(self, actors: list, info: ModelInfo, router: Router, *, poll_s: float = 0.02,
+                 down_after_s: float = 2.0) -> None:
+        self.actors = actors
+        self.engine = info  # what the server reads of "the engine": tokenizer, vocab, max model len
+        self.router = router
+        self.poll_s = poll_s
+        self.down_after_s = down_after_s
+        self.on_finished = None
+        self._tracked: dict[str, _InFlight] = {}
+        self._watchers: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
+        self._stopping = False
+        self.owns_ray = False  # whether stopping the replicas also stops Ray (launch.py decides)
+
+    # -- the AsyncLLMEngine surface the server uses ---------------------------------------------
+    def start(self) -> None:
+        self._watchers = [asyncio.get_running_loop().create_task(self._watch(i), name=f"sloserve-replica-{i}")
+                          for i in range(len(self.actors))]
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self.abort_all()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_until_idle(), 10.0)
+        for task in [*self._watchers, *(f.task for f in self._tracked.values() if f.task)]:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+
+    @property
+    def is_running(self) -> bool:
+        return not self._stopping and bool(self.router.ready_replicas)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._tracked)
+
+    def _ready_loads(self):
+        return [load for load in self.router.loads.values() if load.ready]
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(load.num_waiting for load in self._ready_loads())
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(load.num_waiting_tokens for load in self._ready_loads())
+
+    @property
+    def num_free_slots(self) -> int:
+        return sum(max(0, self.engine.config.max_num_seqs - load.num_running) for load in self._ready_loads())
+
+    def replica_stats(self) -> list[tuple[str, EngineStats, int]]:
+        """(replica label, its last stats, its waiting count) for /metrics; a replica down reports zeros."""
+        return [(str(i), load.stats if load.ready else EngineStats(), load.num_waiting if load.ready else 0)
+                for i, load in sorted(self.router.loads.items())]
+
+    @property
+    def stats(self) -> EngineStats:
+        """The replicas' stats summed (the step-time error: the worst replica's)."""
+        total = EngineStats()
+        for _, s, _ in self.replica_stats():
+            total.num_running += s.num_running
+            total.num_waiting += s.num_waiting
+            total.num_waiting_tokens += s.num_waiting_tokens
+            total.num_used_blocks += s.num_used_blocks
+            total.num_blocks += s.num_blocks
+            total.prefix_cache_queries += s.prefix_cache_queries
+            total.prefix_cache_hits += s.prefix_cache_hits
+            if not math.isnan(s.step_time_error):
+                total.step_time_error = s.step_time_error if math.isnan(total.step_time_error) else max(
+                    total.step_time_error, s.step_time_error)
+        return total
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                          priority: int = 0, slo: SLO | None = None, arrival_time: float | None = None) -> RequestStream:
+        """As AsyncLLMEngine's; `arrival_time` is on `self.engine.clock` (the front's)."""
+        if not self.is_running:
+            raise EngineStoppedError("no replica is running")
+        if request_id in self._tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        try:
+            route = self.router.route(list(prompt_token_ids), slo, params=params, now=self.engine.clock.now())
+        except NoReplicaError:
+            raise EngineStoppedError("no replica is ready") from None
+        if route.replica is None:
+            raise RouteRefused(route)
+        loop = asyncio.get_running_loop()
+        now = self.engine.clock.now()
+        flight = _InFlight(request_id, list(prompt_token_ids), params, priority, slo, route.replica,
+                           now if arrival_time is None else arrival_time, RequestStream(request_id), loop.create_future())
+        self._tracked[request_id] = flight
+        flight.task = loop.create_task(self._run(flight))
+        try:
+            await asyncio.shield(flight.accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return flight.stream
+
+    def abort(self, request_id: str) -> None:
+        flight = self._tracked.get(request_id)
+        if flight is None or flight.aborted:
+            return
+        flight.aborted = True
+        self._fire(self.actors[flight.replica].abort.remote(request_id))
+
+    def abort_all(self) -> None:
+        for request_id in list(self._tracked):
+            self.abort(request_id)
+
+    async def wait_until_idle(self, poll_s: float = 0.05) -> None:
+        while self._tracked:
+            await asyncio.sleep(poll_s)
+
+    # -- one request ----------------------------------------------------------------------------
+    async def _run(self, flight: _InFlight) -> None:
+        error: BaseException | None = None
+        tried: set[int] = set()
+        try:
+            while True:
+                try:
+                    await self._stream_from(flight)
+                    break
+                except RayActorError:
+                    self._down(flight.replica)
+                    tried.add(flight.replica)
+                    if flight.last is not None and flight.last.num_tokens > 0 or flight.aborted:
+                        raise ReplicaDiedError(f"replica {flight.replica} died while running this request") from None
+                    try:  # nothing reached the client yet: the request can start over elsewhere
+                        flight.replica = self.router.route(flight.prompt_token_ids, None, params=flight.params,
+                                                           exclude=frozenset(tried)).replica
+                    except NoReplicaError:
+                        raise EngineStoppedError("every replica is down") from None
+                    logger.warning("retrying %s on replica %d", flight.request_id, flight.replica)
+        except RayTaskError as wrapped:
+            error = wrapped.cause if isinstance(wrapped.cause, Exception) else EngineStepError(str(wrapped))
+        except asyncio.CancelledError:
+            error = EngineStoppedError("the server stopped")
+        except Exception as failure:  # noqa: BLE001 - every accepted request must end
+            error = failure
+        finally:
+            self._tracked.pop(flight.request_id, None)
+            self._end(flight, error)
+
+    async def _stream_from(self, flight: _InFlight) -> None:
+        actor = self.actors[flight.replica]
+        waited = self.engine.clock.now() - flight.arrival_time
+        outputs = actor.generate.options(num_returns="streaming").remote(
+            flight.request_id, flight.prompt_token_ids, flight.params, flight.priority, flight.slo, waited)
+        async for ref in outputs:
+            item = await ref
+            if isinstance(item, str) and item == ACCEPTED:
+                if not flight.accepted.done():
+                    flight.accepted.set_result(None)
+                continue
+            flight.last = item
+            flight.stream.put(item)
+            if item.finished:  # end it now, not when the generator's end arrives: metrics before the reader wakes
+                return
+
+    def _end(self, flight: _InFlight, error: BaseException | None) -> None:
+        if not flight.accepted.done():  # refused by the engine (bad input) or never reached one
+            flight.accepted.set_exception(error or EngineStoppedError("the request was aborted before it started"))
+            return
+        out = flight.last.output if flight.last is not None else self._empty_output(flight)
+        if error is not None:
+            flight.stream.fail(error)
+        elif flight.last is None or not flight.last.finished:
+            out.finished, out.outputs[0].finish_reason = True, "abort"
+            flight.stream.put(StreamOutput(out, len(out.outputs[0].token_ids)))
+        if self.on_finished is not None:
+            try:
+                self.on_finished(out, error)
+            except Exception:  # noqa: BLE001 - a metrics fault must not fail the request
+                logger.exception("on_finished hook failed")
+
+    def _empty_output(self, flight: _InFlight) -> RequestOutput:
+        return RequestOutput(flight.request_id, None, flight.prompt_token_ids,
+                             [CompletionOutput(0, "", [], None, None, [])], True, flight.arrival_time, None, None, 0)
+
+    # -- replica health -------------------------------------------------------------------------
+    def _down(self, replica: int) -> None:
+        if self.router.loads[replica].ready:
+            logger.warning("replica %d is down; routing around it", replica)
+        self.router.mark_down(replica)
+
+    async def _watch(self, replica: int) -> None:
+        """Poll the replica's load report; one call in flight at a time, so a restarting actor is not flooded."""
+        while not self._stopping:
+            pending = asyncio.ensure_future(self.actors[replica].load.remote())
+            try:
+                done, _ = await asyncio.wait({pending}, timeout=self.down_after_s)
+                if not done:  # a replica this slow to answer is treated as down until it reports again
+                    self._down(replica)
+                load = await pending
+            except RayActorError:
+                self._down(replica)
+                await asyncio.sleep(0.2)
+                continue
+            except asyncio.CancelledError:
+                pending.cancel()
+                raise
+            except Exception:  # noqa: BLE001 - a bad report must not stop the watch
+                logger.exception("load report of replica %d failed", replica)
+                self._down(replica)
+                await asyncio.sleep(0.2)
+                continue
+            if load.ready and not self.router.loads[replica].ready:
+                logger.info("replica %d is ready", replica)
+            self.router.update(load)
+            await asyncio.sleep(self.poll_s)
+
+    def _fire(self, ref) -> None:
+        """Send a call whose answer nobody needs, but whose failure (a dead actor) must not go unretrieved."""
+        async def settle() -> None:
+            with contextlib.suppress(Exception):
+                await ref
+        task = asyncio.get_running_loop().create_task(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
