@@ -45,7 +45,8 @@ class ServerContext:
         engine.executor = self.metrics.observe_steps(engine.executor)
         self.engine.on_finished = self.metrics.on_finished
         self.admission = Admission(self.engine, settings.admission)
-        self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len))
+        self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len),
+                                  max_n=engine.scheduler.config.max_num_seqs)
         self.budget = OutputBudget(settings.max_output_tokens_per_key, settings.admission.retry_after_s)
         self.serving = Serving(self.engine, self.admission, self.metrics, self.model_name, self.budget)
         self.tokens = None if engine.tokenizer is None else PromptTokenizer(engine.tokenizer, engine.max_model_len)

@@ -74,8 +74,6 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first parameter this server cannot honour, if any."""
-        if self.n != 1:
-            return "n", f"n={self.n} is not supported yet; only n=1"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         return None
@@ -110,8 +108,10 @@ class CompletionRequest(SamplingFields):
             return "logprobs", "logprobs are not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of is not supported"
+        if self.best_of is not None and self.best_of != self.n:
+            # best_of = n returns every sequence: that is n. More would need ranking by cumulative log-probability.
+            return "best_of", (f"best_of={self.best_of} is not supported: only best_of equal to n ({self.n}); "
+                               "use n to get several completions")
         return super().unsupported()
 
 
