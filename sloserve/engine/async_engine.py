@@ -184,17 +184,21 @@ class AsyncLLMEngine:
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, priority: int = 0,
-        slo: SLO | None = None,
+        slo: SLO | None = None, arrival_time: float | None = None,
     ) -> RequestStream:
-        """Queue a request; returns its stream once the engine took it, or raises its ValueError."""
+        """Queue a request; returns its stream once the engine took it, or raises its ValueError.
+
+        `arrival_time` (on the engine's clock) is when the request reached the front end; by default, now.
+        """
         if not self.is_running:
             raise EngineStoppedError("the engine is not running")
         if request_id in self._pending_adds or request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
         future = asyncio.get_running_loop().create_future()
-        # Arrival is now, not when the loop gets to it: queueing behind a step is part of TTFT.
+        # Arrival is not when the loop gets to it: queueing behind a step is part of TTFT.
+        arrived = self.engine.clock.now() if arrival_time is None else arrival_time
         self._pending_adds[request_id] = _PendingAdd(
-            request_id, list(prompt_token_ids), params, priority, slo, self.engine.clock.now(), future
+            request_id, list(prompt_token_ids), params, priority, slo, arrived, future
         )
         self._wakeup.set()
         try:

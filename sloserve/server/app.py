@@ -102,6 +102,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
+        arrived = ctx.serving.now()
         body = parse_body(await raw.body(), CompletionRequest)
         ctx.check_model(body.model)
         prompt = await completion_prompt(body, ctx.tokens)
@@ -109,11 +110,12 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                                default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, slo_classes=settings.slo_classes,
                                slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(
-            raw, CompletionFormat(), inputs, body, id_prefix="cmpl",
+            raw, CompletionFormat(), inputs, body, id_prefix="cmpl", arrival_time=arrived,
         )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
+        arrived = ctx.serving.now()
         body = parse_body(await raw.body(), ChatCompletionRequest)
         ctx.check_model(body.model)
         prompt = await chat_prompt(body, ctx.tokens)
@@ -121,7 +123,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
                                default_max_tokens=None, slo_classes=settings.slo_classes,
                                slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(
-            raw, ChatFormat(), inputs, body, id_prefix="chatcmpl",
+            raw, ChatFormat(), inputs, body, id_prefix="chatcmpl", arrival_time=arrived,
         )
 
     @app.get("/v1/models")

@@ -31,9 +31,14 @@ class Serving:
         self.metrics = metrics
         self.model_name = model_name
 
+    def now(self) -> float:
+        """The engine's clock: a request's arrival is stamped on it before its body is parsed and tokenized,
+        so the server's TTFT holds what a client's does (vLLM's histograms and `sloserve bench` agree)."""
+        return self.engine.engine.clock.now()
+
     async def generate(
         self, raw: Request, fmt: CompletionFormat | ChatFormat, inputs: EngineInputs, body: SamplingFields, *,
-        id_prefix: str,
+        id_prefix: str, arrival_time: float,
     ):
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         try:
@@ -45,7 +50,8 @@ class Serving:
             raise
         try:
             outputs = await self.engine.add_request(
-                request_id, inputs.prompt_token_ids, inputs.params, priority=inputs.priority, slo=inputs.slo
+                request_id, inputs.prompt_token_ids, inputs.params, priority=inputs.priority, slo=inputs.slo,
+                arrival_time=arrival_time,
             )
         except BaseException as error:
             lease.release()

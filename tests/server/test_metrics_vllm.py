@@ -1,11 +1,13 @@
 """/metrics carries vLLM's series with vLLM's types, labels and buckets, and their quantities add up."""
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serverkit import MODEL_NAME
+from serverkit import MODEL_NAME, metric
 from sloserve.server.metrics import one_two_five_buckets
 
 # vLLM series -> Prometheus type
@@ -128,3 +130,24 @@ def test_preemptions_are_counted_as_they_happen(chat_model_dir, start_server):
     assert v("num_preemptions", "_total") > 0
     # Recomputing a preempted request's tokens shows up in the per-step token counts.
     assert v("iteration_tokens_total", "_sum") > v("prompt_tokens", "_total") + v("generation_tokens", "_total") - 4
+
+
+def test_ttft_counts_from_the_request_reaching_the_server(start_server, chat_model_dir):
+    """TTFT starts when the request reaches the server, so tokenizing (here slowed down) is inside it, as a client sees it."""
+    server = start_server(chat_model_dir)
+    tokens = server.ctx.tokens
+    tokenize = tokens.prompt
+    delay_s = 0.3
+
+    async def slow_prompt(text: str) -> list[int]:
+        await asyncio.sleep(delay_s)
+        return await tokenize(text)
+
+    tokens.prompt = slow_prompt
+    r = httpx.post(server.url + "/v1/completions",
+                   json={"model": MODEL_NAME, "prompt": "The quick brown fox", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200
+    samples = server.metrics()
+    assert metric(samples, "sloserve:time_to_first_token_seconds_count") == 1
+    assert metric(samples, "sloserve:time_to_first_token_seconds_sum") >= delay_s
+    assert metric(samples, "sloserve:request_queue_time_seconds_sum") >= delay_s
