@@ -1,15 +1,15 @@
 """Prefix caching on vs off on the real server under `sloserve bench`, and the simulator's prediction of each:
 TTFT, throughput and hit rate per scenario."""
 
-# Run: python benchmarks/prefix_cache.py [--rounds 3] [--requests 8] [--output-len 16] [--threads 1] [--out DIR]
-#      [--profile PROFILE.json]
+# Run: python benchmarks/prefix_cache.py [--rounds 3] [--requests 8] [--conversations 2] [--turns 6]
+#      [--output-len 16] [--threads 1] [--out DIR] [--profile PROFILE.json]
 # Two `sloserve serve` processes hold the same SmolLM2-135M-shaped random-weight model, one with
 # --no-enable-prefix-caching; each round runs every scenario against both, alternating which goes first,
 # so load from others on a shared machine falls on both alike. Scenarios (`sloserve bench`, one request
 # at a time so TTFT is the server's own latency, not queueing):
 #   (a) shared: a 1,000-token prefix every prompt shares (the system prompt) + a 50-token unique question;
 #       each round draws a new prefix (--seed), and the bench's one warm-up request computes it once.
-#   (b) multi-turn: the bundled conversations chained 4 exchanges deep (`--dataset-name multiturn`); each
+#   (b) multi-turn: the bundled conversations chained --turns exchanges deep (`--dataset-name multiturn`); each
 #       turn resends the conversation so far (recorded replies), so it shares the previous turn's prompt.
 #   (c) unique: 1,050 fresh tokens per prompt, nothing to share: the overhead of caching.
 # The hit rate comes from the server's /metrics (prefix_cache_hits / prefix_cache_queries, in tokens).
@@ -45,11 +45,16 @@ from sloserve.sim.simulate import EngineKnobs, build_sim_engine, simulate
 sys.path.insert(0, str(Path(__file__).parent))
 from sim_vs_real import SLOSERVE, SMOLLM2_135M, _free_port, _wait_ready  # noqa: E402
 
-SCENARIOS = {
-    "a_shared_prefix": ["--random-prefix-len", "1000", "--random-input-len", "50"],
-    "b_multi_turn": ["--dataset-name", "multiturn", "--multiturn-turns", "4"],
-    "c_no_sharing": ["--random-input-len", "1050"],
-}
+def scenarios(args) -> dict[str, list[str]]:
+    """Each scenario's `sloserve bench` flags."""
+    n = ["--num-prompts", str(args.requests)]
+    turns = ["--multiturn-turns", str(args.turns), "--num-prompts", str(args.conversations * args.turns)]
+    return {
+        "a_shared_prefix": ["--random-prefix-len", "1000", "--random-input-len", "50", *n],
+        "b_multi_turn": ["--dataset-name", "multiturn", *turns],
+        "c_no_sharing": ["--random-input-len", "1050", *n],
+    }
+
 SYSTEMS = ("caching_on", "caching_off")
 KNOBS = ["--load-format", "dummy", "--max-num-batched-tokens", "512"]
 _WARMUP_BASE = 1_000_000  # simulated warm-up requests' indices, apart from the measured ones
@@ -58,7 +63,9 @@ _WARMUP_BASE = 1_000_000  # simulated warm-up requests' indices, apart from the 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=8, help="measured requests per scenario, system and round")
+    p.add_argument("--requests", type=int, default=8, help="measured requests of (a) and (c) per system and round")
+    p.add_argument("--conversations", type=int, default=2, help="(b): conversations per system and round")
+    p.add_argument("--turns", type=int, default=6, help="(b): exchanges per conversation")
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
     p.add_argument("--out", default=None)
@@ -91,7 +98,7 @@ def main() -> None:
             _wait_ready(bases[system], servers[system])
         runs: dict[tuple[str, str], list] = {}
         for r in range(args.rounds):
-            for scenario, flags in SCENARIOS.items():
+            for scenario, flags in scenarios(args).items():
                 order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
                 for system in order:
                     run = _bench(bases[system], model_dir, flags, args, seed=1000 * r + 17,
@@ -134,7 +141,7 @@ def _bench(base: str, model_dir: Path, flags: list[str], args, seed: int, result
     before = _prefix_counters(base)
     subprocess.run([*SLOSERVE, "bench", "--base-url", base, "--model", model_dir.name, *flags,
                     "--tokenizer", str(model_dir), "--sharegpt-output-len", str(args.output_len),
-                    "--random-output-len", str(args.output_len), "--num-prompts", str(args.requests),
+                    "--random-output-len", str(args.output_len),
                     "--arrival", "synchronous", "--num-warmups", "1", "--seed", str(seed), "--temperature", "0",
                     "--ignore-eos", "--no-plots", "--result-dir", str(result_dir)],
                    check=True, stdout=subprocess.DEVNULL)
@@ -198,7 +205,8 @@ def _table(runs: dict) -> list[dict]:
 
 
 def _print(rows: list[dict], args) -> None:
-    print(f"\nsynchronous requests, {args.requests} per scenario/system/round x {args.rounds} rounds, "
+    print(f"\nsynchronous requests, {args.requests} per system and round in (a) and (c), {args.conversations} "
+          f"conversations of {args.turns} turns in (b), x {args.rounds} rounds, "
           f"{args.output_len} output tokens; TTFT pooled over rounds; rounds alternate which system goes first")
     print(f"{'scenario':<16} {'system':<12} {'TTFT p50':>9} {'p99':>8} {'round p50 min/med':>18} "
           f"{'out tok/s':>9} {'req/s':>6} {'hit rate':>8} | {'sim p50':>8} {'sim p99':>8} {'sim/real':>8} {'sim hit':>8}")
@@ -208,7 +216,7 @@ def _print(rows: list[dict], args) -> None:
               f"{r['round_p50_min_ms']:8.0f}/{r['round_p50_median_ms']:<6.0f}ms    {r['output_tok_s']:9.1f} "
               f"{r['req_s']:6.3f} {r['hit_rate']:8.1%} | {r['sim_ttft_p50_ms']:6.0f}ms {r['sim_ttft_p99_ms']:6.0f}ms "
               f"{r['sim_ttft_p50_ms'] / r['ttft_p50_ms']:8.2f} {r['sim_hit_rate']:8.1%}")
-    for scenario in SCENARIOS:
+    for scenario in scenarios(args):
         on, off = by[(scenario, "caching_on")], by[(scenario, "caching_off")]
         print(f"{scenario}: TTFT p50 off/on = {off['ttft_p50_ms'] / on['ttft_p50_ms']:.2f}x, "
               f"throughput on/off = {on['output_tok_s'] / off['output_tok_s']:.3f}")
