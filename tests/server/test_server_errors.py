@@ -48,6 +48,7 @@ CASES = [
     ("chat-image-part", "/v1/chat/completions",
      {"json": CHAT | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}},
      400, "messages", None),
+    ("chat-best-of-over-n", "/v1/chat/completions", {"json": CHAT | {"best_of": 2}}, 400, "best_of=2", "best_of"),
     ("chat-tools", "/v1/chat/completions", {"json": CHAT | {"tools": [{"type": "function"}]}}, 400, "tool", "tools"),
     ("unknown-route", "/v1/embeddings", {"json": {}}, 404, "Not Found", None),
 ]
