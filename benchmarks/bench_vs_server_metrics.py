@@ -8,7 +8,7 @@ compares the client's mean TTFT and ITL with the means of `vllm:time_to_first_to
 client's run). Means are pooled: TTFT over requests, ITL over every gap. The clients' numbers include
 HTTP and SSE on loopback, so they sit slightly above the engine's.
 
-    python benchmarks/bench_vs_server_metrics.py [--num-prompts 40] [--request-rate 4] [--guidellm PATH]
+    python benchmarks/bench_vs_server_metrics.py [--num-prompts 40] [--request-rate 4] [--input-len 64] [--guidellm PATH]
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from sloserve.bench.results import BenchResults
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "sloserve" / "assets" / "demo-target"
 SLOSERVE = [sys.executable, "-m", "sloserve.cli"]  # the project's command, without relying on PATH
 SERIES = {"TTFT": "vllm:time_to_first_token_seconds", "ITL": "vllm:inter_token_latency_seconds"}
-PROMPT_TOKENS, OUTPUT_TOKENS = 64, 32
 
 
 def server_totals(base: str) -> dict[str, tuple[float, float]]:
@@ -48,8 +47,8 @@ def server_totals(base: str) -> dict[str, tuple[float, float]]:
 
 def run_sloserve_bench(base: str, args, out: Path) -> dict[str, float]:
     subprocess.run([*SLOSERVE, "bench", "--base-url", base, "--num-prompts", str(args.num_prompts),
-                    "--request-rate", str(args.request_rate), "--random-input-len", str(PROMPT_TOKENS),
-                    "--random-output-len", str(OUTPUT_TOKENS), "--ignore-eos", "--tokenizer", str(DEMO_MODEL),
+                    "--request-rate", str(args.request_rate), "--random-input-len", str(args.input_len),
+                    "--random-output-len", str(args.output_len), "--ignore-eos", "--tokenizer", str(DEMO_MODEL),
                     "--result-dir", str(out), "--no-plots", "--disable-tqdm"], check=True, stdout=subprocess.DEVNULL)
     run = BenchResults.load(str(out / "results.json")).runs[0]
     summary = summarize(run.records, run.duration_s)
@@ -60,7 +59,7 @@ def run_guidellm(base: str, args, out: Path) -> dict[str, float]:
     path = out / "guidellm.json"
     subprocess.run([args.guidellm, "run", f"--backend=kind=openai_http,target={base}",
                     f"--profile=kind=poisson,rate={args.request_rate}", f"--constraint=kind=max_requests,count={args.num_prompts}",
-                    f"--data=kind=synthetic_text,prompt_tokens={PROMPT_TOKENS},output_tokens={OUTPUT_TOKENS}",
+                    f"--data=kind=synthetic_text,prompt_tokens={args.input_len},output_tokens={args.output_len}",
                     f"--tokenizer=kind=huggingface_auto,model={DEMO_MODEL}", f"--output=kind=json,path={path}",
                     "--disable-console"], check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads(path.read_text())["benchmarks"][0]["metrics"]
@@ -85,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--request-rate", type=float, default=4.0)
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=32, help="output tokens per request")
     parser.add_argument("--guidellm", help="path of a `guidellm` executable (0.8 or later) to compare as well")
     args = parser.parse_args()
     with socket.socket() as s:
@@ -107,7 +108,7 @@ def main() -> None:
         server.terminate()
         server.wait(60)
     print(f"machine: {os.cpu_count()} cpus, load {os.getloadavg()}; {args.num_prompts} requests per client at "
-          f"{args.request_rate:g} req/s (Poisson), {PROMPT_TOKENS} prompt / {OUTPUT_TOKENS} output tokens, bundled demo model")
+          f"{args.request_rate:g} req/s (Poisson), {args.input_len} prompt / {args.output_len} output tokens, bundled demo model")
     print(f"{'client':>15} {'metric':>6} {'client mean ms':>15} {'server mean ms':>15} {'client/server':>14}")
     for name, label, mine, theirs in rows:
         print(f"{name:>15} {label:>6} {mine * 1e3:15.2f} {theirs * 1e3:15.2f} {mine / theirs:14.3f}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 from sloserve.config import EngineConfig
 from sloserve.llm import build_engine
 from sloserve.server.app import build_app
+from sloserve.server.cli import bind_socket
 from sloserve.server.settings import ServerSettings
 
 SPECIAL_TOKENS = ["<|bos|>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]  # ids 0..4
@@ -79,8 +79,7 @@ class LiveServer:
         settings.setdefault("served_model_names", [MODEL_NAME])
         self.app = build_app(engine, ServerSettings(**settings))
         self.ctx = self.app.state.server
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock = bind_socket("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on", **(uvicorn_kwargs or {})))

@@ -151,3 +151,30 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(command):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2  # a usage error with a message, not a traceback
     assert "no CUDA GPU" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_served_connections_send_without_nagle_delay():
+    """Connections accepted on the server's socket have TCP_NODELAY: else a keep-alive client waits ~40 ms
+    (Nagle holds the response body until the headers are ACKed, and the client delays its ACK) on every request."""
+    import asyncio
+    import socket
+
+    from sloserve.server.cli import bind_socket
+
+    async def accepted_nodelay() -> int:
+        sock = bind_socket("127.0.0.1", 0)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 5)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
