@@ -30,6 +30,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1  # vLLM's: sequences returned for the prompt (siblings sharing its KV blocks, seeded seed + i)
+    # vLLM's: the top-k log-probabilities of each generated token (plus the sampled one's), and of each
+    # prompt token (None: not computed).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +73,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be None or a non-negative integer, got {value!r}")
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +98,21 @@ def _float32(name: str, value) -> float:
     if not math.isfinite(rounded):
         raise ValueError(f"{name} must be a finite float32, got {value}")
     return rounded
+
+
+@dataclass(slots=True)
+class Logprob:
+    """vLLM's: one token's log-probability, its rank in the vocabulary (1 = most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per generated token: token id -> Logprob (the sampled token and the top-k).
+SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt token, the same; None for the first token (nothing precedes it).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -144,6 +167,8 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     finished_time: float | None = None
     output_text: str = ""
+    logprobs: SampleLogprobs | None = None  # kept only when sampling_params.logprobs asks
+    prompt_logprobs: PromptLogprobs | None = None  # kept only when sampling_params.prompt_logprobs asks
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -192,6 +217,14 @@ class CompletionOutput:
     finish_reason: str | None
     stop_reason: int | str | None
     token_times: list[float]  # engine clock time at which each token was sampled
+    logprobs: SampleLogprobs | None = None  # one dict per token in token_ids (None: not asked)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the sampled tokens' log-probabilities (None when logprobs were not asked)."""
+        if self.logprobs is None:
+            return None
+        return sum(step[t].logprob for step, t in zip(self.logprobs, self.token_ids))
 
 
 @dataclass(slots=True)
@@ -211,6 +244,7 @@ class RequestOutput:
     first_scheduled_time: float | None
     finished_time: float | None
     num_preemptions: int
+    prompt_logprobs: PromptLogprobs | None = None
 
     @classmethod
     def of(cls, request: Request) -> RequestOutput:
@@ -221,6 +255,7 @@ class RequestOutput:
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             token_times=request.token_times,
+            logprobs=request.logprobs,
         )
         return cls(
             request_id=request.request_id,
@@ -232,6 +267,7 @@ class RequestOutput:
             first_scheduled_time=request.first_scheduled_time,
             finished_time=request.finished_time,
             num_preemptions=request.num_preemptions,
+            prompt_logprobs=request.prompt_logprobs,
         )
 
     @property

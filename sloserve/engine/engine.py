@@ -10,6 +10,7 @@ from sloserve.engine.executor import Executor
 from sloserve.engine.features import StepShape
 from sloserve.engine.isolation import execute_isolating
 from sloserve.engine.kv_cache import BlockManager
+from sloserve.engine.logprobs import MAX_LOGPROBS, LogprobsRecorder
 from sloserve.engine.policy import Policy, make_policy
 from sloserve.engine.request_group import RequestGroup, RequestGroups, child_id, child_params
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -50,6 +51,7 @@ class LLMEngine:
         self._detokenizers: dict[str, Detokenizer] = {}
         self.speculator = speculator
         self._groups = RequestGroups()  # n > 1 requests
+        self.logprobs = LogprobsRecorder(tokenizer)
 
     @property
     def requests(self) -> dict[str, Request]:
@@ -95,6 +97,7 @@ class LLMEngine:
             slo=slo,
             eos_token_ids=self.eos_token_ids,
         )
+        self.logprobs.start(request)
         if self.tokenizer is not None:
             self._detokenizers[request_id] = make_detokenizer(
                 self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
@@ -117,6 +120,12 @@ class LLMEngine:
                 f"{self.max_model_len} (prompt and output together)"
             )
         params.validate()
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > MAX_LOGPROBS:
+                raise ValueError(f"Requested {name} of {asked}, which is greater than max allowed: {MAX_LOGPROBS}")
+            if asked is not None and not hasattr(self.executor, "take_logprobs"):
+                raise ValueError(f"{name}: this engine's executor computes no log-probabilities")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this engine has none")
         # A request that could never fit would preempt itself forever: refuse it up front.
@@ -169,7 +178,12 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.observe(survivors, sampled)
         now = self.clock.now()
+        step_logprobs = self._take_prompt_logprobs(outputs)
         for request, tokens in self.scheduler.update_from_output(survivors, sampled):
+            if request.logprobs is not None and not self._record(self.logprobs.record_sampled, request,
+                                                                 step_logprobs.get(request.request_id), len(tokens)):
+                outputs.append(RequestOutput.of(request))
+                continue
             outputs.append(self._process_tokens(request, tokens, now))
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
         # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
@@ -192,6 +206,25 @@ class LLMEngine:
             failed.append(RequestOutput.of(request))
         return step.plan, step.sampled, failed
 
+    def _take_prompt_logprobs(self, outputs: list[RequestOutput]) -> dict:
+        """The step's logprobs by request id, the prompt ones recorded already (also mid-prefill, when
+        nothing was sampled); a request whose logprobs went wrong fails alone, with an output."""
+        taken = self.executor.take_logprobs() if hasattr(self.executor, "take_logprobs") else {}
+        for request_id, step in taken.items():
+            request = self.requests.get(request_id)
+            if request is not None and step.prompt and not self._record(self.logprobs.record_prompt, request, step):
+                outputs.append(RequestOutput.of(request))
+        return taken
+
+    def _record(self, record, request: Request, *args) -> bool:
+        try:
+            record(request, *args)
+        except RuntimeError as error:
+            logger.error("request %s failed: %s", request.request_id, error)
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+            return False
+        return True
+
     def _process_tokens(self, request: Request, tokens: list[int], now: float) -> RequestOutput:
         """Stamp the new tokens and check stop conditions token by token; tokens past a stop are dropped."""
         num_outputs = len(request.output_token_ids) - len(tokens)
@@ -201,6 +234,8 @@ class LLMEngine:
             status = self._check_stop(request, token, num_outputs)
             if status is not None:
                 del request.output_token_ids[num_outputs:]
+                if request.logprobs is not None:
+                    del request.logprobs[num_outputs:]
                 self._finish(request, status)
                 break
         return RequestOutput.of(request)

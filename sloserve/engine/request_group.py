@@ -56,7 +56,7 @@ class RequestGroup:
         leader = self.leader
         completions = [
             CompletionOutput(index=i, text=c.output_text, token_ids=c.output_token_ids, finish_reason=c.finish_reason,
-                             stop_reason=c.stop_reason, token_times=c.token_times)
+                             stop_reason=c.stop_reason, token_times=c.token_times, logprobs=c.logprobs)
             for i, c in enumerate(self.children)
         ]
         finished = self.finished
@@ -70,6 +70,7 @@ class RequestGroup:
             first_scheduled_time=leader.first_scheduled_time,
             finished_time=max(c.finished_time or 0.0 for c in self.children) if finished else None,
             num_preemptions=sum(c.num_preemptions for c in self.children),
+            prompt_logprobs=leader.prompt_logprobs,
         )
 
 

@@ -120,8 +120,10 @@ class Scheduler:
             self.waiting.sort(key=self.policy.rank)
             while self.waiting and budget > 0 and self.waiting[0].request_id not in out.preempted_request_ids:
                 request = self.waiting[0]
-                # A cached prefix is not recomputed: the request starts after it (prefix caching).
-                cached = self.block_manager.cached_prefix(request.all_token_ids)
+                # A cached prefix is not recomputed: the request starts after it (prefix caching). Prompt
+                # logprobs need every prompt position's logits, so such a request skips the lookup (as vLLM's).
+                cached = ([] if request.sampling_params.prompt_logprobs is not None
+                          else self.block_manager.cached_prefix(request.all_token_ids))
                 request.num_computed_tokens = len(cached) * self.block_manager.block_size
                 n = self._chunk(request, budget, batch, out)
                 ok, refund = self._make_room(request, n, batch, out, cached)

@@ -106,7 +106,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         body = parse_body(await raw.body(), CompletionRequest)
         ctx.check_model(body.model)
         prompt = await completion_prompt(body, ctx.tokens)
-        inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.max_tokens,
+        inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
                                default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, slo_classes=settings.slo_classes,
                                slo_class_header=raw.headers.get("x-slo-class"))
         return await ctx.serving.generate(

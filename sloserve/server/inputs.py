@@ -55,7 +55,17 @@ def sampling_extensions(req: SamplingFields) -> dict:
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, min_p=req.min_p,
         include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+        **logprobs_params(req),
     )
+
+
+def logprobs_params(req: SamplingFields) -> dict:
+    """Completions' `logprobs` (and with echo, the prompt's too) or chat's `logprobs` + `top_logprobs`, as vLLM maps them."""
+    if isinstance(req, CompletionRequest):
+        return dict(logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+    if isinstance(req, ChatCompletionRequest) and req.logprobs:
+        return dict(logprobs=req.top_logprobs or 0)
+    return {}
 
 
 def engine_inputs(
@@ -69,6 +79,8 @@ def engine_inputs(
         raise APIError(400, message, param=param)
     if req.n > limits.max_n:
         raise APIError(400, f"n is {req.n}, but this server allows at most {limits.max_n} (its --max-num-seqs)", param="n")
+    if req.n > 1 and (any(v is not None for v in logprobs_params(req).values()) or getattr(req, "echo", False)):
+        raise APIError(400, "n > 1 together with logprobs or echo is not supported yet; ask n = 1", param="n")
     num_prompt = len(prompt_token_ids)
     room = limits.max_model_len - num_prompt
     if room < 1:

@@ -7,6 +7,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sloserve.server.errors import APIError, validation_message
+from sloserve.server.logprobs import chat_logprobs_error, completion_logprobs_error
 from sloserve.server.vllm_fields import refuse_unsupported_vllm_fields
 
 # No coercion ("4" is not 4, 0 is not false, [true] is not a token list) and no NaN or infinity:
@@ -101,15 +102,24 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     # Text, token ids, or a batch of exactly one of those.
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=_INT64_MAX)  # 0 only with echo: the prompt scored, nothing generated
     echo: bool = False
     logprobs: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     suffix: str | None = None
 
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        # vLLM's way with max_tokens 0 and echo: generate one token, show none.
+        return 1 if self.echo_only else self.max_tokens
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported"
+        refused = completion_logprobs_error(self.logprobs, self.echo, self.max_tokens)
+        if refused is not None:
+            return refused
         if self.suffix:
             return "suffix", "suffix is not supported"
         return super().unsupported()
@@ -152,8 +162,9 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported"
+        refused = chat_logprobs_error(self.logprobs, self.top_logprobs)
+        if refused is not None:
+            return refused
         if self.tools:
             return "tools", "tool calling is not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":

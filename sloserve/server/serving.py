@@ -16,6 +16,7 @@ from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError
 from sloserve.server.guard import api_key_of
 from sloserve.server.inputs import EngineInputs
+from sloserve.server.logprobs import ChoiceLogprobs, choice_logprobs
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.output_budget import Lease, OutputBudget
 from sloserve.server.protocol import SamplingFields
@@ -68,7 +69,8 @@ class Serving:
         text_available = self.engine.engine.tokenizer is not None
         # Without a tokenizer there is no text: token ids always travel, so clients can count tokens.
         reply = _Reply(fmt, env, inputs, body.return_token_ids or not text_available, body.continuous_usage,
-                       text_available=text_available)
+                       text_available=text_available,
+                       logprobs=choice_logprobs(body, inputs.prompt_token_ids, self.engine.engine.tokenizer))
         if body.stream:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).
@@ -151,8 +153,9 @@ class _Reply:
     """Turns cumulative outputs into one response body or a sequence of stream deltas."""
 
     def __init__(self, fmt, env: Envelope, inputs: EngineInputs, return_token_ids: bool, continuous_usage: bool,
-                 text_available: bool) -> None:
+                 text_available: bool, logprobs: ChoiceLogprobs) -> None:
         self.fmt = fmt
+        self.logprobs = logprobs
         self.env = env
         self.prompt_token_ids = inputs.prompt_token_ids
         self.return_token_ids = return_token_ids
@@ -168,13 +171,21 @@ class _Reply:
 
     def usage(self, out: StreamOutput | None) -> Usage:
         # Completion tokens of every choice together, as OpenAI and vLLM count them for n > 1.
-        return Usage(len(self.prompt_token_ids), 0 if out is None else out.num_tokens)
+        return Usage(len(self.prompt_token_ids), 0 if out is None or self.logprobs.echo_only else out.num_tokens)
+
+    def _shown(self, out: StreamOutput, i: int) -> int:
+        """How many of choice i's tokens the client sees (none when echo with max_tokens 0 only scores the prompt)."""
+        return 0 if self.logprobs.echo_only else out.counts[i]
 
     def full(self, out: StreamOutput) -> dict:
-        choices = [
-            self.fmt.choice(i, c.text, c.finish_reason, out.choice_token_ids(i) if self.return_token_ids else None)
-            for i, c in enumerate(out.output.outputs)
-        ]
+        choices = []
+        for i, c in enumerate(out.output.outputs):
+            shown = self._shown(out, i)
+            choice = self.fmt.choice(i, c.text if shown else "", c.finish_reason,
+                                     out.choice_token_ids(i)[:shown] if self.return_token_ids else None)
+            if i == 0:  # logprobs and echo come with n = 1 only (n > 1 with them is refused)
+                self.logprobs.fill(choice, out.output, 0, shown)
+            choices.append(choice)
         return self.fmt.full(self.env, choices, self.usage(out), self.prompt_token_ids if self.return_token_ids else None)
 
     def first_chunk(self) -> dict | None:
@@ -190,20 +201,23 @@ class _Reply:
         return chunks
 
     def _chunk(self, out: StreamOutput, i: int, completion) -> dict | None:
-        text, done = completion.text, completion.finish_reason is not None
+        text, done = (completion.text if not self.logprobs.echo_only else ""), completion.finish_reason is not None
         if self.ended[i]:
             return None
         self.ended[i] = done
         visible = len(text) if done else max(self.sent_chars[i], len(text) - self.holdback)
         delta = text[self.sent_chars[i] : visible]
         self.sent_chars[i] = visible
-        new_ids = completion.token_ids[self.sent_tokens[i] : out.counts[i]]
-        self.sent_tokens[i] = out.counts[i]
+        start, end = self.sent_tokens[i], self._shown(out, i)
+        new_ids = completion.token_ids[start:end]
+        self.sent_tokens[i] = end
         # Without a tokenizer there is no text: a chunk per step still shows progress (and TTFT).
-        wanted = delta or done or (new_ids and (self.return_token_ids or not self.text_available))
+        wanted = delta or done or (new_ids and (self.return_token_ids or not self.text_available or self.logprobs.wanted))
         if not wanted:
             return None
         chunk = self.fmt.chunk(self.env, i, delta, completion.finish_reason, new_ids if self.return_token_ids else None)
+        if i == 0:
+            self.logprobs.fill(chunk["choices"][0], out.output, start, end)
         if self.continuous_usage:
             chunk["usage"] = self.usage(out).as_dict()
         return chunk

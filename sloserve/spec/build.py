@@ -22,6 +22,9 @@ class SpeculativeExecutor:
     def execute(self, plan):
         return self.target.execute(plan, self.proposer.draft_probs)
 
+    def take_logprobs(self):
+        return self.target.take_logprobs()
+
 
 def build_speculation(config: EngineConfig, loaded: LoadedModel, target: ModelExecutor) -> tuple[SpeculativeExecutor, Speculation]:
     spec = config.speculative_config
