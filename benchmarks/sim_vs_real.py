@@ -1,4 +1,5 @@
-"""Simulator vs real server: predicted and measured TTFT/TPOT percentiles at 30/60/85% of capacity, and sim speed."""
+"""Simulator vs real server: predicted and measured TTFT/TPOT percentiles at 30/60/85% of capacity, with the grid
+profile and with the profile the server harvested from its own steps (`--profile-out`), and sim speed."""
 
 # Run: python benchmarks/sim_vs_real.py [--quick] [--requests 120] [--output-len 64] [--loads 0.3,0.6,0.85]
 #      [--threads 1] [--profile profile.json] [--real EARLIER_OUT] [--out DIR] [--sim-requests 10000]
@@ -106,7 +107,17 @@ def main() -> None:
         rows = _measure(args, model_dir, knobs_args, env, source, prof, knobs, n, burst)
     for label, _, w, (real_run, server_side), (sim_run_, sim_outcome) in rows:
         _save(out, label, w, real_run, server_side, sim_run_, sim_outcome, prof, profile_path, knobs)
+    print(f"\npredicted with the grid profile ({profile_path})")
     _print_table(rows)
+    # The server's own online-calibrated model, saved at shutdown (`serve --profile-out`): the same runs predicted again.
+    harvested_path = Path(args.real or out) / "harvested-profile.json"
+    if harvested_path.exists():
+        harvested = Profile.load(str(harvested_path))
+        err = harvested.execute.heldout
+        print(f"\npredicted with the profile harvested from the server ({harvested_path}): its step-time model after "
+              f"{harvested.settings.get('steps_observed')} measured steps, {harvested.settings.get('refits')} refits; "
+              f"prequential step error median {err.median:.1%}, mean {err.mean:.1%}")
+        _print_table([_row(label, rate, w, real, harvested, knobs) for label, rate, w, real, _ in rows])
     _sim_speed(prof, knobs, rows[-1][2].source, rows[-1][1], args.sim_requests, args.seed)
     print(f"results: {out} (render any with `sloserve bench report FILE`)")
 
@@ -115,7 +126,7 @@ def _measure(args, model_dir: Path, knobs_args, env, source, prof: Profile, knob
     """Serve the model, measure its capacity with a burst, then each load level; predict each the same way."""
     port = args.port or _free_port()
     server = subprocess.Popen([*SLOSERVE, "serve", str(model_dir), *knobs_args, "--port", str(port),
-                               "--log-level", "warning"], env=env)
+                               "--log-level", "warning", "--profile-out", str(out / "harvested-profile.json")], env=env)
     base = f"http://127.0.0.1:{port}"
     cfg = ClientConfig(base, "/v1/completions", model_dir.name, temperature=0.0, ignore_eos=True)
     rows = []
@@ -170,8 +181,8 @@ def _real(w: Workload, cfg: ClientConfig, base: str, label: str):
 
 def _sim(prof: Profile, knobs: EngineKnobs, w: Workload, label: str):
     clock = VirtualClock()
-    outcome = simulate(build_sim_engine(prof.step_model, knobs, "fcfs", clock), clock, w.requests(),
-                       max_concurrency=w.max_concurrency, duration_s=w.duration_s)
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock, prof.rank_seconds_per_waiting.get("fcfs", 0.0))
+    outcome = simulate(engine, clock, w.requests(), max_concurrency=w.max_concurrency, duration_s=w.duration_s)
     return sim_run(outcome, w, label), outcome
 
 
@@ -207,17 +218,20 @@ def _print_table(rows) -> None:
         print(f"{'':>6} {'':>7} means: TTFT client {real_s.ttft.mean * 1e3:.1f} / server {ttft_e * 1e3:.1f} / "
               f"sim {sim_s.ttft.mean * 1e3:.1f} ms; TPOT client {real_s.tpot.mean * 1e3:.2f} / server "
               f"{tpot_e * 1e3:.2f} / sim {sim_s.tpot.mean * 1e3:.2f} ms")
-    for metric, target in (("TTFT", 0.15), ("TPOT", 0.10)):
-        med = statistics.median(errors[metric])
-        print(f"median |rel err| {metric} over loads x p50/p90/p99: {med:.1%} (target <= {target:.0%}: "
-              f"{'met' if med <= target else 'MISSED'}); min {min(errors[metric]):.1%}, max {max(errors[metric]):.1%}")
+    for metric, errs in errors.items():  # targets: the predictor's error <= 5% median, <= 15% at the worst point
+        if not errs:
+            continue
+        med, worst = statistics.median(errs), max(errs)
+        print(f"|rel err| {metric} over loads x p50/p90/p99: median {med:.1%} (target <= 5%: "
+              f"{'met' if med <= 0.05 else 'not met'}), worst {worst:.1%} (target <= 15%: "
+              f"{'met' if worst <= 0.15 else 'not met'}), min {min(errs):.1%}")
 
 
 def _sim_speed(prof: Profile, knobs: EngineKnobs, source, rate: float, num: int, seed: int) -> None:
     w = Workload(source, Arrivals("poisson", rate), num, seed=seed)
     specs = w.requests()
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock)
+    engine = build_sim_engine(prof.step_model, knobs, "fcfs", clock, prof.rank_seconds_per_waiting.get("fcfs", 0.0))
     start = time.perf_counter()
     outcome = simulate(engine, clock, specs)
     wall = time.perf_counter() - start

@@ -7,9 +7,9 @@ slo+admission at 0.5-2x capacity, from the simulator and (with --real) from the 
 # (prompts cut to 384 tokens, interactive replies to 48, batch replies to 256: batch replies are longer), Poisson
 # arrivals at multiples of the capacity FCFS reaches on a burst. Model: the bundled demo model (11M parameters),
 # --max-num-batched-tokens 256 --max-num-seqs 32 --num-kv-blocks 512; SLOs scaled to its speed on a CPU core.
-# Real-server rows serve each policy in turn (`sloserve serve`) and replay the same requests with the bench client,
-# the class named per request (slo_class) and the priority set (interactive 0, batch 1), at multiples of the real
-# server's own burst capacity; each real row has a simulated twin (sim@real) of the very same requests and arrivals.
+# Real-server rows serve each policy (`sloserve serve`, four servers up at once, each load played to the four in
+# turn) and replay the same requests with the bench client, the class named per request (slo_class) and the
+# priority set (interactive 0, batch 1), at multiples of the real server's own burst capacity; each real row has a simulated twin (sim@real) of the very same requests and arrivals.
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def mixed_specs(n: int, rate: float, seed: int, vocab: int) -> tuple[list[Reques
 
 def simulated(prof: Profile, knobs: EngineKnobs, specs, classes, policy: str, admission: bool):
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock)
+    engine = build_sim_engine(prof.step_model, knobs, policy, clock, prof.rank_seconds_per_waiting.get(policy, 0.0))
     out = simulate(engine, clock, specs, slo=lambda s: CLASSES[classes[s.index]],
                    priority=lambda s: 0 if classes[s.index] == "interactive" else 1, admission=admission)
     assert engine.block_manager.num_used_blocks == 0, "a request kept KV blocks after the run"
@@ -165,28 +165,31 @@ def main() -> None:
             records, duration = simulated(prof, knobs, specs, classes, policy, admission)
             rows.append(("sim", load, label, summarize(records, classes, duration)))
     if args.real:
-        port = 8700 + os.getpid() % 200
-        server = serve(model_dir, profile, "fcfs", False, port, env)
-        try:  # the real server's own capacity: HTTP and the event loop share its cores, unlike the simulation's
+        # One server per policy, all up at once, and each load played to the four in turn: other work on the
+        # machine drifts over minutes, so the policies are compared within minutes of each other (interleaved).
+        base_port = 8700 + os.getpid() % 200
+        servers = {}
+        try:
+            for k, (label, policy, admission) in enumerate(POLICIES):
+                servers[label] = (serve(model_dir, profile, policy, admission, base_port + k, env), base_port + k)
+            # The real server's own capacity: HTTP and the event loop share its cores, unlike the simulation's.
             burst, burst_classes = mixed_specs(args.real_requests, math.inf, args.seed, knobs.vocab_size)
-            records, duration = asyncio.run(replay(f"http://127.0.0.1:{port}", model_dir.name, burst, burst_classes))
+            records, duration = asyncio.run(replay(f"http://127.0.0.1:{servers['fcfs'][1]}", model_dir.name, burst,
+                                                   burst_classes))
             real_capacity = sum(r.success for r in records) / duration
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-        print(f"capacity (real server, FCFS, burst of {len(records)}): {real_capacity:.3g} req/s; the real rows and "
-              f"their simulated twins (sim@real) run at multiples of it", flush=True)
-        for label, policy, admission in POLICIES:
-            server = serve(model_dir, profile, policy, admission, port, env)
-            try:
-                for load in (float(x) for x in args.real_loads.split(",")):
-                    specs, classes = mixed_specs(args.real_requests, load * real_capacity, args.seed, knobs.vocab_size)
-                    records, duration = asyncio.run(replay(f"http://127.0.0.1:{port}", model_dir.name, specs, classes))
+            print(f"capacity (real server, FCFS, burst of {len(records)}): {real_capacity:.3g} req/s; the real rows "
+                  f"and their simulated twins (sim@real) run at multiples of it", flush=True)
+            for load in (float(x) for x in args.real_loads.split(",")):
+                specs, classes = mixed_specs(args.real_requests, load * real_capacity, args.seed, knobs.vocab_size)
+                for label, policy, admission in POLICIES:
+                    url = f"http://127.0.0.1:{servers[label][1]}"
+                    records, duration = asyncio.run(replay(url, model_dir.name, specs, classes))
                     rows.append(("real", load, label, summarize(records, classes, duration)))
                     sim_records, sim_duration = simulated(prof, knobs, specs, classes, policy, admission)
                     rows.append(("sim@real", load, label, summarize(sim_records, classes, sim_duration)))
                     print(f"  real {label} at {load:g}x done; load average {os.getloadavg()[0]:.1f}", flush=True)
-            finally:
+        finally:
+            for server, _ in servers.values():
                 server.terminate()
                 server.wait(timeout=60)
     print_table(rows, capacity)

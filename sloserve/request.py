@@ -160,6 +160,9 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Leading tokens the prefix cache held when the scheduler last looked (a waiting request does not
+    # hold them yet): its prefill starts after them, so policies and admission predict from there.
+    num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sloserve.engine.cost import StepTimeModel, largest_chunk
+from sloserve.engine.cost import StepTimeModel, prefill_chunk
 from sloserve.engine.features import StepShape
-from sloserve.engine.policy import Policy
+from sloserve.engine.kv_cache import PrefixCacheIndex
+from sloserve.engine.policy import Policy, needed_rate, prefill_start
 from sloserve.engine.scheduler import Scheduler
 from sloserve.request import Request
 
@@ -19,13 +20,17 @@ class LoadSnapshot:
     running_prefill_tokens: int = 0  # prompt tokens running requests still have to compute
     waiting: list[tuple[tuple, int]] = field(default_factory=list)  # (policy rank, tokens to its first token)
     step_time_limit: float | None = None  # the policy's limit for the running batch
+    prefill_rate: float = 0.0  # the prompt rate the policy keeps under that limit (policy.prefill_rate)
     free_seats: int = 1 << 30  # max_num_seqs - running
     # Steps until each running request ends (max_tokens left), ascending: when seats free up.
     steps_to_free: list[int] = field(default_factory=list)
+    # A copy of the prefix cache's index: a candidate's prefill starts after its cached prefix.
+    prefix_cache: PrefixCacheIndex | None = None
 
     @classmethod
     def of(cls, scheduler: Scheduler) -> LoadSnapshot:
         snap = cls(step_time_limit=scheduler.policy.step_time_limit(scheduler.running),
+                   prefill_rate=scheduler.policy.prefill_rate(scheduler.running, scheduler.waiting),
                    free_seats=scheduler.config.max_num_seqs - len(scheduler.running))
         snap.steps_to_free = sorted(r.sampling_params.max_tokens - len(r.output_token_ids) for r in scheduler.running)
         for r in scheduler.running:
@@ -34,7 +39,8 @@ class LoadSnapshot:
                 snap.decode_contexts.append(r.num_computed_tokens)
             else:
                 snap.running_prefill_tokens += remaining
-        snap.waiting = [(scheduler.policy.rank(r), r.num_tokens - r.num_computed_tokens) for r in scheduler.waiting]
+        snap.waiting = [(scheduler.policy.rank(r), r.num_tokens - prefill_start(r)) for r in scheduler.waiting]
+        snap.prefix_cache = scheduler.block_manager.frozen_prefix_cache()
         return snap
 
 
@@ -51,7 +57,9 @@ class TTFTAdmission:
     and no sooner than a seat frees for it (max_num_seqs) if the requests ahead fill them.
 
     Steps are modelled as the running decodes plus one prefill chunk (the budget left by the
-    decodes, cut to the policy's step time limit); a seat frees when a running request has decoded
+    decodes, cut to the policy's step time limit no further than the prompt rate the deadlines
+    need, this request's included, as the scheduler cuts it); a cached prefix is not prefill work
+    (the candidate's `num_cached_tokens` is set from the snapshot's copy of the cache); a seat frees when a running request has decoded
     its max_tokens (an upper bound: a stop ends it sooner). Later arrivals that rank ahead, and
     preemptions the policy may make for the candidate, are not foreseen. A request with no TTFT
     objective is always admitted.
@@ -65,15 +73,22 @@ class TTFTAdmission:
 
     def predict(self, snapshot: LoadSnapshot, request: Request, extra_tokens_ahead: int = 0) -> tuple[float, int]:
         """(predicted TTFT in seconds from now, prompt tokens computed before its first token)."""
+        if snapshot.prefix_cache is not None and request.sampling_params.prompt_logprobs is None:
+            request.num_cached_tokens = snapshot.prefix_cache.num_cached_tokens(request.all_token_ids)
         rank = self.policy.rank(request)
         waiting_ahead = [tokens for r, tokens in snapshot.waiting if r <= rank]
         ahead = snapshot.running_prefill_tokens + extra_tokens_ahead + sum(waiting_ahead)
-        own = request.num_tokens - request.num_computed_tokens
+        own = request.num_tokens - prefill_start(request)
         d = len(snapshot.decode_contexts)
         decodes = StepShape([1] * d, list(snapshot.decode_contexts), [True] * d)
         chunk = max(1, self.budget - d)
-        if snapshot.step_time_limit is not None and chunk > self.min_chunk:
-            chunk = largest_chunk(self.predictor, decodes, 0, chunk, self.min_chunk, snapshot.step_time_limit)
+        if chunk > self.min_chunk:
+            # The chunk the scheduler will cut: to the step time limit, but at the prompt rate the deadlines
+            # need, this request's among them once it waits (the limit yields that far).
+            rate = snapshot.prefill_rate
+            if request.slo is not None and request.slo.ttft is not None:
+                rate = max(rate, needed_rate(ahead + own, request.slo.ttft, self.predictor.step_seconds(decodes)))
+            chunk = prefill_chunk(self.predictor, decodes, 0, chunk, self.min_chunk, snapshot.step_time_limit, rate)
         seconds = self._prefill(decodes, chunk, ahead + own)
         # The k-th request in line gets the k-th seat to free up; this one is behind those ahead.
         need = len(waiting_ahead) + 1 - snapshot.free_seats

@@ -133,21 +133,51 @@ class StepPredictor:
         return FitError.of(np.array(self._predicted, float), np.array(self._measured, float))
 
 
+def prefill_chunk(model: StepTimeModel, shape: StepShape, context: int, n: int, floor: int, limit: float | None,
+                  min_rate: float = 0.0) -> int:
+    """A step's prefill chunk of up to `n` prompt tokens (on `context` cached ones) after the work in `shape`:
+    the largest that keeps the step within `limit` seconds, but never below `floor` tokens nor below the
+    chunk whose prefill rate (tokens per second of step) reaches `min_rate`: there the limit yields."""
+    if limit is None or _step(model, shape, context, n) <= limit:
+        return n
+    if min_rate > 0:
+        floor = max(floor, rate_floor(model, shape, context, n, min_rate))
+    return largest_chunk(model, shape, context, n, floor, limit)
+
+
+def rate_floor(model: StepTimeModel, shape: StepShape, context: int, n: int, min_rate: float) -> int:
+    """The smallest chunk of at most `n` tokens whose prefill rate (its tokens per second of step) reaches `min_rate`.
+
+    A step's time grows with its tokens less than in proportion (it has a fixed part: weights read
+    once, the decodes in it), so the rate grows with the chunk and a bisection finds the threshold;
+    if even `n` tokens fall short, `n`."""
+    if n / _step(model, shape, context, n) < min_rate:
+        return n
+    lo, hi = 0, n  # rate(lo) < min_rate (lo = 0: no tokens, no rate); rate(hi) >= min_rate
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid / _step(model, shape, context, mid) >= min_rate:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def largest_chunk(model: StepTimeModel, shape: StepShape, context: int, n: int, floor: int, limit: float) -> int:
     """The most of `n` prompt tokens (on `context` cached ones) a step of `shape` can add and stay within
     `limit` seconds; never fewer than `floor`, so prefill always progresses (step time grows with tokens)."""
-
-    def fits(k: int) -> bool:
-        step = StepShape(shape.new_tokens + [k], shape.contexts + [context], shape.samples + [False])
-        return model.step_seconds(step) <= limit
-
-    if fits(n):
+    if _step(model, shape, context, n) <= limit:
         return n
     lo, hi = min(floor, n), n  # hi does not fit; lo is the answer when nothing above it fits
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits(mid):
+        if _step(model, shape, context, mid) <= limit:
             lo = mid
         else:
             hi = mid
     return lo
+
+
+def _step(model: StepTimeModel, shape: StepShape, context: int, k: int) -> float:
+    """Predicted seconds of `shape` plus a k-token prefill chunk on `context` cached tokens."""
+    return model.step_seconds(StepShape(shape.new_tokens + [k], shape.contexts + [context], shape.samples + [False]))

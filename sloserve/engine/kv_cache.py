@@ -71,17 +71,15 @@ class BlockManager:
         It never covers the last token: that one must be computed to yield the next token's logits.
         The dict lookup compares whole keys, so a hash hit is checked against the stored tokens.
         """
-        if not self.enable_prefix_caching:
-            return []
-        bs, parent, hits = self.block_size, _ROOT, []
-        for i in range((len(token_ids) - 1) // bs):
-            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
-            block_id = self._cached.get(key)
-            if block_id is None:
-                break
-            hits.append(block_id)
-            parent = hash(key)
-        return hits
+        return _cached_prefix(self._cached, self.block_size, token_ids) if self.enable_prefix_caching else []
+
+    def num_cached_tokens(self, token_ids: list[int]) -> int:
+        """How many leading tokens of `token_ids` the prefix cache holds now; allocates and touches nothing."""
+        return len(self.cached_prefix(token_ids)) * self.block_size
+
+    def frozen_prefix_cache(self) -> PrefixCacheIndex:
+        """A copy of the cache's index that another thread may read while the engine steps (admission)."""
+        return PrefixCacheIndex(dict(self._cached) if self.enable_prefix_caching else {}, self.block_size)
 
     def record_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
         """Count an admitted request's lookup for the prefix-cache hit rate."""
@@ -157,3 +155,28 @@ class BlockManager:
             self._free[block_id] = None
             if block.key is None:
                 self._free.move_to_end(block_id, last=False)
+
+
+class PrefixCacheIndex:
+    """The prefix cache's content index as it was at one moment (BlockManager.frozen_prefix_cache)."""
+
+    __slots__ = ("_cached", "block_size")
+
+    def __init__(self, cached: dict[BlockKey, int], block_size: int) -> None:
+        self._cached = cached
+        self.block_size = block_size
+
+    def num_cached_tokens(self, token_ids: list[int]) -> int:
+        return len(_cached_prefix(self._cached, self.block_size, token_ids)) * self.block_size
+
+
+def _cached_prefix(cached: dict[BlockKey, int], bs: int, token_ids: list[int]) -> list[int]:
+    parent, hits = _ROOT, []
+    for i in range((len(token_ids) - 1) // bs):
+        key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+        block_id = cached.get(key)
+        if block_id is None:
+            break
+        hits.append(block_id)
+        parent = hash(key)
+    return hits

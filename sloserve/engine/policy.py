@@ -30,6 +30,10 @@ class Policy(Protocol):
         """Seconds a step holding `batch` should not exceed (prefill chunks are cut to fit); None: no limit."""
         ...
 
+    def prefill_rate(self, running: list[Request], waiting: list[Request]) -> float:
+        """Prompt tokens a second that cutting chunks to the step time limit must still leave (0: none)."""
+        ...
+
 
 class FCFS:
     """First come, first served: the latest arrival is the first preempted."""
@@ -42,6 +46,9 @@ class FCFS:
 
     def step_time_limit(self, batch: list[Request]) -> float | None:
         return None
+
+    def prefill_rate(self, running: list[Request], waiting: list[Request]) -> float:
+        return 0.0
 
 
 class PriorityPolicy:
@@ -61,14 +68,18 @@ class PriorityPolicy:
     def step_time_limit(self, batch: list[Request]) -> float | None:
         return None
 
+    def prefill_rate(self, running: list[Request], waiting: list[Request]) -> float:
+        return 0.0
+
 
 class SLOPolicy:
     """Schedules for each request's latency objectives (DistServe's goodput, Sarathi-Serve's budget).
 
     Waiting requests go by least slack: first-token deadline (arrival + TTFT SLO) minus now minus
-    the predicted time of their remaining prefill. Running requests keep their TPOT: the step time
-    limit is the tightest TPOT SLO of the decodes in the step, and the scheduler cuts prefill
-    chunks to stay within it (decodes first, as always). A waiting request blocked for a seat or
+    the predicted time of their remaining prefill (after any cached prefix). Running requests keep
+    their TPOT: the step time limit is the tightest TPOT SLO of the decodes in the step, and the
+    scheduler cuts prefill chunks to stay within it (decodes first, as always), but only as far as
+    the waiting requests' first-token deadlines allow (`prefill_rate`). A waiting request blocked for a seat or
     blocks preempts a decode with a looser TPOT that can afford the pause (it returns ranked by
     that slack, not to the back of the line), or a late one; a request gives way at most once. A request that can no longer meet its TTFT is late
     either way: it ranks after every request that still can (and is preempted first), does not
@@ -106,8 +117,8 @@ class SLOPolicy:
         deadline = request.arrival_time + ttft
         if request.token_times:
             return request.token_times[0] > deadline
-        remaining = request.num_tokens - request.num_computed_tokens
-        return now + self.prefill_seconds(remaining, request.num_computed_tokens) > deadline
+        start = prefill_start(request)
+        return now + self.prefill_seconds(request.num_tokens - start, start) > deadline
 
     def rank(self, request: Request) -> tuple:
         now = self.clock.now()
@@ -117,8 +128,8 @@ class SLOPolicy:
         if request.token_times:  # preempted after its first token: its TPOT sets how long it may wait
             return (self.is_late(request, now), 1, self.resume_slack(request, now), request.arrival_time)
         ttft = request.slo.ttft if request.slo and request.slo.ttft is not None else math.inf
-        remaining = request.num_tokens - request.num_computed_tokens
-        slack = request.arrival_time + ttft - now - self.prefill_seconds(remaining, request.num_computed_tokens)
+        start = prefill_start(request)
+        slack = request.arrival_time + ttft - now - self.prefill_seconds(request.num_tokens - start, start)
         late = slack < 0
         return (late, 1, math.inf if late else slack, request.arrival_time)
 
@@ -130,9 +141,11 @@ class SLOPolicy:
             return math.inf
         params, done = request.sampling_params, len(request.output_token_ids)
         deadline = request.token_times[0] + tpot * (params.max_tokens - 1)
-        decode = self.predictor.step_seconds(StepShape([1], [request.num_tokens], [True]))
-        redo = self.prefill_seconds(request.num_tokens)  # a preempted request recomputes all its tokens
-        return deadline - now - redo - decode * (params.max_tokens - done)
+        start = request.num_cached_tokens  # a preempted request recomputes its tokens the prefix cache lost
+        redo = self.prefill_seconds(request.num_tokens - start, start)
+        # Its remaining tokens are counted at its TPOT, not at a lone decode's time: it resumes into a batch
+        # whose steps take up to the tightest TPOT in it (and more where the limit yields).
+        return deadline - now - redo - tpot * (params.max_tokens - done)
 
     def preempts(self, waiting: Request, running: Request) -> bool:
         """A waiting request that can still be on time takes the place of a late one, or of a decode
@@ -145,13 +158,51 @@ class SLOPolicy:
         if self.is_late(running, now):
             return True
         return (bool(running.token_times) and _tpot(running) > _tpot(waiting)
-                and self.resume_slack(running, now) > self.prefill_seconds(waiting.num_tokens))
+                and self.resume_slack(running, now) > self.prefill_seconds(waiting.num_tokens - prefill_start(waiting)))
 
     def step_time_limit(self, batch: list[Request]) -> float | None:
         now = self.clock.now()
         tpots = [r.slo.tpot for r in batch
                  if r.token_times and r.slo and r.slo.tpot is not None and not self.is_late(r, now)]
         return min(tpots, default=None)
+
+    def prefill_rate(self, running: list[Request], waiting: list[Request]) -> float:
+        """The prompt rate the first-token deadlines need: for each request still on time, the prompt tokens
+        served before its first token (prefills under way, then the waiting ones in rank order, its own
+        included) over the time left to its deadline; the largest of these.
+
+        Cutting prefill chunks only moves prompt work to later steps; once decodes alone take most of the
+        TPOT limit, holding the limit would cut chunks to a few tokens and let the queue grow until every
+        waiting request is late, to save running ones a fraction of their TPOT. So the limit cuts only as
+        far as the first-token deadlines allow: a request that is late either way constrains nothing, and
+        where the deadlines need more than the machine's rate the limit yields entirely (admission, which
+        predicts the same chunks, is what refuses such load).
+        """
+        now, tokens, rate = self.clock.now(), 0, 0.0
+        decodes = [r.num_computed_tokens for r in running if r.token_times]
+        # Every step pays for its decodes however few prompt tokens it carries (the last chunk is partial).
+        fixed = self.predictor.step_seconds(StepShape([1] * len(decodes), decodes, [True] * len(decodes)))
+        # `waiting` comes in rank order; requests past their first token pace by TPOT, not by a first-token deadline.
+        for r in [r for r in running if not r.token_times] + [r for r in waiting if not r.token_times]:
+            start = prefill_start(r)
+            tokens += r.num_tokens - start
+            ttft = r.slo.ttft if r.slo else None
+            if ttft is None or self.is_late(r, now):
+                continue
+            rate = max(rate, needed_rate(tokens, r.arrival_time + ttft - now, fixed))
+        return rate
+
+
+def needed_rate(tokens: int, seconds_left: float, step_fixed: float) -> float:
+    """Prompt tokens a second that compute `tokens` by a deadline `seconds_left` away, in steps that each
+    cost `step_fixed` besides their prompt tokens (the last one, partial, too)."""
+    return tokens / max(seconds_left - step_fixed, 1e-6)
+
+
+def prefill_start(request: Request) -> int:
+    """Where a request's remaining prefill starts: after its computed tokens, or after the prefix cache's
+    hit for a waiting request (which holds no blocks yet, so has computed nothing)."""
+    return max(request.num_computed_tokens, request.num_cached_tokens)
 
 
 def _tpot(request: Request) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sloserve.engine.cost import StepTimeModel, largest_chunk
+from sloserve.engine.cost import StepTimeModel, prefill_chunk, rate_floor
 from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.policy import POLICIES, Policy
@@ -50,6 +50,7 @@ class SchedulerOutput:
     preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that ended since the last plan, so executors can drop per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
+    num_waiting_ranked: int = 0  # waiting requests the policy ranked for this plan (the simulator charges for them)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -85,6 +86,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self._finished_ids: list[str] = []
         self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per running request
+        self._prefill_rate = 0.0  # this step's policy.prefill_rate: how far the step time limit may cut chunks
+        self._prompt_floor: int | None = None
+        self._prompt_tokens = 0
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -100,12 +104,23 @@ class Scheduler:
         self._drafts = drafts or {}
         budget = self.config.max_num_batched_tokens
         batch: list[Request] = []  # the requests of out.scheduled, in the same order
+        for request in self.waiting:  # policies rank by the prefill each will compute: after its cached prefix
+            request.num_cached_tokens = 0 if request.sampling_params.prompt_logprobs is not None else (
+                self.block_manager.num_cached_tokens(
+                    request.all_token_ids if request.output_token_ids else request.prompt_token_ids))
         self.running.sort(key=self.policy.rank)
+        self.waiting.sort(key=self.policy.rank)
+        out.num_waiting_ranked = len(self.waiting)
+        self._prefill_rate = self.policy.prefill_rate(self.running, self.waiting)
+        self._prompt_floor, self._prompt_tokens = None, 0  # prompt tokens this step must carry, and has
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk(request, budget, batch, out)
+            if n == 0:  # a prompt chunk the step time limit leaves no room for
+                i += 1
+                continue
             without_drafts = min(n, request.num_tokens - request.num_computed_tokens)
             if n > without_drafts and not self.block_manager.allocate_slots(
                     request.request_id, request.num_computed_tokens + n):
@@ -117,15 +132,17 @@ class Scheduler:
             # else: `request` itself was preempted, and it was the last one left
 
         if not out.preempted_request_ids:  # a step that had to preempt for running requests admits nobody new
-            self.waiting.sort(key=self.policy.rank)
             while self.waiting and budget > 0 and self.waiting[0].request_id not in out.preempted_request_ids:
                 request = self.waiting[0]
                 # A cached prefix is not recomputed: the request starts after it (prefix caching). Prompt
                 # logprobs need every prompt position's logits, so such a request skips the lookup (as vLLM's).
                 cached = ([] if request.sampling_params.prompt_logprobs is not None
                           else self.block_manager.cached_prefix(request.all_token_ids))
-                request.num_computed_tokens = len(cached) * self.block_manager.block_size
+                request.num_computed_tokens = request.num_cached_tokens = len(cached) * self.block_manager.block_size
                 n = self._chunk(request, budget, batch, out)
+                if n == 0:  # the step is full by the policy's time limit
+                    request.num_computed_tokens = 0
+                    break
                 ok, refund = self._make_room(request, n, batch, out, cached)
                 budget += refund
                 if not ok:
@@ -141,14 +158,25 @@ class Scheduler:
         return out
 
     def _chunk(self, request: Request, budget: int, batch: list[Request], out: SchedulerOutput) -> int:
-        """The request's next tokens within the budget; a prefill chunk is cut to the policy's step time limit."""
+        """The request's next tokens within the budget. Under the policy's step time limit a prompt chunk is
+        cut to fit, or 0 when the step is full; but the step carries at least `min_chunk` prompt tokens (so
+        prefill always progresses) and as many as the policy's prefill rate needs (there the limit yields)."""
         n = min(request.num_tokens + len(self._drafts.get(request.request_id, ())) - request.num_computed_tokens, budget)
-        if n <= self.min_chunk or self.predictor is None:
-            return n
+        if request.num_tokens - request.num_computed_tokens <= 1 or self.predictor is None:
+            return n  # a decode (and its drafts) is never cut
         limit = self.policy.step_time_limit(batch)
         if limit is None:
             return n
-        return largest_chunk(self.predictor, StepShape.of(out), request.num_computed_tokens, n, self.min_chunk, limit)
+        shape = StepShape.of(out)
+        if self._prompt_floor is None:  # the step's first prompt chunk: how many prompt tokens the step must carry
+            self._prompt_floor = self.min_chunk
+            if self._prefill_rate > 0:
+                self._prompt_floor = max(self.min_chunk, rate_floor(
+                    self.predictor, shape, request.num_computed_tokens, budget, self._prefill_rate))
+        n = prefill_chunk(self.predictor, shape, request.num_computed_tokens, n,
+                          max(0, self._prompt_floor - self._prompt_tokens), limit)
+        self._prompt_tokens += n
+        return n
 
     def _make_room(self, request: Request, n: int, batch: list[Request], out: SchedulerOutput,
                    cached: list[int]) -> tuple[bool, int]:

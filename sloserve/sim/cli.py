@@ -150,7 +150,7 @@ def simulate(
     for warning in _extrapolation(prof, knobs):
         console.print(f"[yellow]warning:[/yellow] {warning}")
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock)
+    engine = build_sim_engine(prof.step_model, knobs, policy, clock, prof.rank_seconds_per_waiting.get(policy, 0.0))
     start = time.perf_counter()
     outcome = run_simulation(engine, clock, specs, max_concurrency=workload.max_concurrency, duration_s=workload.duration_s,
                              slo=lambda _: request_slo, admission=admission == "slo")

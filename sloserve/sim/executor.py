@@ -11,11 +11,14 @@ class SimulatedExecutor:
     """Implements the engine's Executor protocol, so the real LLMEngine and Scheduler drive it.
 
     The engine's own work (scheduling, stop checks, outputs) runs for real but costs no virtual time,
-    so the step-time model's overhead terms charge it here, on the step that causes it.
+    so the step-time model's overhead terms charge it here, on the step that causes it, and
+    `seconds_per_waiting` the policy's ranking of every waiting request (measured by the profiler).
     """
 
-    def __init__(self, model: StepTimeModel, clock: VirtualClock, num_kv_blocks: int, token_id: int = 0) -> None:
+    def __init__(self, model: StepTimeModel, clock: VirtualClock, num_kv_blocks: int, token_id: int = 0,
+                 seconds_per_waiting: float = 0.0) -> None:
         self.model = model
+        self.seconds_per_waiting = seconds_per_waiting
         self.clock = clock
         self.num_kv_blocks = num_kv_blocks
         # Requests run with ignore_eos and max_tokens = their output length, so this token never
@@ -27,7 +30,7 @@ class SimulatedExecutor:
         self._seen: set[str] = set()
 
     def execute(self, plan: SchedulerOutput) -> list[list[int]]:
-        seconds = self.model.step_seconds(StepShape.of(plan))
+        seconds = self.model.step_seconds(StepShape.of(plan)) + self.seconds_per_waiting * plan.num_waiting_ranked
         self.clock.advance(seconds)
         self.num_steps += 1
         self.busy_seconds += seconds

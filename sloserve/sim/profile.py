@@ -42,6 +42,9 @@ class Profile:
     execute_timings: list[Timing] = field(default_factory=list)
     overhead_timings: list[Timing] = field(default_factory=list)
     created_unix: float = 0.0
+    # Seconds a step spends ranking each waiting request, per policy (sim/rank_cost.py); {} in older profiles
+    # and in harvested ones (their measured steps already include the ranking of the queues they saw).
+    rank_seconds_per_waiting: dict[str, float] = field(default_factory=dict)
     step_model: StepCostModel = field(init=False, repr=False, compare=False)  # the two fits as one predictor
 
     def __post_init__(self) -> None:
@@ -60,7 +63,7 @@ class Profile:
             "schema": SCHEMA, "version": VERSION, "created_unix": self.created_unix,
             "machine": self.machine, "model": self.model, "engine": self.engine, "settings": self.settings,
             "fit": {"token_knots": list(self.token_knots), "execute": self.execute.to_dict(),
-                    "overhead": self.overhead.to_dict()},
+                    "overhead": self.overhead.to_dict(), "rank_seconds_per_waiting": self.rank_seconds_per_waiting},
             "timings": {"execute": [t.to_dict() for t in self.execute_timings],
                         "overhead": [t.to_dict() for t in self.overhead_timings]},
         }
@@ -77,6 +80,7 @@ class Profile:
             execute_timings=[Timing.from_dict(t) for t in d["timings"]["execute"]],
             overhead_timings=[Timing.from_dict(t) for t in d["timings"]["overhead"]],
             created_unix=d.get("created_unix", 0.0),
+            rank_seconds_per_waiting=dict(fit.get("rank_seconds_per_waiting", {})),
         )
 
     def save(self, path: str) -> None:

@@ -18,6 +18,7 @@ from sloserve.request import SamplingParams
 from sloserve.engine.cost_model import fit_with_holdout
 from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
 from sloserve.sim.profile import Profile, Timing, describe_machine
+from sloserve.sim.rank_cost import rank_seconds_per_waiting
 from sloserve.sim.shapes import Chunk, GridLimits, PlanBuilder, shape_of, step_grid
 
 
@@ -66,7 +67,7 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
     features = ExecuteFeatures(token_knots(config.max_num_batched_tokens))
     execute = _fit(features.terms, features, execute_timings, settings.holdout_every)
     overhead = _fit(OVERHEAD_TERMS, overhead_features, overhead_timings, settings.holdout_every)
-    return Profile(
+    profile = Profile(
         machine=machine | {"load_average_after": describe_machine(config.device)["load_average"]},
         model=model_info(config, executor),
         engine=engine_info(config, engine),
@@ -78,6 +79,10 @@ def profile_model(config: EngineConfig, settings: ProfileSettings, log: Callable
         overhead_timings=overhead_timings,
         created_unix=time.time(),
     )
+    log("timing the policies' ranking of waiting requests")
+    profile.rank_seconds_per_waiting = rank_seconds_per_waiting(profile.step_model, config.max_num_batched_tokens,
+                                                                config.block_size)
+    return profile
 
 
 def time_grid(executor: Executor, builder: PlanBuilder, grid: list[list[Chunk]], repeats: int,

@@ -58,14 +58,17 @@ def prompt_token_ids(spec: RequestSpec, vocab_size: int) -> list[int]:
             for i in range(max(1, spec.prompt_len))]
 
 
-def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock) -> LLMEngine:
+def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock,
+                     seconds_per_waiting: float = 0.0) -> LLMEngine:
     """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock.
 
     The executor's step times and the engine's predictor are the same model, so policies and
     admission predict the simulated world exactly; it is not recalibrated (it is the ground truth here).
+    `seconds_per_waiting`: the policy's ranking cost per waiting request a step (Profile.rank_seconds_per_waiting),
+    charged on top, as the real engine pays it.
     """
     predictor = StepPredictor(model, calibrate=False)
-    executor = SimulatedExecutor(predictor, clock, knobs.num_kv_blocks)
+    executor = SimulatedExecutor(predictor, clock, knobs.num_kv_blocks, seconds_per_waiting=seconds_per_waiting)
     return LLMEngine(
         executor, knobs.scheduler_config(policy), max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size,
         clock=clock, predictor=predictor,

@@ -61,3 +61,47 @@ def test_running_decodes_share_every_step_and_the_slo_policy_counts_only_request
     fcfs = TTFTAdmission(steps, FCFS(), 100)
     assert fcfs.check(LoadSnapshot(decode_contexts=[4], waiting=[((0.0,), 300)]), request("chat", 60, SLO(ttft=0.2))
                       ).reject is not None
+
+
+def test_admission_predicts_the_chunks_the_scheduler_cuts_where_the_tpot_limit_yields():
+    steps = LinearSteps(fixed=0.048, per_token=0.0001)  # four decodes: 48.4 ms, next to the 50 ms TPOT
+    gate = TTFTAdmission(steps, FCFS(), 512)
+    snapshot = LoadSnapshot(decode_contexts=[4] * 4, step_time_limit=0.05)
+    # The limit would leave 16-token chunks (19 steps for 300 tokens: ~0.95 s, over the 200 ms objective).
+    # Queued, the request makes the limit yield to the rate its deadline needs, as the scheduler would (see
+    # the policy's test): 120-token chunks, 2 x (48.4 + 12.0) + (48.4 + 6.0) ms.
+    verdict = gate.check(snapshot, request("long", 300, SLO(ttft=0.2)))
+    assert verdict.predicted_ttft == pytest.approx(2 * 0.0604 + 0.0544) and verdict.reject is None
+    # With no TTFT objective of its own nothing asks the limit to yield: 16-token chunks.
+    assert gate.predict(snapshot, request("long", 300, None))[0] == pytest.approx(18 * 0.050 + (0.0484 + 0.0012))
+    # A deadline even an uncut chunk cannot meet (300 tokens in 50 ms: one step takes 78 ms) is refused.
+    assert gate.check(snapshot, request("long", 300, SLO(ttft=0.05))).reject is not None
+
+
+def test_a_cached_prefix_is_not_predicted_as_prefill_work():
+    steps = LinearSteps(fixed=0.010, per_token=0.001)
+    clock = ManualClock(0.0)
+    scheduler = Scheduler(BlockManager(100, 16), SLOPolicy(clock, steps, 100), SchedulerConfig(100, 1), steps)
+    first = Request("first", list(range(1, 101)), SamplingParams(max_tokens=8), 0.0, 0, SLO(ttft=1.0))
+    scheduler.add(first)
+    scheduler.update_from_output(scheduler.schedule(), [[7]])  # its 6 full blocks (96 tokens) enter the cache
+    # Shares 80 tokens (5 blocks) with it; waits, as `first` holds the only seat.
+    waiting = Request("waiting", list(range(1, 81)) + list(range(900, 940)), SamplingParams(max_tokens=8), 0.0, 0,
+                      SLO(ttft=1.0))
+    scheduler.add(waiting)
+    scheduler.schedule()
+    assert waiting in scheduler.waiting and waiting.num_cached_tokens == 80
+    # The SLO policy's slack counts the 40 tokens it computes: 1.0 - (10 + 40) ms.
+    assert scheduler.policy.rank(waiting)[2] == pytest.approx(1.0 - 0.050)
+    snapshot = LoadSnapshot.of(scheduler)
+    assert snapshot.waiting[0][1] == 40
+    gate = TTFTAdmission(steps, scheduler.policy, 100)
+    # A candidate sharing 64 tokens (4 blocks) is predicted as its 36 other tokens, behind the 40 waiting
+    # (no TTFT objective: it ranks after the waiting request).
+    cached = Request("c", list(range(1, 65)) + list(range(700, 736)), SamplingParams(max_tokens=8), 0.0, 0, None)
+    fresh = Request("f", list(range(500, 536)), SamplingParams(max_tokens=8), 0.0, 0, None)
+    uncached = Request("u", list(range(500, 600)), SamplingParams(max_tokens=8), 0.0, 0, None)
+    predicted, ahead = gate.predict(snapshot, cached)
+    assert ahead == 40 and predicted == pytest.approx(gate.predict(snapshot, fresh)[0])
+    assert predicted < gate.predict(snapshot, uncached)[0]
+    assert scheduler.block_manager.num_used_blocks == 7  # looking up allocated nothing: `first`'s 7 blocks

@@ -1,5 +1,8 @@
 """Policies on hand-built queues: SLO order and budget shaping, priority preemption without starvation."""
+import pytest
+
 from sloserve.engine.engine import LLMEngine
+from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.policy import FCFS, PriorityPolicy, SLOPolicy
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig
@@ -57,6 +60,11 @@ def test_slo_cuts_the_prefill_chunk_to_the_tightest_tpot_in_the_batch():
     plan = scheduler.schedule()
     # Decodes first; then 10 ms + (2 + k) ms <= 50 ms (the interactive TPOT) gives k = 38.
     assert [(s.request_id, s.num_new_tokens) for s in plan.scheduled] == [("a", 1), ("b", 1), ("long", 38)]
+    # A second prompt finds the step full by the limit: it waits, rather than adding its own 16 tokens.
+    apply(scheduler, plan, clock, 0.05)
+    scheduler.add(request("long-2", 300, 0.07, BATCH))
+    assert [(s.request_id, s.num_new_tokens) for s in scheduler.schedule().scheduled] == [
+        ("a", 1), ("b", 1), ("long", 38)]
     # FCFS spends the whole budget on the prompt: a 312 ms step, 6x the interactive TPOT.
     fcfs = Scheduler(BlockManager(200, 16), FCFS(), SchedulerConfig(512, 8), LinearSteps())
     for r in [request("a", 4, 0.0, INTERACTIVE), request("b", 4, 0.0, INTERACTIVE)]:
@@ -78,6 +86,32 @@ def test_a_late_decode_does_not_limit_the_step_but_the_chunk_never_drops_below_t
     apply(tight, tight.schedule(), tight.policy.clock, 0.01)
     tight.add(request("long", 300, 0.01, BATCH))
     assert [s.num_new_tokens for s in tight.schedule().scheduled] == [1, tight.min_chunk]
+
+
+def test_where_decodes_alone_take_the_tpot_the_limit_yields_to_first_token_deadlines():
+    steps = LinearSteps(fixed=0.048, per_token=0.0001)  # four decodes: 48.4 ms, next to the 50 ms TPOT
+
+    def chunk_for(prompt_slo):
+        clock = ManualClock(0.0)
+        scheduler = Scheduler(BlockManager(200, 16), SLOPolicy(clock, steps, 512), SchedulerConfig(512, 8), steps)
+        for rid in "abcd":
+            scheduler.add(request(rid, 4, 0.0, INTERACTIVE))
+        apply(scheduler, scheduler.schedule(), clock, 0.05)  # first tokens at 50 ms: on time, so their TPOT limits
+        scheduler.add(request("long", 300, 0.05, prompt_slo))
+        plan = scheduler.schedule()
+        assert [s.request_id for s in plan.scheduled] == ["a", "b", "c", "d", "long"]
+        return plan.scheduled[-1].num_new_tokens
+
+    # The limit leaves (50 - 48.4) / 0.1 = 16 tokens: 300 tokens at 16 tokens / 50 ms take ~0.95 s. A batch
+    # prompt (TTFT 10 s) can afford that, so the decodes keep their TPOT.
+    assert chunk_for(BATCH) == 16
+    # A 300-token prompt due in 200 ms, in steps that each pay 48.4 ms for the decodes: 300 tokens in
+    # 151.6 ms of prompt time, 1.98 tokens/ms. The limit yields as far as that, no further: k / (48.4 + 0.1 k)
+    # reaches it at k = 120, and the prompt's first token comes at 2 x 60.4 + 54.4 = 175 ms (16-token chunks:
+    # ~0.95 s, late, and every prompt behind it later still).
+    assert chunk_for(SLO(ttft=0.2, tpot=0.05)) == 120
+    rate = lambda k: k / steps.step_seconds(StepShape([1] * 4 + [k], [4] * 4 + [0], [True] * 4 + [False]))  # noqa: E731
+    assert rate(120) >= 300 / (0.2 - 0.0484) > rate(119)
 
 
 def test_blocked_high_priority_request_preempts_lower_priority_running_ones():
@@ -127,29 +161,37 @@ def test_slo_preempts_a_looser_decode_only_when_it_can_afford_the_pause():
     busy = request("interactive", 4, 0.0, INTERACTIVE, max_tokens=100)
     for r in (roomy, busy):
         scheduler.add(r)
-    apply(scheduler, scheduler.schedule(), clock, 0.02)  # both decoding, both seats taken
-    newcomer = request("chat", 8, 0.02, INTERACTIVE)
+    for _ in range(3):  # both decoding, both seats taken: three tokens each, 20 ms apart
+        apply(scheduler, scheduler.schedule(), clock, 0.02)
+    newcomer = request("chat", 8, 0.06, INTERACTIVE)
     scheduler.add(newcomer)
     plan = scheduler.schedule()
     assert plan.preempted_request_ids == ["batch-roomy"]  # not the interactive decode: same TPOT
     assert [s.request_id for s in plan.scheduled] == ["interactive", "chat"]
-    # Back in line it ranks by how long it may still pause (not behind later arrivals as such): its
-    # last token is due by 0.02 + 99 x 0.5 s; recomputing 5 tokens and decoding 99 more take ~1.1 s.
+    # Back in line it ranks by how long it may still pause (not behind later arrivals as such): its last
+    # token is due by 0.02 + 99 x 0.5 s; recomputing 7 tokens (17 ms) and its 97 tokens left at its TPOT
+    # (48.5 s) leave 0.94 s: what its two tokens 20 ms apart banked against a 0.5 s TPOT.
     policy = scheduler.policy
-    assert policy.rank(roomy) == (False, 1, policy.resume_slack(roomy, 0.02), 0.0)
-    assert 48 < policy.resume_slack(roomy, 0.02) < 49.5
-    urgent_later = request("urgent-later", 8, 0.03, SLO(ttft=0.3, tpot=0.05))
+    assert policy.rank(roomy) == (False, 1, policy.resume_slack(roomy, 0.06), 0.0)
+    assert policy.resume_slack(roomy, 0.06) == pytest.approx(0.02 + 49.5 - 0.06 - 0.017 - 48.5)
+    urgent_later = request("urgent-later", 8, 0.07, SLO(ttft=0.3, tpot=0.05))
     assert policy.rank(urgent_later) < policy.rank(roomy)
-    # A looser decode whose TPOT budget is spent is not preempted: first token at 0.02 s, 4 more due
-    # by 0.26 s (60 ms each), and at 0.25 s it still has to recompute 5 tokens and decode 4.
+    # A looser decode that has banked nothing is not preempted: first token at 0.02 s, and its 4 tokens
+    # left at its 60 ms TPOT take all the time to its last token's due date (0.26 s).
+    clock.t = 0.03
+    fresh = _decoding(request("batch-fresh", 4, 0.0, SLO(ttft=10.0, tpot=0.06), max_tokens=5), [0.02])
+    assert not policy.preempts(request("chat-2", 8, 0.03, INTERACTIVE), fresh)
+    # One that decoded 3 tokens 10 ms apart banked 2 x 50 ms: at 0.04 s it can pause for an 18 ms prefill
+    # (0.26 - 0.04 - 17 ms of recompute - 2 x 60 ms = 83 ms); at 0.25 s the bank is spent.
+    ahead = _decoding(request("batch-ahead", 4, 0.0, SLO(ttft=10.0, tpot=0.06), max_tokens=5), [0.02, 0.03, 0.04])
+    clock.t = 0.04
+    assert policy.preempts(request("chat-2", 8, 0.04, INTERACTIVE), ahead)
     clock.t = 0.25
-    stalled = _decoding(request("batch-stalled", 4, 0.0, SLO(ttft=10.0, tpot=0.06), max_tokens=5), 0.02)
-    assert not policy.preempts(request("chat-2", 8, 0.25, INTERACTIVE), stalled)
-    clock.t = 0.03  # earlier, the same decode could have paused for it
-    assert policy.preempts(request("chat-2", 8, 0.03, INTERACTIVE), stalled)
+    assert not policy.preempts(request("chat-2", 8, 0.25, INTERACTIVE), ahead)
 
 
-def _decoding(r: Request, first_token_at: float) -> Request:
-    r.num_computed_tokens, r.output_token_ids, r.token_times = r.num_tokens, [7], [first_token_at]
+def _decoding(r: Request, token_times: list[float]) -> Request:
+    r.output_token_ids, r.token_times = [7] * len(token_times), list(token_times)
+    r.num_computed_tokens = r.num_tokens
     r.status = RequestStatus.RUNNING
     return r
