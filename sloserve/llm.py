@@ -63,6 +63,7 @@ class LLM:
 
         A prompt is a string, `{"prompt": str}` or `{"prompt_token_ids": [...]}` (vLLM's TextPrompt
         and TokensPrompt); `prompt_token_ids=` is the older spelling of a batch of the latter.
+        With `SamplingParams(n=k)`, a prompt's RequestOutput holds k completions (index 0..k-1).
         """
         if lora_request is not None:
             raise ValueError("LoRA adapters are not supported (lora_request must be None)")

@@ -29,6 +29,7 @@ class SamplingParams:
     min_p: float = 0.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    n: int = 1  # vLLM's: sequences returned for the prompt (siblings sharing its KV blocks, seeded seed + i)
     # vLLM's: the top-k log-probabilities of each generated token (plus the sampled one's), and of each
     # prompt token (None: not computed).
     logprobs: int | None = None
@@ -41,6 +42,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Refuse, naming the parameter, any value the sampler could not honour at its float32 precision."""
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         temperature = _float32("temperature", self.temperature)

@@ -25,7 +25,7 @@ def bench(
     endpoint: str = O("/v1/completions", help="/v1/completions or /v1/chat/completions."),
     model: Optional[str] = O(None, help="Model name; default: the first one /v1/models lists."),
     api_key: Optional[str] = O(None, envvar="OPENAI_API_KEY", help="Bearer token (never saved)."),
-    dataset_name: str = O("random", help="random | sharegpt | trace."),
+    dataset_name: str = O("random", help="random | sharegpt | trace | multiturn (each turn resends the conversation so far)."),
     dataset_path: Optional[str] = O(None, help="ShareGPT JSON or JSONL trace; default: the bundled sample."),
     num_prompts: Optional[int] = O(None, help="Requests to send (default: 1000; a whole trace; or as many as --duration takes)."),
     request_rate: float = O(math.inf, help="Requests per second; inf sends all at once."),
@@ -41,7 +41,8 @@ def bench(
     random_prefix_len: int = O(0, help="Tokens of prefix shared by every prompt."),
     random_vocab_size: Optional[int] = O(None, help="Token ids are drawn below this (default: the tokenizer's, or 32000)."),
     random_prompt_format: str = O("auto", help="ids | words | auto (words for chat without a tokenizer)."),
-    sharegpt_output_len: Optional[int] = O(None, help="Fixed max_tokens instead of the reply's length."),
+    sharegpt_output_len: Optional[int] = O(None, help="Fixed max_tokens instead of the reply's length (sharegpt, multiturn)."),
+    multiturn_turns: int = O(4, help="Exchanges per conversation in the multiturn dataset."),
     tokenizer: Optional[str] = O(None, help="Local tokenizer directory for exact token counts."),
     seed: int = O(0),
     num_warmups: int = O(0, help="Warm-up requests sent first and excluded from results."),
@@ -52,6 +53,8 @@ def bench(
     attainment: float = O(0.9, help="Target SLO attainment for --sweep."),
     sweep_start_rate: Optional[float] = O(None, help="First rate probed (default: --request-rate if finite, else 1)."),
     sweep_max_rate: float = O(1024.0), sweep_max_probes: int = O(10), sweep_tolerance: float = O(0.05),
+    sweep_same_prompts: bool = O(False, help="Resend the same prompts at every probe (default: fresh ones, so a "
+                                 "server's prompt cache cannot answer later probes)."),
     percentiles: str = O("50,90,95,99", "--percentiles", "--metric-percentiles"),
     percentile_metrics: str = O("ttft,tpot,itl,e2el", help="Latencies shown with percentiles (vLLM's names: "
                                 "ttft, tpot, itl, e2el); all are always saved."),
@@ -109,6 +112,7 @@ def bench(
             dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
             random_input_len, random_output_len, random_range_ratio, random_dist, random_input_min, random_input_max,
             random_output_min, random_output_max, random_prefix_len, vocab, fmt, sharegpt_output_len, seed, duration,
+            multiturn_turns,
         ).build()
         sweep_cfg = None
         if sweep:
@@ -139,7 +143,7 @@ def bench(
     try:
         if sweep_cfg is not None:
             runs, sweep_info = run_sweep(workload, cfg, sweep_cfg, slo_obj, num_warmups, tok, console,
-                                         progress_bar=not disable_tqdm)
+                                         progress_bar=not disable_tqdm, same_prompts=sweep_same_prompts)
         else:
             runs, sweep_info = [run_once(workload, cfg, num_warmups, tok, console, label, not disable_tqdm)], None
     except (ValueError, OSError) as e:  # the dataset could not be read or used; requests never raise

@@ -36,9 +36,9 @@ class ClientConfig:
         options = {"include_usage": True} | ({"continuous_usage_stats": True} if self.continuous_usage else {})
         body: dict = {"model": self.model, "stream": True, "stream_options": options, "temperature": self.temperature}
         if self.chat:
-            if not isinstance(spec.prompt, str):
+            if not isinstance(spec.prompt, str) and not spec.messages:
                 raise ValueError("chat endpoints need text prompts (use words or a tokenizer)")
-            body["messages"] = [{"role": "user", "content": spec.prompt}]
+            body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt}]
             body["max_completion_tokens"] = spec.output_len
         else:
             body["prompt"] = spec.prompt

@@ -50,6 +50,9 @@ def render(results: BenchResults, sums: list[RunSummary], console: Console, deta
         else:
             msg = f"{best:.3g} req/s (missed at {upper:.3g} req/s)"
         console.print(f"[bold]Max goodput rate[/bold] at attainment >= {target:.0%}: {msg}")
+        prompts = results.sweep.get("prompts")
+        if prompts is not None:  # a sweep resending its prompts is flattered by any server's prompt cache
+            console.print(f"Prompts: {prompts} (shared prefixes only where the workload asks for them)")
     spec = results.config.get("server_spec_decode")
     if spec and spec.get("mean_accepted_length") is not None:
         console.print(_spec_decode_line(spec))

@@ -41,12 +41,18 @@ def run_once(workload: Workload, cfg: ClientConfig, num_warmups: int, tokenizer:
 
 
 def run_sweep(workload: Workload, cfg: ClientConfig, sweep: SweepConfig, slo: SLO, num_warmups: int,
-              tokenizer: Tokenizer | None, console: Console, progress_bar: bool = True) -> tuple[list[Run], dict]:
-    """Find the max goodput rate; every probe is kept as a run (the curve)."""
+              tokenizer: Tokenizer | None, console: Console, progress_bar: bool = True,
+              same_prompts: bool = False) -> tuple[list[Run], dict]:
+    """Find the max goodput rate; every probe is kept as a run (the curve).
+
+    Each probe draws fresh prompts (unless `same_prompts`): resent prompts would be answered from a
+    server's prompt cache at later probes and inflate its capacity. A shared prefix the workload
+    asks for (--random-prefix-len) stays shared, and a small dataset (ShareGPT's sample) repeats anyway.
+    """
     runs: list[Run] = []
 
     def probe(rate: float) -> float:
-        w = workload.with_rate(rate)
+        w = workload.with_rate(rate) if same_prompts else workload.with_rate(rate).with_draw(len(runs))
         run = run_once(w, cfg, num_warmups if not runs else 0, tokenizer, console, label=f"rate={rate:.4g}",
                        progress_bar=progress_bar)
         runs.append(run)
@@ -62,6 +68,7 @@ def run_sweep(workload: Workload, cfg: ClientConfig, sweep: SweepConfig, slo: SL
         "upper_rate": result.upper_rate,
         "config": {"start_rate": sweep.start_rate, "min_rate": sweep.min_rate, "max_rate": sweep.max_rate,
                    "max_probes": sweep.max_probes, "rel_tol": sweep.rel_tol},
+        "prompts": "the same at every probe" if same_prompts else "fresh per probe",
         "probes": [{"rate": r, "attainment": a, "run": i} for i, (r, a) in enumerate(result.probes)],
     }
     # Report the curve in rate order, not probe order.

@@ -11,16 +11,18 @@ import numpy as np
 
 from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.lengths import LengthDist
+from sloserve.bench.multiturn import MultiTurnSource
 from sloserve.bench.sharegpt import ShareGPTSource
 from sloserve.bench.synthetic import SyntheticSource
 from sloserve.bench.tokens import Tokenizer
 from sloserve.bench.trace import TraceSource
 
-Source = SyntheticSource | ShareGPTSource | TraceSource
+Source = SyntheticSource | ShareGPTSource | TraceSource | MultiTurnSource
 
 # Independent random streams, so that changing the rate in a sweep changes
 # only the gaps (and with the same unit draws: common random numbers), never
-# the prompts; and warm-up prompts differ from measured ones (no cache hits).
+# the prompts; and warm-up prompts differ from measured ones (no cache hits). A sweep's probes each
+# take another `draw` of prompts (the shared prefix, drawn from its own stream, stays shared).
 _PROMPTS, _ARRIVALS, _PREFIX = 0, 1, 2
 _MAIN, _WARMUP = 0, 1
 
@@ -32,6 +34,7 @@ class RequestSpec:
     prompt_len: int  # tokens (estimated when there is no tokenizer)
     output_len: int  # sent as max_tokens
     arrival_s: float  # offset from the benchmark start
+    messages: list[dict] | None = None  # the conversation, for chat endpoints (multi-turn); else `prompt` is sent
 
 
 @dataclass(slots=True)
@@ -50,6 +53,7 @@ class Workload:
     duration_s: float | None = None
     max_concurrency: int | None = None
     seed: int = 0
+    draw: int = 0  # which set of prompts the seed gives (a sweep takes a fresh one per probe)
 
     def __post_init__(self) -> None:
         if self.arrivals.kind == "trace" and not isinstance(self.source, TraceSource):
@@ -75,8 +79,13 @@ class Workload:
         kind = self.arrivals.kind if self.arrivals.kind in ("constant", "poisson", "gamma") else "poisson"
         return dataclasses.replace(self, arrivals=Arrivals(kind, rate, self.arrivals.burstiness))
 
+    def with_draw(self, draw: int) -> Workload:
+        """The same workload with other prompts (same lengths' distribution, same shared prefix, same gaps)."""
+        return dataclasses.replace(self, draw=draw)
+
     def _build(self, n: int | None, variant: int, tok: Tokenizer | None, arrivals: bool = True) -> list[RequestSpec]:
-        prompt_rng = self._rng(_PROMPTS, variant)
+        # Draw 0 keeps the stream it always had, so a seed gives the prompts it gave before draws existed.
+        prompt_rng = self._rng(_PROMPTS, variant) if self.draw == 0 else self._rng(_PROMPTS, variant, self.draw)
         if isinstance(self.source, TraceSource):
             items, trace_offsets = self.source.sample(n if n is not None else 1 << 62, prompt_rng, tok)
             offsets = self.arrivals.offsets(len(items), self._rng(_ARRIVALS, variant), trace_offsets)
@@ -88,7 +97,7 @@ class Workload:
                 items = self.source.sample(len(offsets), prompt_rng, tok)
         if arrivals and self.duration_s is not None:
             items = [it for it, t in zip(items, offsets) if t < self.duration_s]
-        return [RequestSpec(i, p, pl, ol, t) for i, ((p, pl, ol), t) in enumerate(zip(items, offsets))]
+        return [RequestSpec(i, it[0], it[1], it[2], t, *it[3:]) for i, (it, t) in enumerate(zip(items, offsets))]
 
     def _offsets(self, n: int | None, variant: int) -> list[float]:
         if n is not None:
@@ -104,8 +113,8 @@ class Workload:
     def _open_loop_finite(self) -> bool:
         return self.arrivals.kind in ("constant", "poisson", "gamma") and math.isfinite(self.arrivals.rate)
 
-    def _rng(self, stream: int, variant: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, stream, variant])
+    def _rng(self, stream: int, variant: int, *more: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, stream, variant, *more])
 
     def to_dict(self) -> dict:
         return {
@@ -115,12 +124,13 @@ class Workload:
             "duration_s": self.duration_s,
             "max_concurrency": self.max_concurrency,
             "seed": self.seed,
+            "draw": self.draw,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Workload:
         src = d["source"]
-        kinds = {"random": SyntheticSource, "sharegpt": ShareGPTSource, "trace": TraceSource}
+        kinds = {"random": SyntheticSource, "sharegpt": ShareGPTSource, "trace": TraceSource, "multiturn": MultiTurnSource}
         return cls(
             source=kinds[src["name"]].from_dict(src),
             arrivals=Arrivals.from_dict(d["arrivals"]),
@@ -128,6 +138,7 @@ class Workload:
             duration_s=d["duration_s"],
             max_concurrency=d["max_concurrency"],
             seed=d["seed"],
+            draw=d.get("draw", 0),  # results saved before draws existed
         )
 
 
@@ -135,7 +146,7 @@ class Workload:
 class WorkloadOptions:
     """The workload flags `sloserve bench` and `sloserve simulate` share (vLLM's names), as one value."""
 
-    dataset_name: str = "random"  # random | sharegpt | trace
+    dataset_name: str = "random"  # random | sharegpt | trace | multiturn
     dataset_path: str | None = None
     num_prompts: int | None = None  # None: 1000, a whole trace, or as many as `duration` takes
     request_rate: float = math.inf
@@ -156,6 +167,7 @@ class WorkloadOptions:
     sharegpt_output_len: int | None = None
     seed: int = 0
     duration: float | None = None
+    multiturn_turns: int = 4  # exchanges per conversation (--dataset-name multiturn)
 
     def build(self) -> Workload:
         """The Workload these options describe."""
@@ -178,7 +190,9 @@ class WorkloadOptions:
             return ShareGPTSource(self.dataset_path or "", self.sharegpt_output_len)
         if self.dataset_name == "trace":
             return TraceSource(self.dataset_path or "", self.vocab_size, self.prompt_format)
-        raise ValueError(f"--dataset-name must be random, sharegpt or trace, got {self.dataset_name!r}")
+        if self.dataset_name == "multiturn":
+            return MultiTurnSource(self.dataset_path or "", self.multiturn_turns, self.sharegpt_output_len)
+        raise ValueError(f"--dataset-name must be random, sharegpt, trace or multiturn, got {self.dataset_name!r}")
 
     def _arrival(self) -> tuple[str, int | None]:
         kind, rate, cap = self.arrival, self.request_rate, self.max_concurrency

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sloserve.engine.admission import LoadSnapshot
 from sloserve.engine.engine import LLMEngine
+from sloserve.engine.request_group import RequestGroup, output_of
 from sloserve.request import SLO, Request, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,28 @@ class EngineStoppedError(RuntimeError):
 class StreamOutput:
     """A request's state right after one step.
 
-    `output.outputs[0].token_ids` is the engine's live list and keeps growing in later steps, so the snapshot
-    remembers how many of its tokens belong to this moment instead of copying the list every step.
+    Each `output.outputs[i].token_ids` is the engine's live list and keeps growing in later steps, so the
+    snapshot remembers how many of its tokens belong to this moment instead of copying the lists every step.
     """
 
     output: RequestOutput
-    num_tokens: int
+    counts: list[int]  # tokens of each completion (choice) at this moment
+
+    @classmethod
+    def of(cls, output: RequestOutput) -> StreamOutput:
+        return cls(output, [len(c.token_ids) for c in output.outputs])
+
+    @property
+    def num_tokens(self) -> int:
+        """Output tokens of all completions together (what usage counts)."""
+        return sum(self.counts)
+
+    def choice_token_ids(self, index: int) -> list[int]:
+        return self.output.outputs[index].token_ids[: self.counts[index]]
 
     @property
     def token_ids(self) -> list[int]:
-        return self.output.outputs[0].token_ids[: self.num_tokens]
+        return self.choice_token_ids(0)
 
     @property
     def finished(self) -> bool:
@@ -105,7 +118,7 @@ class _PendingAdd:
 
 @dataclass(slots=True)
 class _Tracked:
-    request: Request
+    request: Request | RequestGroup
     stream: RequestStream
 
 
@@ -279,15 +292,15 @@ class AsyncLLMEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            tracked.stream.put(StreamOutput(out, len(out.outputs[0].token_ids)))
+            tracked.stream.put(StreamOutput.of(out))
             if out.finished:
                 del self._tracked[out.request_id]
                 self._notify(out, None)
 
     def _end(self, tracked: _Tracked, error: BaseException | None) -> None:
-        out = RequestOutput.of(tracked.request)
+        out = output_of(tracked.request)
         if error is None:
-            tracked.stream.put(StreamOutput(out, len(out.outputs[0].token_ids)))
+            tracked.stream.put(StreamOutput.of(out))
         else:
             tracked.stream.fail(error)
         self._notify(out, error)

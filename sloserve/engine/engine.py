@@ -12,6 +12,7 @@ from sloserve.engine.isolation import execute_isolating
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.logprobs import MAX_LOGPROBS, LogprobsRecorder
 from sloserve.engine.policy import Policy, make_policy
+from sloserve.engine.request_group import RequestGroup, RequestGroups, child_id, child_params
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from sloserve.engine.speculator import Speculator
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
@@ -49,6 +50,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, policy, self.config, self.predictor)
         self._detokenizers: dict[str, Detokenizer] = {}
         self.speculator = speculator
+        self._groups = RequestGroups()  # n > 1 requests
         self.logprobs = LogprobsRecorder(tokenizer)
 
     @property
@@ -66,13 +68,31 @@ class LLMEngine:
         priority: int = 0,
         slo: SLO | None = None,
         arrival_time: float | None = None,
-    ) -> Request:
+    ) -> Request | RequestGroup:
+        """Queue a request; with `sampling_params.n > 1`, a group of n siblings reported under `request_id`."""
         self._validate(request_id, prompt_token_ids, sampling_params)
+        arrival_time = self.clock.now() if arrival_time is None else arrival_time
+        if sampling_params.n == 1:
+            request = self._new_request(request_id, prompt_token_ids, sampling_params, priority, slo, arrival_time)
+            self.scheduler.add(request)
+            return request
+        ids = [child_id(request_id, i) for i in range(sampling_params.n)]
+        for i in ids:
+            self._check_id_free(i)
+        children = [self._new_request(i, prompt_token_ids, child_params(sampling_params, index), priority, slo, arrival_time)
+                    for index, i in enumerate(ids)]
+        group = RequestGroup(request_id, children, held=children[1:])
+        self._groups.add(group)
+        self.scheduler.add(group.leader)
+        return group
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int,
+                     slo: SLO | None, arrival_time: float) -> Request:
         request = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
-            sampling_params=sampling_params,
-            arrival_time=self.clock.now() if arrival_time is None else arrival_time,
+            sampling_params=params,
+            arrival_time=arrival_time,
             priority=priority,
             slo=slo,
             eos_token_ids=self.eos_token_ids,
@@ -80,14 +100,16 @@ class LLMEngine:
         self.logprobs.start(request)
         if self.tokenizer is not None:
             self._detokenizers[request_id] = make_detokenizer(
-                self.tokenizer, request.prompt_token_ids, sampling_params.skip_special_tokens
+                self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
             )
-        self.scheduler.add(request)
         return request
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
+    def _check_id_free(self, request_id: str) -> None:
+        if request_id in self.requests or request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self._check_id_free(request_id)
         if not prompt:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in prompt):
@@ -115,7 +137,16 @@ class LLMEngine:
             )
 
     def abort_request(self, request_id: str) -> bool:
-        """End a request wherever it is; its KV blocks are freed at once. False if unknown/finished."""
+        """End a request wherever it is; its KV blocks are freed at once. False if unknown/finished.
+
+        The id of an n > 1 request aborts all its siblings, held ones included.
+        """
+        group = self._groups.pop(request_id)
+        if group is not None:
+            for child in group.children:
+                if not child.finished:
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
+            return True
         request = self.requests.get(request_id)
         if request is None:
             return False
@@ -123,11 +154,13 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._groups.has_held
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock.now()
+        if self._groups:
+            self._groups.release(self.scheduler.add, self.config.enable_prefix_caching)
         drafts, draft_seconds = None, 0.0
         if self.speculator is not None:
             drafts = self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
@@ -155,7 +188,7 @@ class LLMEngine:
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
         # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
         self.predictor.observe(StepShape.of(plan), self.clock.now() - start - draft_seconds)
-        return outputs
+        return self._groups.report(outputs) if self._groups else outputs
 
     def _execute(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, list[list[int]], list[RequestOutput]]:
         """Run the plan; a request whose step raises fails alone (status error), the rest carry on.

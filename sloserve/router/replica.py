@@ -29,10 +29,12 @@ ACCEPTED = "accepted"  # the first item of every stream: the engine took the req
 
 def wire_copy(item: StreamOutput) -> StreamOutput:
     """A snapshot safe to serialize while the engine's step thread keeps appending to the live lists."""
-    completion = item.output.outputs[0]
-    n = item.num_tokens
-    frozen = dataclasses.replace(completion, token_ids=completion.token_ids[:n], token_times=completion.token_times[:n])
-    return StreamOutput(dataclasses.replace(item.output, outputs=[frozen]), n)
+    frozen = [
+        dataclasses.replace(c, token_ids=c.token_ids[:k], token_times=c.token_times[:k],
+                            logprobs=None if c.logprobs is None else c.logprobs[:k])
+        for c, k in zip(item.output.outputs, item.counts)
+    ]
+    return StreamOutput(dataclasses.replace(item.output, outputs=frozen), list(item.counts))
 
 
 class EngineReplica:

@@ -214,8 +214,10 @@ class ReplicaSet:
         if error is not None:
             flight.stream.fail(error)
         elif flight.last is None or not flight.last.finished:
-            out.finished, out.outputs[0].finish_reason = True, "abort"
-            flight.stream.put(StreamOutput(out, len(out.outputs[0].token_ids)))
+            out.finished = True
+            for completion in out.outputs:
+                completion.finish_reason = completion.finish_reason or "abort"
+            flight.stream.put(StreamOutput.of(out))
         if self.on_finished is not None:
             try:
                 self.on_finished(out, error)

@@ -53,7 +53,8 @@ class ServerContext:
         limits = settings.admission if replicas is None else dataclasses.replace(
             settings.admission, mode="queue" if settings.admission.mode == "slo" else settings.admission.mode)
         self.admission = Admission(self.engine, limits)
-        self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len))
+        self.limits = ModelLimits(engine.max_model_len, settings.tokens_cap(engine.max_model_len),
+                                  max_n=engine.config.max_num_seqs)
         self.budget = OutputBudget(settings.max_output_tokens_per_key, settings.admission.retry_after_s)
         self.serving = Serving(self.engine, self.admission, self.metrics, self.model_name, self.budget)
         self.tokens = None if engine.tokenizer is None else PromptTokenizer(engine.tokenizer, engine.max_model_len)

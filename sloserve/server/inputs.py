@@ -16,6 +16,7 @@ OPENAI_DEFAULT_MAX_TOKENS = 16  # completions' default when max_tokens is absent
 class ModelLimits:
     max_model_len: int
     max_tokens_cap: int  # no request may ask for more output than this (latency-attack guard)
+    max_n: int = 1  # most completions per request: the engine's seats (max_num_seqs), so siblings never queue behind each other
 
 
 @dataclass(slots=True)
@@ -76,6 +77,10 @@ def engine_inputs(
     if unsupported is not None:
         param, message = unsupported
         raise APIError(400, message, param=param)
+    if req.n > limits.max_n:
+        raise APIError(400, f"n is {req.n}, but this server allows at most {limits.max_n} (its --max-num-seqs)", param="n")
+    if req.n > 1 and (any(v is not None for v in logprobs_params(req).values()) or getattr(req, "echo", False)):
+        raise APIError(400, "n > 1 together with logprobs or echo is not supported yet; ask n = 1", param="n")
     num_prompt = len(prompt_token_ids)
     room = limits.max_model_len - num_prompt
     if room < 1:
@@ -99,7 +104,7 @@ def engine_inputs(
     try:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos,
+            seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos, n=req.n,
             **sampling_extensions(req),
         )
     except ValueError as error:

@@ -228,10 +228,11 @@ class ServerMetrics:
         self._success.labels(finished_reason=reason, **self._labels).inc()
         self._prompt_tokens.inc(len(out.prompt_token_ids))
         self.request_prompt_tokens.observe(len(out.prompt_token_ids))
-        times = completion.token_times
-        self._generation_tokens.inc(len(times))
+        times = completion.token_times  # latencies follow the first completion; token counts take all n
+        generated = sum(len(c.token_times) for c in out.outputs)
+        self._generation_tokens.inc(generated)
         # A shift here also shows inputs crafted to inflate output (the verbose-input latency attack).
-        self.request_generation_tokens.observe(len(times))
+        self.request_generation_tokens.observe(generated)
         if out.finished_time is not None:
             self.e2e.observe(out.finished_time - out.arrival_time)
         scheduled = out.first_scheduled_time

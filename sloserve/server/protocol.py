@@ -49,6 +49,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=_INT64_MIN, le=_INT64_MAX)
+    best_of: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)  # OpenAI's on completions; vLLM's on chat too
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -75,8 +76,10 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first parameter this server cannot honour, if any."""
-        if self.n != 1:
-            return "n", f"n={self.n} is not supported yet; only n=1"
+        if self.best_of is not None and self.best_of != self.n:
+            # best_of = n returns every sequence: that is n. More would need ranking by cumulative log-probability.
+            return "best_of", (f"best_of={self.best_of} is not supported: only best_of equal to n ({self.n}); "
+                               "use n to get several completions")
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         return None
@@ -103,7 +106,6 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)
 
     @property
     def echo_only(self) -> bool:
@@ -120,8 +122,6 @@ class CompletionRequest(SamplingFields):
             return refused
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of is not supported"
         return super().unsupported()
 
 

@@ -31,26 +31,22 @@ class CompletionFormat:
 
     object = "text_completion"
 
-    def full(self, env: Envelope, text: str, finish_reason: str | None, usage: Usage, token_ids: list[int] | None,
-             prompt_token_ids: list[int] | None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, index: int, text: str, finish_reason: str | None, token_ids: list[int] | None) -> dict:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         if token_ids is not None:
             choice["token_ids"] = token_ids
-        body = _head(env, self.object) | {"choices": [choice], "usage": usage.as_dict()}
-        if prompt_token_ids is not None:
-            body["prompt_token_ids"] = prompt_token_ids
-        return body
+        return choice
 
-    def first_chunk(self, env: Envelope, prompt_token_ids: list[int] | None) -> dict | None:
+    def full(self, env: Envelope, choices: list[dict], usage: Usage, prompt_token_ids: list[int] | None) -> dict:
+        return _full(env, self.object, choices, usage, prompt_token_ids)
+
+    def first_chunk(self, env: Envelope, prompt_token_ids: list[int] | None, n: int = 1) -> dict | None:
         if prompt_token_ids is None:
             return None
         return _head(env, self.object) | {"choices": [], "prompt_token_ids": prompt_token_ids}
 
-    def chunk(self, env: Envelope, text: str, finish_reason: str | None, token_ids: list[int] | None) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        if token_ids is not None:
-            choice["token_ids"] = token_ids
-        return _head(env, self.object) | {"choices": [choice]}
+    def chunk(self, env: Envelope, index: int, text: str, finish_reason: str | None, token_ids: list[int] | None) -> dict:
+        return _head(env, self.object) | {"choices": [self.choice(index, text, finish_reason, token_ids)]}
 
     def usage_chunk(self, env: Envelope, usage: Usage) -> dict:
         return _head(env, self.object) | {"choices": [], "usage": usage.as_dict()}
@@ -62,34 +58,41 @@ class ChatFormat:
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def full(self, env: Envelope, text: str, finish_reason: str | None, usage: Usage, token_ids: list[int] | None,
-             prompt_token_ids: list[int] | None) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def choice(self, index: int, text: str, finish_reason: str | None, token_ids: list[int] | None) -> dict:
+        choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish_reason}
         if token_ids is not None:
             choice["token_ids"] = token_ids
-        body = _head(env, self.object) | {"choices": [choice], "usage": usage.as_dict()}
+        return choice
+
+    def full(self, env: Envelope, choices: list[dict], usage: Usage, prompt_token_ids: list[int] | None) -> dict:
+        return _full(env, self.object, choices, usage, prompt_token_ids)
+
+    def first_chunk(self, env: Envelope, prompt_token_ids: list[int] | None, n: int = 1) -> dict | None:
+        # OpenAI's stream opens with the role alone, for every choice; clients build each message from it.
+        choices = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(n)]
+        body = _head(env, self.chunk_object) | {"choices": choices}
         if prompt_token_ids is not None:
             body["prompt_token_ids"] = prompt_token_ids
         return body
 
-    def first_chunk(self, env: Envelope, prompt_token_ids: list[int] | None) -> dict | None:
-        # OpenAI's stream opens with the role alone; clients build the message from it.
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        body = _head(env, self.chunk_object) | {"choices": [choice]}
-        if prompt_token_ids is not None:
-            body["prompt_token_ids"] = prompt_token_ids
-        return body
-
-    def chunk(self, env: Envelope, text: str, finish_reason: str | None, token_ids: list[int] | None) -> dict:
+    def chunk(self, env: Envelope, index: int, text: str, finish_reason: str | None, token_ids: list[int] | None) -> dict:
         delta = {"content": text} if text or finish_reason is None else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         if token_ids is not None:
             choice["token_ids"] = token_ids
         return _head(env, self.chunk_object) | {"choices": [choice]}
 
     def usage_chunk(self, env: Envelope, usage: Usage) -> dict:
         return _head(env, self.chunk_object) | {"choices": [], "usage": usage.as_dict()}
+
+
+def _full(env: Envelope, obj: str, choices: list[dict], usage: Usage, prompt_token_ids: list[int] | None) -> dict:
+    body = _head(env, obj) | {"choices": choices, "usage": usage.as_dict()}
+    if prompt_token_ids is not None:
+        body["prompt_token_ids"] = prompt_token_ids
+    return body
 
 
 def _head(env: Envelope, obj: str) -> dict:

@@ -46,7 +46,7 @@ class Serving:
         try:
             self.admission.check(len(inputs.prompt_token_ids))
             predicted_ttft = self.admission.predict_ttft(inputs.prompt_token_ids, inputs.params, inputs.priority, inputs.slo)
-            lease = self.budget.reserve(api_key_of(raw.scope), inputs.params.max_tokens)
+            lease = self.budget.reserve(api_key_of(raw.scope), inputs.params.max_tokens * inputs.params.n)
         except APIError as error:
             self.metrics.rejected(error.code or str(error.status))
             raise
@@ -119,8 +119,7 @@ class Serving:
                         failure = _cut_short(out)
                         if failure is not None:
                             break
-                        chunk = reply.chunk(out)
-                        if chunk is not None:
+                        for chunk in reply.chunks(out):
                             yield _sse(chunk)
                 except (EngineStepError, EngineStoppedError) as error:
                     failure = _engine_failure(error)
@@ -171,45 +170,60 @@ class _Reply:
         # A stop string may be completed by a later token, and the engine then cuts the text where
         # it began: hold back as many characters as could still turn out to be its start.
         self.holdback = max((len(s) for s in inputs.params.stop), default=1) - 1
-        self.sent_chars = 0
-        self.sent_tokens = 0
+        self.n = inputs.params.n
+        self.sent_chars = [0] * self.n  # per choice (index)
+        self.sent_tokens = [0] * self.n
+        self.ended = [False] * self.n  # whose finish_reason went out (a choice that ended early stays in later outputs)
 
     def usage(self, out: StreamOutput | None) -> Usage:
-        return Usage(len(self.prompt_token_ids), 0 if out is None else self._shown(out))
+        # Completion tokens of every choice together, as OpenAI and vLLM count them for n > 1.
+        return Usage(len(self.prompt_token_ids), 0 if out is None or self.logprobs.echo_only else out.num_tokens)
 
-    def _shown(self, out: StreamOutput) -> int:
-        """How many output tokens the client sees (none when echo with max_tokens 0 only scores the prompt)."""
-        return 0 if self.logprobs.echo_only else out.num_tokens
+    def _shown(self, out: StreamOutput, i: int) -> int:
+        """How many of choice i's tokens the client sees (none when echo with max_tokens 0 only scores the prompt)."""
+        return 0 if self.logprobs.echo_only else out.counts[i]
 
     def full(self, out: StreamOutput) -> dict:
-        shown = self._shown(out)
-        body = self.fmt.full(
-            self.env, out.output.outputs[0].text if shown else "", out.output.outputs[0].finish_reason, self.usage(out),
-            out.token_ids[:shown] if self.return_token_ids else None,
-            self.prompt_token_ids if self.return_token_ids else None,
-        )
-        self.logprobs.fill(body["choices"][0], out.output, 0, shown)
-        return body
+        choices = []
+        for i, c in enumerate(out.output.outputs):
+            shown = self._shown(out, i)
+            choice = self.fmt.choice(i, c.text if shown else "", c.finish_reason,
+                                     out.choice_token_ids(i)[:shown] if self.return_token_ids else None)
+            if i == 0:  # logprobs and echo come with n = 1 only (n > 1 with them is refused)
+                self.logprobs.fill(choice, out.output, 0, shown)
+            choices.append(choice)
+        return self.fmt.full(self.env, choices, self.usage(out), self.prompt_token_ids if self.return_token_ids else None)
 
     def first_chunk(self) -> dict | None:
-        return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None)
+        return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None, self.n)
 
-    def chunk(self, out: StreamOutput) -> dict | None:
-        completion = out.output.outputs[0]
-        text = completion.text if not self.logprobs.echo_only else ""
-        visible = len(text) if out.finished else max(self.sent_chars, len(text) - self.holdback)
-        delta = text[self.sent_chars : visible]
-        self.sent_chars = visible
-        start, end = self.sent_tokens, self._shown(out)
+    def chunks(self, out: StreamOutput) -> list[dict]:
+        """The deltas since the last call, one chunk per choice that moved (each carries its `index`)."""
+        chunks = []
+        for i, completion in enumerate(out.output.outputs):
+            chunk = self._chunk(out, i, completion)
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks
+
+    def _chunk(self, out: StreamOutput, i: int, completion) -> dict | None:
+        text, done = (completion.text if not self.logprobs.echo_only else ""), completion.finish_reason is not None
+        if self.ended[i]:
+            return None
+        self.ended[i] = done
+        visible = len(text) if done else max(self.sent_chars[i], len(text) - self.holdback)
+        delta = text[self.sent_chars[i] : visible]
+        self.sent_chars[i] = visible
+        start, end = self.sent_tokens[i], self._shown(out, i)
         new_ids = completion.token_ids[start:end]
-        self.sent_tokens = end
+        self.sent_tokens[i] = end
         # Without a tokenizer there is no text: a chunk per step still shows progress (and TTFT).
-        wanted = delta or out.finished or (new_ids and (self.return_token_ids or not self.text_available
-                                                        or self.logprobs.wanted))
+        wanted = delta or done or (new_ids and (self.return_token_ids or not self.text_available or self.logprobs.wanted))
         if not wanted:
             return None
-        chunk = self.fmt.chunk(self.env, delta, completion.finish_reason, new_ids if self.return_token_ids else None)
-        self.logprobs.fill(chunk["choices"][0], out.output, start, end)
+        chunk = self.fmt.chunk(self.env, i, delta, completion.finish_reason, new_ids if self.return_token_ids else None)
+        if i == 0:
+            self.logprobs.fill(chunk["choices"][0], out.output, start, end)
         if self.continuous_usage:
             chunk["usage"] = self.usage(out).as_dict()
         return chunk
@@ -220,11 +234,11 @@ def _cut_short(out: StreamOutput | None) -> APIError | None:
 
     An abort reaches a reader only when the server cut the request (a client that left reads nothing).
     """
-    reason = None if out is None else out.output.outputs[0].finish_reason
-    if reason == "error":
+    reasons = set() if out is None else {c.finish_reason for c in out.output.outputs}
+    if "error" in reasons:
         return APIError(500, "the engine failed while running this request; other requests were not affected",
                         code="engine_error")
-    if reason == "abort":
+    if "abort" in reasons:
         return APIError(503, "the server stopped this request before it finished (it is shutting down); retry",
                         code="request_aborted")
     return None

@@ -73,7 +73,7 @@ def profile(
 
 def simulate(
     profile: str = O(..., "--profile", help="A profile.json from `sloserve profile`."),
-    dataset_name: str = O("random", help="random | sharegpt | trace."),
+    dataset_name: str = O("random", help="random | sharegpt | trace | multiturn."),
     dataset_path: Optional[str] = O(None, help="ShareGPT JSON or JSONL trace; default: the bundled sample."),
     num_prompts: Optional[int] = O(None, help="Requests (default: 1000; a whole trace; or as many as --duration takes)."),
     request_rate: float = O(math.inf, help="Requests per second; inf sends all at once."),
@@ -88,6 +88,7 @@ def simulate(
     random_prefix_len: int = O(0, help="Tokens of prefix shared by every prompt."),
     random_vocab_size: Optional[int] = O(None, help="Token ids are drawn below this (default: the profile's vocab)."),
     sharegpt_output_len: Optional[int] = O(None, help="Fixed max_tokens instead of the reply's length."),
+    multiturn_turns: int = O(4, help="Exchanges per conversation in the multiturn dataset."),
     tokenizer: Optional[str] = O(None, help="Local tokenizer directory for exact prompt lengths of text datasets."),
     seed: int = O(0),
     duration: Optional[float] = O(None, help="Stop sending new requests after this many (simulated) seconds."),
@@ -146,6 +147,7 @@ def simulate(
             dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
             random_input_len, random_output_len, random_range_ratio, random_dist, random_input_min, random_input_max,
             random_output_min, random_output_max, random_prefix_len, vocab, "ids", sharegpt_output_len, seed, duration,
+            multiturn_turns,
         ).build()
         pcts = parse_percentiles(percentiles)
         slo_obj = SLO.parse(slo) if slo else None

@@ -1,0 +1,72 @@
+"""The multi-turn chat workload (each turn resends the conversation so far) and fresh prompts per sweep probe."""
+import json
+
+from bench_fake_server import Behaviour, FakeOpenAIServer, Script
+from typer.testing import CliRunner
+
+from sloserve.bench.arrivals import Arrivals
+from sloserve.bench.client import ClientConfig
+from sloserve.bench.lengths import LengthDist
+from sloserve.bench.multiturn import MultiTurnSource
+from sloserve.bench.sharegpt import bundled_path
+from sloserve.bench.synthetic import SyntheticSource
+from sloserve.bench.workload import Workload, WorkloadOptions
+from sloserve.cli import app
+
+
+def bundled_exchanges() -> dict[str, str]:
+    with open(bundled_path("sharegpt_sample.json"), encoding="utf-8") as f:
+        return {c["conversations"][0]["value"]: c["conversations"][1]["value"] for c in json.load(f)}
+
+
+def test_each_turn_resends_the_conversation_so_far_with_the_recorded_replies():
+    specs = Workload(MultiTurnSource(turns=3), Arrivals("poisson", 2.0), 7, seed=1).requests()
+    replies = bundled_exchanges()
+    assert [len(s.messages) for s in specs] == [1, 3, 5, 1, 3, 5, 1]  # a new conversation every 3 turns
+    for prev, spec in zip(specs, specs[1:]):
+        if len(spec.messages) == 1:
+            continue
+        assert spec.messages[:-2] == prev.messages
+        assert spec.messages[-2] == {"role": "assistant", "content": replies[prev.messages[-1]["content"]]}
+        assert spec.prompt.startswith(prev.prompt)  # the completions text is a prefix too (what a cache reuses)
+        assert spec.prompt_len > prev.prompt_len
+    users = [s.messages[-1]["content"] for s in specs]
+    assert len(set(users)) == 7 and set(users) <= set(replies)
+    assert specs[0].output_len == -(-len(replies[users[0]]) // 4)  # the recorded reply's length (chars / 4)
+
+
+def test_chat_endpoints_get_the_messages_and_completions_the_rendered_text():
+    spec = Workload(MultiTurnSource(turns=2, output_len=9), num_requests=2).requests()[1]
+    chat = ClientConfig(endpoint="/v1/chat/completions").payload(spec)
+    assert chat["messages"] == spec.messages and [m["role"] for m in chat["messages"]] == ["user", "assistant", "user"]
+    assert chat["max_completion_tokens"] == 9
+    text = ClientConfig().payload(spec)
+    assert text["prompt"] == spec.prompt and text["prompt"].endswith("\nAssistant:")
+    w = WorkloadOptions(dataset_name="multiturn", multiturn_turns=2, sharegpt_output_len=9, num_prompts=2).build()
+    assert Workload.from_dict(json.loads(json.dumps(w.to_dict()))).requests() == w.requests()
+
+
+def test_a_new_draw_changes_the_prompts_but_not_the_shared_prefix_or_the_gaps():
+    w = Workload(SyntheticSource(LengthDist(12), LengthDist(4), prefix_len=5), Arrivals("poisson", 3.0), 20, seed=2)
+    first, second = w.requests(), w.with_draw(1).requests()
+    assert w.with_draw(0).requests() == first
+    assert [s.arrival_s for s in second] == [s.arrival_s for s in first]
+    assert all(a.prompt[:5] == b.prompt[:5] == first[0].prompt[:5] for a, b in zip(first, second))
+    assert not {tuple(s.prompt[5:]) for s in first} & {tuple(s.prompt[5:]) for s in second}
+    assert Workload.from_dict(w.with_draw(3).to_dict()).draw == 3
+
+
+def test_sweep_probes_send_fresh_prompts_and_say_so(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["bench", "--num-prompts", "4", "--random-input-len", "6", "--random-output-len", "6",
+            "--random-prefix-len", "3", "--slo", "ttft=5s", "--sweep", "--sweep-max-probes", "2",
+            "--request-rate", "20", "--result-dir", str(out), "--no-plots", "--disable-tqdm"]
+    with FakeOpenAIServer(Script(Behaviour(ttft_s=0.01, gap_s=0.005))) as srv:
+        res = CliRunner().invoke(app, args + ["--base-url", srv.base_url])
+        bodies = [b for b in srv.bodies() if b["max_tokens"] == 6]  # not each probe's untimed test request (4)
+    assert res.exit_code == 0, res.output
+    assert "Prompts: fresh per probe" in res.output
+    prompts = [tuple(b["prompt"]) for b in bodies]
+    assert len(prompts) == 8 and len(set(prompts)) == 8  # two probes of four, none resent
+    assert len({p[:3] for p in prompts}) == 1  # the prefix the workload asks for stays shared
+    assert json.loads((out / "results.json").read_text())["sweep"]["prompts"] == "fresh per probe"
