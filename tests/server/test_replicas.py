@@ -56,6 +56,20 @@ def test_two_replicas_serve_the_same_answers_and_metrics_total_the_replicas(repl
     assert metric(samples, "sloserve:request_success_total", engine="total") == 5
 
 
+def test_parallel_samples_cross_the_replica_boundary(replicated):
+    """n > 1 through a replica: every choice comes back (whole and streamed), not only the first."""
+    url = replicated.url + "/v1/completions"
+    body = GOOD | {"n": 2, "temperature": 1.0, "seed": 7}
+    whole = httpx.post(url, json=body, timeout=60).json()
+    assert sorted(c["index"] for c in whole["choices"]) == [0, 1]
+    assert whole["usage"]["completion_tokens"] == 2 * GOOD["max_tokens"]
+    with httpx.stream("POST", url, json=body | {"stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i)
+                for i in (0, 1)}
+    assert streamed == {c["index"]: c["text"] for c in whole["choices"]}  # seeded: the same two samples
+
+
 def test_slo_admission_behind_the_router_refuses_only_what_no_replica_can_serve_in_time(replicated):
     router = replicated.ctx.engine.router
     router.admission = True  # what `serve --admission slo` sets
