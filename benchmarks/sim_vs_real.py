@@ -104,7 +104,7 @@ def main() -> None:
                      (real.runs[0], real.config.get("server_metrics", {})), prof, knobs)
                 for label, real in _load_real(Path(args.real))]
     else:
-        rows = _measure(args, model_dir, knobs_args, env, source, prof, knobs, n, burst)
+        rows = _measure(args, out, model_dir, knobs_args, env, source, prof, knobs, n, burst)
     for label, _, w, (real_run, server_side), (sim_run_, sim_outcome) in rows:
         _save(out, label, w, real_run, server_side, sim_run_, sim_outcome, prof, profile_path, knobs)
     print(f"\npredicted with the grid profile ({profile_path})")
@@ -122,7 +122,7 @@ def main() -> None:
     print(f"results: {out} (render any with `sloserve bench report FILE`)")
 
 
-def _measure(args, model_dir: Path, knobs_args, env, source, prof: Profile, knobs: EngineKnobs, n: int, burst: int):
+def _measure(args, out: Path, model_dir: Path, knobs_args, env, source, prof: Profile, knobs: EngineKnobs, n: int, burst: int):
     """Serve the model, measure its capacity with a burst, then each load level; predict each the same way."""
     port = args.port or _free_port()
     server = subprocess.Popen([*SLOSERVE, "serve", str(model_dir), *knobs_args, "--port", str(port),
@@ -139,8 +139,9 @@ def _measure(args, model_dir: Path, knobs_args, env, source, prof: Profile, knob
         rows.append(_row("burst", capacity, capacity_w, real, prof, knobs))
         print(f"capacity (burst of {burst}): measured {capacity:.3g} req/s, predicted "
               f"{burst / rows[-1][4][0].duration_s:.3g} req/s")
-        for load in (float(x) for x in args.loads.split(",")):
-            w = Workload(source, Arrivals("poisson", load * capacity), n, seed=args.seed)
+        for i, load in enumerate(float(x) for x in args.loads.split(",")):
+            # Fresh prompts per run: the server's prefix cache would answer a repeated prompt set from cache.
+            w = Workload(source, Arrivals("poisson", load * capacity), n, seed=args.seed + 1 + i)
             rows.append(_row(f"{load:.0%}", load * capacity, w, _real(w, cfg, base, f"load={load:g}"), prof, knobs))
     finally:
         server.terminate()
