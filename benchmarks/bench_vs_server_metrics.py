@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from sloserve.bench.endpoint import free_port, wait_until_healthy
 from sloserve.bench.metrics import summarize
 from sloserve.bench.results import BenchResults
 
@@ -67,19 +66,6 @@ def run_guidellm(base: str, args, out: Path) -> dict[str, float]:
             "ITL": metrics["inter_token_latency_ms"]["successful"]["mean"] / 1e3}
 
 
-def wait_healthy(base: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the server did not come up")
-        time.sleep(0.5)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-prompts", type=int, default=40)
@@ -88,15 +74,13 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32, help="output tokens per request")
     parser.add_argument("--guidellm", help="path of a `guidellm` executable (0.8 or later) to compare as well")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     clients = {"sloserve bench": run_sloserve_bench} | ({"guidellm": run_guidellm} if args.guidellm else {})
     rows = []
     server = subprocess.Popen([*SLOSERVE, "serve", "--port", str(port), "--metrics-compat", "vllm", "--log-level", "warning"])
     try:
-        wait_healthy(base, server)
+        wait_until_healthy(base, server)
         for name, run in clients.items():
             before = server_totals(base)
             seen = run(base, args, Path(tempfile.mkdtemp(prefix="bench-vs-server-")))

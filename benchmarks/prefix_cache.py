@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 from transformers import LlamaConfig
 
+from sloserve.bench.endpoint import free_port, wait_until_healthy
 from sloserve.bench.metrics import summarize
 from sloserve.bench.results import BenchResults
 from sloserve.bench.sharegpt import bundled_path
@@ -43,7 +44,7 @@ from sloserve.sim.profile import Profile, describe_machine
 from sloserve.sim.simulate import EngineKnobs, build_sim_engine, simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sim_vs_real import SLOSERVE, SMOLLM2_135M, _free_port, _wait_ready  # noqa: E402
+from sim_vs_real import SLOSERVE, SMOLLM2_135M  # noqa: E402
 
 def scenarios(args) -> dict[str, list[str]]:
     """Each scenario's `sloserve bench` flags."""
@@ -88,14 +89,14 @@ def main() -> None:
     servers, bases = {}, {}
     try:
         for system in SYSTEMS:
-            port = _free_port()
+            port = free_port()
             flag = "--enable-prefix-caching" if system == "caching_on" else "--no-enable-prefix-caching"
             servers[system] = subprocess.Popen(
                 [*SLOSERVE, "serve", str(model_dir), *KNOBS, "--num-kv-blocks", str(prof.engine["num_kv_blocks"]),
                  flag, "--port", str(port), "--log-level", "warning"], env=env)
             bases[system] = f"http://127.0.0.1:{port}"
         for system in SYSTEMS:
-            _wait_ready(bases[system], servers[system])
+            wait_until_healthy(bases[system], servers[system])
         runs: dict[tuple[str, str], list] = {}
         for r in range(args.rounds):
             for scenario, flags in scenarios(args).items():

@@ -23,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import uvicorn
 
 from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.client import ClientConfig
+from sloserve.bench.endpoint import wait_until_healthy
 from sloserve.bench.metrics import summarize
 from sloserve.bench.runner import play
 from sloserve.bench.sharegpt import ShareGPTSource
@@ -200,7 +200,7 @@ class InProcessReplicas:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=asyncio.run, args=(self.server.serve(sockets=[sock]),), daemon=True)
         self.thread.start()
-        _wait(self.url)
+        wait_until_healthy(self.url)
 
     def client(self, timeout_s: float = 600.0) -> ClientConfig:
         return ClientConfig(self.url, "/v1/completions", self.name, timeout_s=timeout_s, ignore_eos=True)
@@ -231,7 +231,7 @@ class SubprocessServer:
         self.proc = subprocess.Popen([sys.executable, "-m", "sloserve.cli", "serve", str(model), "--num-threads", "2",
                                       "--port", str(port), "--admission", "none", "--log-level", "warning",
                                       "--profile-out", str(profile_out), *knobs])
-        _wait(self.url, self.proc)
+        wait_until_healthy(self.url, self.proc)
 
     def client(self) -> ClientConfig:
         return ClientConfig(self.url, "/v1/completions", self.name, ignore_eos=True)
@@ -245,20 +245,6 @@ def _socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-def _wait(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not come up")
 
 
 if __name__ == "__main__":

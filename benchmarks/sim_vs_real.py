@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from transformers import LlamaConfig
 
 from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.client import ClientConfig
+from sloserve.bench.endpoint import free_port, wait_until_healthy
 from sloserve.bench.lengths import LengthDist
 from sloserve.bench.metrics import summarize
 from sloserve.bench.results import BenchResults, capture_environment
@@ -124,14 +124,14 @@ def main() -> None:
 
 def _measure(args, out: Path, model_dir: Path, knobs_args, env, source, prof: Profile, knobs: EngineKnobs, n: int, burst: int):
     """Serve the model, measure its capacity with a burst, then each load level; predict each the same way."""
-    port = args.port or _free_port()
+    port = args.port or free_port()
     server = subprocess.Popen([*SLOSERVE, "serve", str(model_dir), *knobs_args, "--port", str(port),
                                "--log-level", "warning", "--profile-out", str(out / "harvested-profile.json")], env=env)
     base = f"http://127.0.0.1:{port}"
     cfg = ClientConfig(base, "/v1/completions", model_dir.name, temperature=0.0, ignore_eos=True)
     rows = []
     try:
-        _wait_ready(base, server)
+        wait_until_healthy(base, server)
         asyncio.run(play(Workload(source, Arrivals("burst"), 8, seed=args.seed + 99), cfg))  # warm the server
         capacity_w = Workload(source, Arrivals("burst"), burst, seed=args.seed)
         real = _real(capacity_w, cfg, base, "capacity")
@@ -250,26 +250,6 @@ def _save(out: Path, label: str, w: Workload, real_run, server_side: dict, sim_r
     real.save(str(out / f"real-{safe}.json"))
     sim = sim_results([sim_run_], w, prof, profile_path, knobs, "fcfs", None, PCTS, sys.argv, [outcome])
     sim.save(str(out / f"sim-{safe}.json"))
-
-
-def _wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not come up")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

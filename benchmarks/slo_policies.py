@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.client import ClientConfig, send
+from sloserve.bench.endpoint import wait_until_healthy
 from sloserve.bench.metrics import request_metrics
 from sloserve.bench.records import RequestRecord
 from sloserve.bench.sharegpt import ShareGPTSource
@@ -114,17 +114,8 @@ def serve(model_dir: Path, profile: str, policy: str, admission: bool, port: int
     for name, slo in CLASSES.items():
         cmd += ["--slo-class", f"{name}=ttft:{slo.ttft * 1e3:g}ms,tpot:{slo.tpot * 1e3:g}ms"]
     server = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError("the server exited")
-        time.sleep(0.5)
-    raise RuntimeError("the server did not start")
+    wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout_s=120)
+    return server
 
 
 def main() -> None:
@@ -153,7 +144,7 @@ def main() -> None:
     knobs = EngineKnobs(e["max_num_batched_tokens"], e["max_num_seqs"], e["num_kv_blocks"], e["max_model_len"],
                         e["block_size"], e["vocab_size"])
     print(f"machine: {describe_machine()['cpu']}, {os.cpu_count()} cores, load average {os.getloadavg()}")
-    print(f"SLOs: " + "; ".join(f"{k} TTFT <= {v.ttft * 1e3:g} ms, TPOT <= {v.tpot * 1e3:g} ms" for k, v in CLASSES.items()))
+    print("SLOs: " + "; ".join(f"{k} TTFT <= {v.ttft * 1e3:g} ms, TPOT <= {v.tpot * 1e3:g} ms" for k, v in CLASSES.items()))
     burst, burst_classes = mixed_specs(args.requests, math.inf, args.seed, knobs.vocab_size)
     records, duration = simulated(prof, knobs, burst, burst_classes, "fcfs", False)
     capacity = len(records) / duration

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 import typer
 
+from sloserve.bench.endpoint import free_port, wait_until_healthy
 from sloserve.cli_args import default_model_dir
 
 SAMPLE_PROMPTS = [
@@ -18,26 +18,6 @@ SAMPLE_PROMPTS = [
     "What light through yonder window breaks?",
     "Speak, good friend: what news from the court?",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_healthy(base_url: str, server: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")
 
 
 def _show_samples(base_url: str, model: str) -> None:
@@ -61,13 +41,13 @@ def demo(
 ) -> None:
     """Serve the bundled model, print sample completions, run a short mixed load and report latency."""
     model_dir = Path(model) if model else default_model_dir()
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     cli = [sys.executable, "-m", "sloserve.cli"]
     typer.secho(f"Serving {model_dir} on {base_url} ...", bold=True)
     server = subprocess.Popen([*cli, "serve", str(model_dir), "--port", str(port), "--log-level", "warning"])
     try:
-        _wait_until_healthy(base_url, server, timeout_s=120)
+        wait_until_healthy(base_url, server, timeout_s=120)
         _show_samples(base_url, model_dir.name)
         typer.secho(f"Load: {num_prompts} ShareGPT-style chats, Poisson arrivals at {request_rate} req/s, SLO {slo}",
                     bold=True)

@@ -7,7 +7,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from sloserve.engine.async_engine import EngineStats, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
