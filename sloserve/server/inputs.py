@@ -61,10 +61,11 @@ def sampling_extensions(req: SamplingFields) -> dict:
 
 def logprobs_params(req: SamplingFields) -> dict:
     """Completions' `logprobs` (and with echo, the prompt's too) or chat's `logprobs` + `top_logprobs`, as vLLM maps them."""
+    prompt = req.prompt_logprobs  # vLLM's extension; else echo scores the prompt with `logprobs`, as vLLM does
     if isinstance(req, CompletionRequest):
-        return dict(logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
-    if isinstance(req, ChatCompletionRequest) and req.logprobs:
-        return dict(logprobs=req.top_logprobs or 0)
+        return dict(logprobs=req.logprobs, prompt_logprobs=req.logprobs if prompt is None and req.echo else prompt)
+    if isinstance(req, ChatCompletionRequest):
+        return dict(logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=prompt)
     return {}
 
 

@@ -23,6 +23,22 @@ def completion_logprobs_error(logprobs: int | None, echo: bool, max_tokens: int 
     return None
 
 
+def prompt_logprobs_error(prompt_logprobs: int | None, stream: bool) -> tuple[str, str] | None:
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+        return "prompt_logprobs", (f"prompt_logprobs must be in [0, {MAX_LOGPROBS}] (the most this server allows), "
+                                   f"got {prompt_logprobs}")
+    if prompt_logprobs is not None and stream:
+        return "prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)"
+    return None
+
+
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None]) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` field: per prompt token (None for the first) token id -> its Logprob's fields."""
+    return [None if e is None else {str(token): {"logprob": max(lp.logprob, _FLOOR), "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for token, lp in e.items()}
+            for e in entries]
+
+
 def chat_logprobs_error(logprobs: bool, top_logprobs: int | None) -> tuple[str, str] | None:
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_LOGPROBS:
         return "top_logprobs", f"top_logprobs must be in [0, {MAX_LOGPROBS}] (the most this server allows), got {top_logprobs}"

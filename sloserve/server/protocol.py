@@ -7,7 +7,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sloserve.server.errors import APIError, validation_message
-from sloserve.server.logprobs import chat_logprobs_error, completion_logprobs_error
+from sloserve.server.logprobs import chat_logprobs_error, completion_logprobs_error, prompt_logprobs_error
 from sloserve.server.vllm_fields import refuse_unsupported_vllm_fields
 
 # No coercion ("4" is not 4, 0 is not false, [true] is not a token list) and no NaN or infinity:
@@ -67,6 +67,7 @@ class SamplingFields(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=_INT64_MIN, le=_INT64_MAX)  # vLLM's: the prompt's, whole replies only
 
     @model_validator(mode="before")
     @classmethod
@@ -76,6 +77,9 @@ class SamplingFields(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for the first parameter this server cannot honour, if any."""
+        refused = prompt_logprobs_error(self.prompt_logprobs, self.stream)
+        if refused is not None:
+            return refused
         if self.best_of is not None and self.best_of != self.n:
             # best_of = n returns every sequence: that is n. More would need ranking by cumulative log-probability.
             return "best_of", (f"best_of={self.best_of} is not supported: only best_of equal to n ({self.n}); "

@@ -17,7 +17,7 @@ from sloserve.server.admission import Admission
 from sloserve.server.errors import APIError
 from sloserve.server.guard import api_key_of
 from sloserve.server.inputs import EngineInputs
-from sloserve.server.logprobs import ChoiceLogprobs, choice_logprobs
+from sloserve.server.logprobs import ChoiceLogprobs, choice_logprobs, prompt_logprobs_json
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.output_budget import Lease, OutputBudget
 from sloserve.server.protocol import SamplingFields
@@ -76,7 +76,8 @@ class Serving:
         # Without a tokenizer there is no text: token ids always travel, so clients can count tokens.
         reply = _Reply(fmt, env, inputs, body.return_token_ids or not text_available, body.continuous_usage,
                        text_available=text_available,
-                       logprobs=choice_logprobs(body, inputs.prompt_token_ids, self.engine.engine.tokenizer))
+                       logprobs=choice_logprobs(body, inputs.prompt_token_ids, self.engine.engine.tokenizer),
+                       prompt_logprobs=body.prompt_logprobs is not None)
         if body.stream:
             async def abort_if_unfinished() -> None:
                 # Covers a client gone before the body iterator ever ran (its finally never runs).
@@ -159,9 +160,10 @@ class _Reply:
     """Turns cumulative outputs into one response body or a sequence of stream deltas."""
 
     def __init__(self, fmt, env: Envelope, inputs: EngineInputs, return_token_ids: bool, continuous_usage: bool,
-                 text_available: bool, logprobs: ChoiceLogprobs) -> None:
+                 text_available: bool, logprobs: ChoiceLogprobs, prompt_logprobs: bool = False) -> None:
         self.fmt = fmt
         self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs  # vLLM's field asked for (whole replies only: refused when streaming)
         self.env = env
         self.prompt_token_ids = inputs.prompt_token_ids
         self.return_token_ids = return_token_ids
@@ -192,7 +194,11 @@ class _Reply:
             if i == 0:  # logprobs and echo come with n = 1 only (n > 1 with them is refused)
                 self.logprobs.fill(choice, out.output, 0, shown)
             choices.append(choice)
-        return self.fmt.full(self.env, choices, self.usage(out), self.prompt_token_ids if self.return_token_ids else None)
+        body = self.fmt.full(self.env, choices, self.usage(out), self.prompt_token_ids if self.return_token_ids else None)
+        if self.prompt_logprobs:  # vLLM puts it on a completion's choice, and at the top of a chat completion
+            (body if isinstance(self.fmt, ChatFormat) else choices[0])["prompt_logprobs"] = \
+                prompt_logprobs_json(out.output.prompt_logprobs or [])
+        return body
 
     def first_chunk(self) -> dict | None:
         return self.fmt.first_chunk(self.env, self.prompt_token_ids if self.return_token_ids else None, self.n)

@@ -14,7 +14,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "length_penalty": 1.0,
     "allowed_token_ids": None,
     "bad_words": None,
-    "prompt_logprobs": None,
     "truncate_prompt_tokens": None,
     "spaces_between_special_tokens": True,
     "guided_json": None,

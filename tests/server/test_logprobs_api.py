@@ -134,3 +134,29 @@ def test_streamed_logprobs_equal_unstreamed(server):
     full = post(server, "/v1/chat/completions", chat).json()["choices"][0]["logprobs"]["content"]
     chunks = [c["choices"][0] for c in stream(server, "/v1/chat/completions", chat) if c["choices"]]
     assert sum((c["logprobs"]["content"] for c in chunks if c["logprobs"]), []) == full
+
+
+def _prompt_logprobs_json(entries) -> list:
+    return [None if e is None else {str(t): {"logprob": pytest.approx(lp.logprob, abs=1e-6), "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token} for t, lp in e.items()}
+            for e in entries]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_are_vllms_field_with_the_offline_values(server, offline, path):
+    """vLLM's `prompt_logprobs` extension: on the completion choice, or top-level for chat (vLLM's places)."""
+    chat = path.endswith("chat/completions")
+    body = {"messages": [{"role": "user", "content": TEXT}]} if chat else {"prompt": PROMPT}
+    r = post(server, path, body | {"max_tokens": 2, "temperature": 0, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    got = r.json()["prompt_logprobs"] if chat else r.json()["choices"][0]["prompt_logprobs"]
+    prompt = server.call(server.ctx.tokens.chat(body["messages"])) if chat else PROMPT  # the server's own tokens
+    out = offline.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        max_tokens=2, temperature=0, prompt_logprobs=2))[0]
+    assert len(got) == len(prompt) and got[0] is None
+    assert got == _prompt_logprobs_json(out.prompt_logprobs)
+
+
+def test_prompt_logprobs_are_refused_when_streaming(server):
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "prompt_logprobs": 1, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"

@@ -116,7 +116,7 @@ def test_stop_token_ids_end_the_http_completion(llm, client):
 
 
 @pytest.mark.parametrize("field, value", [("use_beam_search", True), ("guided_json", {"type": "object"}),
-                                          ("bad_words", ["fox"]), ("prompt_logprobs", 1)])
+                                          ("bad_words", ["fox"]), ("truncate_prompt_tokens", 4)])
 def test_unsupported_vllm_fields_are_refused_by_name(client, field, value):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, extra_body={field: value})
