@@ -222,6 +222,12 @@ class CompletionOutput:
     token_times: list[float]  # engine clock time at which each token was sampled
     logprobs: SampleLogprobs | None = None  # one dict per token in token_ids (None: not asked)
 
+    @classmethod
+    def of(cls, request: Request, index: int = 0) -> CompletionOutput:
+        return cls(index=index, text=request.output_text, token_ids=request.output_token_ids,
+                   finish_reason=request.finish_reason, stop_reason=request.stop_reason,
+                   token_times=request.token_times, logprobs=request.logprobs)
+
     @property
     def cumulative_logprob(self) -> float | None:
         """vLLM's: the sum of the sampled tokens' log-probabilities (None when logprobs were not asked)."""
@@ -251,20 +257,11 @@ class RequestOutput:
 
     @classmethod
     def of(cls, request: Request) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
-            text=request.output_text,
-            token_ids=request.output_token_ids,
-            finish_reason=request.finish_reason,
-            stop_reason=request.stop_reason,
-            token_times=request.token_times,
-            logprobs=request.logprobs,
-        )
         return cls(
             request_id=request.request_id,
             prompt=None,
             prompt_token_ids=request.prompt_token_ids,
-            outputs=[completion],
+            outputs=[CompletionOutput.of(request)],
             finished=request.finished,
             arrival_time=request.arrival_time,
             first_scheduled_time=request.first_scheduled_time,

@@ -53,24 +53,14 @@ class RequestGroup:
 
     def output(self) -> RequestOutput:
         """The group's state in vLLM's shape: one RequestOutput whose `outputs` hold the n siblings by index."""
-        leader = self.leader
-        completions = [
-            CompletionOutput(index=i, text=c.output_text, token_ids=c.output_token_ids, finish_reason=c.finish_reason,
-                             stop_reason=c.stop_reason, token_times=c.token_times, logprobs=c.logprobs)
-            for i, c in enumerate(self.children)
-        ]
         finished = self.finished
-        return RequestOutput(
+        return dataclasses.replace(  # the prompt's side (ids, arrival, prompt logprobs) is the leader's
+            RequestOutput.of(self.leader),
             request_id=self.request_id,
-            prompt=None,
-            prompt_token_ids=leader.prompt_token_ids,
-            outputs=completions,
+            outputs=[CompletionOutput.of(c, i) for i, c in enumerate(self.children)],
             finished=finished,
-            arrival_time=leader.arrival_time,
-            first_scheduled_time=leader.first_scheduled_time,
             finished_time=max(c.finished_time or 0.0 for c in self.children) if finished else None,
             num_preemptions=sum(c.num_preemptions for c in self.children),
-            prompt_logprobs=leader.prompt_logprobs,
         )
 
 
