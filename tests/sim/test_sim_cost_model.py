@@ -21,6 +21,20 @@ def test_nnls_meets_the_kkt_conditions():
         assert (gradient[x == 0] <= 1e-8).all()  # no zero coefficient wants to grow
 
 
+def test_fit_of_a_tall_problem_is_the_nnls_of_the_whole_problem():
+    """The fit solves a small square problem with the same minimiser: KKT holds on the tall one."""
+    rng = np.random.default_rng(4)
+    x = rng.random((1100, 12)) * np.geomspace(1, 1e3, 12)
+    x[:, 5] = 0.0  # a term no sample uses
+    seconds = x @ np.maximum(rng.normal(size=12), 0) * 1e-4 + 1e-3
+    coef = np.array(LinearCostModel.fit(tuple("abcdefghijkl"), x, seconds).coefficients)
+    a = x / seconds[:, None]  # relative error: the fit's own weighting
+    gradient = a.T @ (1 - a @ coef)
+    assert (coef >= 0).all() and coef[5] == 0
+    assert np.allclose(gradient[coef > 0] / np.linalg.norm(a, axis=0)[coef > 0], 0, atol=1e-8)
+    assert (gradient[coef == 0] <= 1e-8 * np.maximum(np.linalg.norm(a, axis=0)[coef == 0], 1)).all()
+
+
 def random_shapes(rng, n):
     """Random mixes of decodes and prefill chunks; whether a row samples is drawn independently so that
     the requests, samples and tokens terms can be told apart (in real decode-only steps they coincide)."""
