@@ -10,6 +10,7 @@ from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
 
 from .fakes import CountingExecutor, TickingClock
+from .scripted import ManualClock
 
 
 def true_seconds(shape: StepShape) -> float:
@@ -64,3 +65,27 @@ def test_the_engine_feeds_every_step_to_its_predictor():
     assert engine.predictor.num_observed == steps == 5
     (shape, seconds), *_ = engine.predictor.observations
     assert shape == StepShape([3], [0], [True]) and seconds == pytest.approx(0.002)  # the clock ticks at the start, after execute, at the end
+
+
+def test_time_between_busy_steps_is_part_of_the_next_steps_cost_but_idle_time_is_not():
+    """A server delivers a step's tokens and takes new requests before its next step: that time is what a
+    step costs in serving, so the predictor learns it; time with nothing to run is nobody's step."""
+    clock = ManualClock(0.0)
+
+    class OneMillisecondSteps(CountingExecutor):
+        def execute(self, plan):
+            clock.t += 0.001
+            return super().execute(plan)
+
+    engine = LLMEngine(OneMillisecondSteps(), SchedulerConfig(block_size=4), max_model_len=64, vocab_size=100,
+                       clock=clock)
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3))
+    engine.step()
+    clock.t += 0.004  # the driver works between two steps while "r" still runs
+    engine.step()
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    clock.t += 5.0  # idle
+    engine.add_request("q", [4, 5], SamplingParams(max_tokens=1))
+    engine.step()
+    assert [seconds for _, seconds in engine.predictor.observations] == pytest.approx([0.001, 0.005, 0.001, 0.001])
