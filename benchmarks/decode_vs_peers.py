@@ -96,9 +96,11 @@ class SloservePeer:
         from sloserve import LLM, SamplingParams
 
         self._params = SamplingParams
-        # KV room for the whole batch at once (x1.25 for block rounding), so no preemption.
+        # KV room for the whole batch at once (x1.25 for block rounding), so no preemption. No prefix
+        # cache: every round sends the same prompts, and llama.cpp's peer clears its KV cache each time.
         kv_bytes = int(workload.kv_tokens * _kv_bytes_per_token(dtype) * 1.25)
         self.llm = LLM(model=config_dir, load_format="dummy", dtype=dtype, seed=seed, quantization=quantization,
+                       enable_prefix_caching=False,
                        max_num_batched_tokens=batched_tokens,
                        max_num_seqs=len(workload.batch_prompts),
                        kv_cache_memory_bytes=max(kv_bytes, 64 << 20))

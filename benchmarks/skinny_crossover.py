@@ -1,6 +1,8 @@
 """Up to how many rows sloserve's matmul kernel beats oneDNN/MKL (F.linear): the table behind skinny.MAX_ROWS."""
 
-# Run: python benchmarks/skinny_crossover.py [--threads 2] [--reps 15] [--rows 1,2,4,...]
+# Run: python benchmarks/skinny_crossover.py [--threads 2] [--reps 15] [--rows 1,2,4,...] [--dtypes ...]
+#      [--cpu-time]  (with --threads 1: this thread's CPU time, which other processes on a shared
+#                     machine cannot stretch the way they stretch wall time; compute-bound row counts only)
 # Both sides run on the same weights, interleaved call by call (this machine's speed drifts); each cell
 # is the fastest (least disturbed: the machine is shared) over reps of the summed time of LAYERS layers' matmuls plus the vocabulary head: more
 # weight bytes than any cache holds, so each pass streams them from memory as a decode step does.
@@ -23,11 +25,11 @@ LAYERS = 8
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * LAYERS + [(32000, 576)]
 
 
-def one_pass(fn, weights, x_by_k) -> float:
-    start = time.perf_counter()
+def one_pass(fn, weights, x_by_k, clock=time.perf_counter) -> float:
+    start = clock()
     for w in weights:
         fn(x_by_k[w[0].shape[1]], w)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -35,14 +37,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rows", default="1,2,4,8,12,16,24,32,48,64,96,128")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
+    ap.add_argument("--cpu-time", action="store_true", help="time by this thread's CPU time (needs --threads 1)")
     args = ap.parse_args()
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time measures the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     kernels, isa = load_kernels(), select_isa()
     code = ISAS[isa][0]
     gen = torch.Generator().manual_seed(0)
-    print(f"isa {isa}, threads {args.threads}, load avg {os.getloadavg()[0]:.1f}; fastest ms of {args.reps} "
-          f"interleaved reps (kernel / F.linear), of {LAYERS} layers' matmuls plus the vocabulary head")
-    for name in ("float32", "bfloat16", "int8"):
+    print(f"isa {isa}, threads {args.threads}, load avg {os.getloadavg()[0]:.1f}; fastest "
+          f"{'CPU' if args.cpu_time else 'wall'} ms of {args.reps} interleaved reps (kernel / F.linear), of {LAYERS} layers' matmuls plus the vocabulary head")
+    for name in args.dtypes.split(","):
         dtype = torch.bfloat16 if name == "int8" else getattr(torch, name)
         weights = []
         for n, k in SHAPES:
@@ -59,8 +66,8 @@ def main() -> None:
             one_pass(kernel, weights, x_by_k), one_pass(onednn, weights, x_by_k)  # warm
             times = {"kernel": [], "onednn": []}
             for _ in range(args.reps):
-                times["kernel"].append(one_pass(kernel, weights, x_by_k))
-                times["onednn"].append(one_pass(onednn, weights, x_by_k))
+                times["kernel"].append(one_pass(kernel, weights, x_by_k, clock))
+                times["onednn"].append(one_pass(onednn, weights, x_by_k, clock))
             mk, mo = (min(times[s]) * 1e3 for s in ("kernel", "onednn"))
             if mk <= mo and last_win == rows_before(args.rows, rows):
                 last_win = rows

@@ -12,6 +12,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from sloserve.config import DTYPES, EngineConfig
 from sloserve.model.attention import select_backend, uses_triton
+from sloserve.model.huge_pages import move_weights_to_huge_pages
 from sloserve.model.llama import LlamaForCausalLM, ModelShape
 from sloserve.model.ops import KernelOps, select_ops
 from sloserve.model.resolve import TOKENIZER_FILES, custom_code_of, has_tokenizer, resolve_model_dir
@@ -139,6 +140,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     model.to(dtype).eval().requires_grad_(False)
     kernels = ops.kernels if isinstance(ops, KernelOps) else None
     model.prepare_weights(kernels, select_isa() if kernels is not None else "portable", cfg.quantization)
+    move_weights_to_huge_pages(model)  # CPU weights only; decode streams them at memory speed there
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg, model_dir)
     return LoadedModel(model, dtype, max_model_len, shape.vocab_size, eos_token_ids(model_dir, config), tokenizer)
 

@@ -20,11 +20,15 @@ ISAS: dict[str, tuple[int, frozenset[str]]] = {
 ISA_ENV = "SLOSERVE_CPU_ISA"
 
 # Up to how many rows of x the kernel runs a matmul; larger batches go to oneDNN/MKL (F.linear).
-# Measured with benchmarks/skinny_crossover.py on SmolLM2-135M's shapes (AMD EPYC, AVX512-BF16, 2
-# threads, a shared machine: fastest of 5-7 interleaved reps): float32 won at every row count up to 128
-# (MKL takes no fast path on AMD); bfloat16 won 2.5-5.6x up to 16 rows and was even at 32 (oneDNN's
-# AVX512-BF16 GEMM catches up there); int8 won up to 128 (widening the int8 weight for oneDNN pays off
-# only at prefill sizes).
+# Measured with benchmarks/skinny_crossover.py on SmolLM2-135M's shapes (AMD EPYC, AVX512-BF16, a
+# shared machine: fastest of 5-7 interleaved reps): float32 won at every row count up to 128 (MKL
+# takes no fast path on AMD); int8 won up to 128 (widening the int8 weight for oneDNN pays off only at
+# prefill sizes); bfloat16 (6-row x tiles; --threads 1 --cpu-time, as the machine was loaded) won
+# 2.1-2.3x up to 8 rows, 1.76x at 16, 1.14x at 32, even at 40 and lost from 48 (0.93x; oneDNN's
+# packed-weight AVX512-BF16 GEMM does more multiply-adds per load there). bfloat16 still stops at 16:
+# with the limit at 32, the bundled pair's adaptive speculative decoding (tests/spec/test_greedy_exact.py)
+# lost greedy identity with plain decoding. The kernel and oneDNN round differently, so whichever steps
+# cross the limit decide which tokens a near-tie flips.
 MAX_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.int8: 128}
 
 

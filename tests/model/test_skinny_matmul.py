@@ -11,9 +11,10 @@ from sloserve.model.skinny import ISA_ENV, ISAS, MAX_ROWS, SkinnyMatmul, best_is
 # Every body this machine can run: the forced fallbacks (portable, avx2) as well as the fastest one.
 RUNNABLE = [name for name, (_, needs) in ISAS.items() if needs <= cpu_flags()]
 # Ragged on purpose: K not a multiple of any vector width, N not a multiple of the 4-row block,
-# M across the 4-row x tiles (1, 3, 5, 16) and beyond them.
-# A long row (3000) crosses many vector steps and the integer dot products' partial sums.
-SHAPES = [(1, 1, 1), (1, 7, 77), (3, 13, 130), (5, 33, 15), (16, 9, 64), (17, 5, 33), (2, 6, 3000)]
+# M across the x tiles (4 rows; 6 in the bfloat16 body: 5, 6, 7, 11, 12, 13 and 35 = 5 x 6 + 5) and
+# beyond them. A long row (3000) crosses many vector steps and the integer dot products' partial sums.
+SHAPES = [(1, 1, 1), (1, 7, 77), (3, 13, 130), (5, 33, 15), (6, 10, 40), (7, 11, 97), (11, 6, 64),
+          (12, 9, 33), (13, 14, 50), (16, 9, 64), (17, 5, 33), (35, 21, 70), (2, 6, 3000)]
 # float32: only the order of a sum differs; bfloat16: the output's one rounding step.
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
 

@@ -19,7 +19,7 @@ namespace {
 // ---- driver -------------------------------------------------------------------------------------
 // One body, its row-block and x-tile sizes fixed at compile time (the accumulators must be registers).
 template <typename W, typename X, int R, int MT>
-void dots(Isa isa, const Tile<W, X>& t, float (*out)[kMaxTile]) {
+void dots(Isa isa, const Tile<W, X>& t, Sums out) {
   if constexpr (std::is_same_v<X, BF16>) {
     dots_avx512bf16<R, MT>(t, out);  // x stays bfloat16 only for the dot-product instruction
   } else if constexpr (std::is_same_v<X, Fixed16>) {
@@ -34,12 +34,16 @@ void dots(Isa isa, const Tile<W, X>& t, float (*out)[kMaxTile]) {
 }
 
 template <typename W, typename X, int R>
-void dots_tile(Isa isa, int tile, const Tile<W, X>& t, float (*out)[kMaxTile]) {
+void dots_tile(Isa isa, int tile, const Tile<W, X>& t, Sums out) {
   switch (tile) {
     case 1: return dots<W, X, R, 1>(isa, t, out);
     case 2: return dots<W, X, R, 2>(isa, t, out);
     case 3: return dots<W, X, R, 3>(isa, t, out);
-    default: return dots<W, X, R, 4>(isa, t, out);
+    case 4: return dots<W, X, R, 4>(isa, t, out);
+  }
+  if constexpr (tile_width<X>() == 6) {
+    if (tile == 5) return dots<W, X, R, 5>(isa, t, out);
+    return dots<W, X, R, 6>(isa, t, out);
   }
 }
 
@@ -50,12 +54,13 @@ void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x
   // ~64 KiB of weights per chunk at least: a small matrix stays on the calling thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * k * int64_t(sizeof(W))));
   const int64_t prefetch = prefetch_offset(k, sizeof(W));
+  constexpr int width = tile_width<X>();
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    float sums[kRowBlock][kMaxTile];
+    float sums[kMaxTile][kRowBlock];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * kRowBlock, rows = std::min<int64_t>(kRowBlock, n - row);
-      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxTile) {
-        const int tile = static_cast<int>(std::min<int64_t>(kMaxTile, m_rows - m0));
+      for (int64_t m0 = 0; m0 < m_rows; m0 += width) {
+        const int tile = static_cast<int>(std::min<int64_t>(width, m_rows - m0));
         for (int64_t r0 = 0; r0 < rows;) {  // a full block of rows, else the ragged rows one at a time
           const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride, x_scales ? x_scales + m0 : nullptr,
                              prefetch};
@@ -65,7 +70,7 @@ void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x
           for (int r = 0; r < step; ++r) {
             const int64_t col = row + r0 + r;
             for (int m = 0; m < tile; ++m) {
-              float v = sums[r][m];
+              float v = sums[m][r];
               if (scales) v *= scales[col];
               if (bias) v += bias[col];
               Y* dst = y + (m0 + m) * n + col;
