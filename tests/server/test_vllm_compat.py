@@ -185,7 +185,10 @@ def test_bench_counts_token_arrivals_from_a_server_without_tokenizer(tiny_model_
 
     rec = asyncio.run(one())
     assert rec.error_kind is None and rec.success
-    assert len(rec.token_times_s) == 6 and rec.output_tokens == 6
+    # Every token is counted from the ids the chunks carry (no text to count); a server may pack two steps'
+    # tokens into one chunk when the client reads slower than the engine steps, so count tokens, not chunks.
+    assert rec.output_tokens == 6 and sum(rec.chunk_tokens) == 6
+    assert len(rec.token_times_s) == len(rec.chunk_tokens) >= 1
 
 
 @pytest.mark.parametrize("field, value", [("add_special_tokens", False), ("add_generation_prompt", False),
