@@ -2,8 +2,10 @@
 building the batch, the model's forward pass (a one-token decode, or a verification over k + 1 positions), sampling /
 verifying, and the engine around them (scheduling, stop checks, detokenizing, timing).
 
-Used by `benchmarks/spec_decode.py --breakdown`: wall-clock timers wrapped around the engine's own calls, so the parts
-add up to the measured step (what the timers cannot see is in "engine other").
+Used by `benchmarks/spec_decode.py --breakdown`: timers wrapped around the engine's own calls, so the parts add up to
+the measured step (what the timers cannot see is in "engine other"). Each call's wall time and the process's CPU time
+are both kept: on a shared machine the wall time swings with the neighbours' load, while the CPU time our own
+threads spent is the work itself (the best estimate of a quiet machine's ratios; parts are shown in CPU time).
 """
 from __future__ import annotations
 
@@ -17,20 +19,21 @@ PARTS = ("propose", "lookup", "batch build", "forward", "sample/verify", "engine
 
 
 class Timer:
-    """Wraps a callable and records each call's start and duration."""
+    """Wraps a callable and records each call's start, wall duration and process CPU duration."""
 
     def __init__(self, fn) -> None:
         self.fn, self.calls = fn, []
 
     def __call__(self, *a, **kw):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return self.fn(*a, **kw)
         finally:
-            self.calls.append((start, time.perf_counter() - start))
+            self.calls.append((start, time.perf_counter() - start, time.process_time() - cpu))
 
-    def seconds_from(self, t0: float) -> float:
-        return sum(d for s, d in self.calls if s >= t0)
+    def seconds_from(self, t0: float, cpu: bool = False) -> float:
+        """Wall (or CPU) seconds of the calls that started at t0 or later."""
+        return sum(c[2 if cpu else 1] for c in self.calls if c[0] >= t0)
 
 
 @contextmanager
@@ -65,24 +68,25 @@ def breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
     prefill, is left out, as TPOT leaves out the first token): steps, tokens, seconds of each part, acceptance."""
     spec = llm.engine.speculator
     before = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens) if spec else (0, 0, 0)
-    totals = {"steps": 0, "tokens": 0, "total_s": 0.0, "seconds": dict.fromkeys(PARTS, 0.0), "token_ids": []}
+    totals = {"steps": 0, "tokens": 0, "total_s": 0.0, "cpu_s": 0.0, "seconds": dict.fromkeys(PARTS, 0.0), "token_ids": []}
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for prompt in prompts:
         with timers(llm) as t:
             out = llm.generate(prompt_token_ids=[prompt], sampling_params=params)[0].outputs[0]
         step = t.pop("step")
         after_prefill = step.calls[0][0] + step.calls[0][1]
-        s = {name: timer.seconds_from(after_prefill) for name, timer in t.items()}
+        s = {name: timer.seconds_from(after_prefill, cpu=True) for name, timer in t.items()}
         forward, sample = s["forward"] + s["prepare"], s["sample"] + s["verify"]
         propose = s.get("propose", 0.0)
         parts = {"propose": propose - s.get("lookup", 0.0), "lookup": s.get("lookup", 0.0),
                  "batch build": s["execute"] - forward - sample, "forward": forward, "sample/verify": sample,
-                 "engine other": step.seconds_from(after_prefill) - s["execute"] - propose}
+                 "engine other": step.seconds_from(after_prefill, cpu=True) - s["execute"] - propose}
         for part, seconds in parts.items():
             totals["seconds"][part] += seconds
         totals["steps"] += len(step.calls) - 1
         totals["tokens"] += len(out.token_ids) - 1
         totals["total_s"] += step.seconds_from(after_prefill)
+        totals["cpu_s"] += step.seconds_from(after_prefill, cpu=True)
         totals["token_ids"].append(out.token_ids)
     after = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens) if spec else (0, 0, 0)
     drafts, drafted, accepted = (a - b for a, b in zip(after, before))
@@ -92,29 +96,31 @@ def breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def best_breakdowns(llms: dict[str, LLM], prompts: list[list[int]], max_tokens: int, repeats: int) -> dict[str, dict]:
-    """Interleaved repeats (the machine's load hits every config alike); per config the repeat of least step time."""
+    """Interleaved repeats (the machine's load hits every config alike); per config the repeat of least CPU time."""
     for llm in llms.values():
         breakdown(llm, prompts[:1], 8)  # warm-up
     best: dict[str, dict] = {}
     for _ in range(repeats):
         for name, llm in llms.items():
             row = breakdown(llm, prompts, max_tokens)
-            if name not in best or row["total_s"] < best[name]["total_s"]:
+            if name not in best or row["cpu_s"] < best[name]["cpu_s"]:
                 best[name] = row
     return best
 
 
 def print_breakdown(rows: dict[str, dict]) -> None:
-    """Rows by config name (the first is the reference): ms per step of each part, ms per output token."""
-    print("| config | decode steps | tokens/step | acceptance | mean accepted len | step ms | " +
-          " | ".join(f"{p} ms/step" for p in PARTS) + " | ms/token | vs off (ms/token) | greedy = off |")
-    print("|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|")
+    """Rows by config name (the first is the reference): the parts in CPU ms per decode step, then per output token
+    wall and CPU ms and their ratios to the reference."""
+    print("| config | decode steps | tokens/step | acceptance | mean accepted len | step wall ms | step CPU ms | " +
+          " | ".join(f"{p} CPU ms/step" for p in PARTS) +
+          " | wall ms/token | vs off (wall) | CPU ms/token | vs off (CPU) | greedy = off |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|---|---|")
     ref = next(iter(rows.values()))
     for name, r in rows.items():
-        steps = r["steps"]
-        per_token = r["total_s"] / r["tokens"]
-        print(f"| {name} | {steps} | {r['tokens'] / steps:.2f} | {r['acceptance']:.2f} | {r['mean_len']:.2f} | "
-              f"{r['total_s'] / steps * 1e3:.2f} | " +
+        steps, tokens = r["steps"], r["tokens"]
+        print(f"| {name} | {steps} | {tokens / steps:.2f} | {r['acceptance']:.2f} | {r['mean_len']:.2f} | "
+              f"{r['total_s'] / steps * 1e3:.2f} | {r['cpu_s'] / steps * 1e3:.2f} | " +
               " | ".join(f"{r['seconds'][p] / steps * 1e3:.3f}" for p in PARTS) +
-              f" | {per_token * 1e3:.2f} | {ref['total_s'] / ref['tokens'] / per_token:.2f}x | "
+              f" | {r['total_s'] / tokens * 1e3:.2f} | {ref['total_s'] / ref['tokens'] / (r['total_s'] / tokens):.2f}x"
+              f" | {r['cpu_s'] / tokens * 1e3:.2f} | {ref['cpu_s'] / ref['tokens'] / (r['cpu_s'] / tokens):.2f}x | "
               f"{'yes' if r['token_ids'] == ref['token_ids'] else 'NO'} |", flush=True)
