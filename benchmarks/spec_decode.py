@@ -21,9 +21,11 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/ beside sloserve/, run as a script
 from benchmarks.spec_breakdown import best_breakdowns, print_breakdown, timers  # noqa: E402
@@ -177,11 +179,16 @@ def main() -> None:
     ap.add_argument("--workloads", default="chats,copy,copy-own", help=f"of {', '.join(METHODS)}")
     ap.add_argument("--breakdown", action="store_true", help="instead of the table: one request at a time, where each "
                     "decode step's time goes (n-gram workloads: off, k=2, k=4, adaptive)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); at 1 a "
+                    "breakdown's CPU times are not inflated by threads spinning while the machine's other load runs")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
     model_name = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                        if l.startswith("Model name")), platform.processor())
-    print(f"machine: {model_name}, {os.cpu_count()} cores; load average at start {os.getloadavg()}")
+    print(f"machine: {model_name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          f"load average at start {os.getloadavg()}")
     if args.sim_check:
         sim_check(args)
         return
