@@ -67,7 +67,7 @@ def choose_k(
     Drafts spend the token budget that prefill chunks would otherwise take, so the prefill that fits
     beside them is part of each candidate's step; its tokens do not count as output.
     """
-    candidates = []
+    best_k, best_rate, previous = 0, 0.0, 0.0
     for k in range(max_k + 1):
         ks = [min(k, limit) for limit in limits]
         new = [1 + x for x in ks]
@@ -75,20 +75,9 @@ def choose_k(
         prefill = min(prefill_tokens, budget - sum(new))
         if prefill > 0:
             shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
-        candidates.append((ks, target.step_seconds(shape) + (draft_seconds(ks, contexts) if k else 0.0)))
-    # A step's true cost grows with k, so a fitted prediction out of order is a fit error: a larger k's prediction
-    # caps a smaller one's, and none is believed cheaper than not speculating (k = 0, the shape seen most). Capping
-    # from above, not carrying a smaller k's prediction up, matters: an over-predicted k (shapes the fit has barely
-    # seen, such as 2-3 token steps of one request) is never chosen, so never measured, so never corrected, and
-    # would block every larger k; an under-predicted k is chosen, measured and corrected within a few steps.
-    floor, cap = candidates[0][1], float("inf")
-    seconds = [0.0] * len(candidates)
-    for k in range(max_k, -1, -1):
-        cap = min(cap, candidates[k][1])
-        seconds[k] = max(floor, cap)
-    best_k, best_rate = 0, 0.0
-    for k, (ks, _) in enumerate(candidates):
-        rate = sum(expected_tokens(a, x) for a, x in zip(alphas, ks)) / max(seconds[k], 1e-9)
+        # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
+        previous = seconds = max(previous, target.step_seconds(shape) + (draft_seconds(ks, contexts) if k else 0.0))
+        rate = sum(expected_tokens(a, x) for a, x in zip(alphas, ks)) / max(seconds, 1e-9)
         if rate > best_rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
             best_k, best_rate = k, rate
     return best_k
