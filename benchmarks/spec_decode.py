@@ -1,7 +1,10 @@
 """Speculative decoding on the bundled pair: no speculation vs fixed k (2, 4) vs adaptive, draft_model on chats and
-ngram on a copy-heavy workload, at several concurrencies, interleaved in one run; greedy outputs must agree in every row.
+ngram on two copy-heavy workloads (benchmarks/spec_workloads.py), at several concurrencies, interleaved in one run;
+greedy outputs must agree in every row.
 
     .venv/bin/python benchmarks/spec_decode.py [--concurrency 1,4,16,32] [--max-tokens 48] [--repeats 2] [--dtype float32]
+        [--workloads chats,copy,copy-own]
+    .venv/bin/python benchmarks/spec_decode.py --breakdown [--workloads copy,copy-own]  # one request: where time goes
     .venv/bin/python benchmarks/spec_decode.py --sim-check [--profile P] [--sim-concurrency 1,16]  # simulated vs measured
 
 float32 by default: in the checkpoint's bfloat16 a verification (k + 1 rows through the chunk attention path and
@@ -14,29 +17,38 @@ Offline engine (LLM), closed loop: `c` requests submitted together. TPOT per req
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from sloserve import LLM, SamplingParams
-from sloserve.cli_args import default_model_dir
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/ beside sloserve/, run as a script
+from benchmarks.spec_breakdown import best_breakdowns, print_breakdown, timers  # noqa: E402
+from benchmarks.spec_workloads import SEPARATOR, chats_and_copy, copy_own_prompts, openings  # noqa: E402
+from sloserve import LLM, SamplingParams  # noqa: E402
+from sloserve.cli_args import default_model_dir  # noqa: E402
 
 TARGET = default_model_dir()
 DRAFT = TARGET.parent / "demo-draft"
-SAMPLE = Path(__file__).parent.parent / "sloserve" / "bench" / "data" / "sharegpt_sample.json"
+METHODS = {"chats": "draft_model", "copy": "ngram", "copy-own": "ngram"}
 
 
-def workloads() -> dict[str, list[str]]:
-    convs = [c["conversations"] for c in json.loads(SAMPLE.read_text())]
-    chats = [c[0]["value"] for c in convs]
-    # Copy-heavy: the answer repeats text in the prompt (edit-this-text), where prompt lookup drafts well.
-    copy = [f"Fix the typos in this text and repeat it:\n{c[1]['value'][:400]}\nFixed text:\n{c[1]['value'][:200]}"
-            for c in convs]
-    return {"chats": chats, "copy": copy}
+def workload_prompts(name: str, off: LLM, passage_tokens: int) -> list[list[int]]:
+    """Token ids of a workload's prompts; copy-own's are written by the target itself (`off`, greedy)."""
+    tok = off.tokenizer
+    if name != "copy-own":
+        return [tok.encode(p) for p in chats_and_copy()[name]]
+
+    def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in off.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+    return copy_own_prompts(generate, [tok.encode(o) for o in openings()], tok.encode(SEPARATOR), passage_tokens)
 
 
 def configs(method: str) -> dict[str, dict | None]:
@@ -50,35 +62,19 @@ def configs(method: str) -> dict[str, dict | None]:
     }
 
 
-class Timed:
-    """Wraps a callable and sums its wall time: where a step's time goes (drafting, the verify/target pass)."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *a, **kw):
-        start = time.perf_counter()
-        try:
-            return self.fn(*a, **kw)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
 def run_once(llm: LLM, prompts: list[str], max_tokens: int) -> dict:
     engine = llm.engine
     spec = engine.speculator
     before = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens, spec.stats.num_emitted_tokens) if spec else None
-    execute = engine.executor.execute = Timed(engine.executor.execute.fn if isinstance(engine.executor.execute, Timed) else engine.executor.execute)
-    propose = None
-    if spec:
-        propose = spec.propose = Timed(spec.propose.fn if isinstance(spec.propose, Timed) else spec.propose)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-    wall = time.perf_counter() - start
+    with timers(llm) as timed:
+        start = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                                       ignore_eos=True))
+        wall = time.perf_counter() - start
     tpots = [(o.outputs[0].token_times[-1] - o.outputs[0].token_times[0]) / (len(o.outputs[0].token_ids) - 1) for o in outs if len(o.outputs[0].token_ids) > 1]
     row = {"wall": wall, "tokens": [o.outputs[0].token_ids for o in outs], "tpots": tpots,
            "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
-           "draft_s": propose.seconds if propose else 0.0, "target_s": execute.seconds}
+           "draft_s": timed["propose"].seconds_from(0) if spec else 0.0, "target_s": timed["execute"].seconds_from(0)}
     if spec:
         after = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens, spec.stats.num_emitted_tokens)
         d = [a - b for a, b in zip(after, before)]
@@ -92,7 +88,7 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def sim_check(args, data: dict[str, list[str]]) -> None:
+def sim_check(args) -> None:
     """Simulated vs measured TPOT p50 for draft_model (off, k=4, adaptive) on chats: the profile gives the target's and
     the draft's step time; acceptance is the per-token rate the real run measured on this workload (the workload's)."""
     from sloserve.bench.workload import RequestSpec
@@ -122,20 +118,20 @@ def sim_check(args, data: dict[str, list[str]]) -> None:
                         e["block_size"], e["vocab_size"])
     names = {"off": None, "k=4": spec4, "adaptive": configs("draft_model")["adaptive"]}
     llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in names.items()}
+    chats = workload_prompts("chats", llms["off"], 0)
     print("| conc | config | measured TPOT p50 ms | simulated TPOT p50 ms | error | vs off measured / simulated | "
           "per-token acceptance (measured) | mean accepted len measured / simulated |")
     print("|---|---|---|---|---|---|---|---|")
     errors = []
     for c in (int(x) for x in args.sim_concurrency.split(",")):
-        prompts = (data["chats"] * (c // len(data["chats"]) + 1))[:c]
+        prompts = (chats * (c // len(chats) + 1))[:c]
         for llm in llms.values():
             run_once(llm, prompts[:1], 8)
         measured = {name: [] for name in llms}
         for _ in range(args.repeats):
             for name, llm in llms.items():
                 measured[name].append(run_once(llm, prompts, args.max_tokens))
-        ids = [llms["off"].tokenizer.encode(p) for p in prompts]
-        specs = [RequestSpec(i, t, len(t), args.max_tokens, 0.0) for i, t in enumerate(ids)]
+        specs = [RequestSpec(i, t, len(t), args.max_tokens, 0.0) for i, t in enumerate(prompts)]
         base = {}
         for name, llm in llms.items():
             real = min(measured[name], key=lambda r: r["wall"])
@@ -157,6 +153,18 @@ def sim_check(args, data: dict[str, list[str]]) -> None:
     print(f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}; load average at end {os.getloadavg()}")
 
 
+def breakdowns(args, chosen: list[str]) -> None:
+    """Per workload: its first ten prompts, one request at a time, each config; where a decode step's time goes."""
+    for workload in chosen:
+        llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec)
+                for name, spec in configs(METHODS[workload]).items()}
+        prompts = workload_prompts(workload, llms["off"], args.max_tokens + 16)[:10]
+        print(f"\n{workload} ({METHODS[workload]}): {len(prompts)} requests one at a time, {args.max_tokens} tokens each; "
+              f"decode steps only; best of {args.repeats} interleaved repeats")
+        print_breakdown(best_breakdowns(llms, prompts, args.max_tokens, args.repeats))
+    print(f"load average at end {os.getloadavg()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,4,16,32")
@@ -168,22 +176,37 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="--sim-check: a profile made with --speculative-config (default: "
                     "profile now, --quick grid)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workloads", default="chats,copy,copy-own", help=f"of {', '.join(METHODS)}")
+    ap.add_argument("--breakdown", action="store_true", help="instead of the table: one request at a time, where each "
+                    "decode step's time goes (n-gram workloads: off, k=2, k=4, adaptive)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's); at 1 a "
+                    "breakdown's CPU times are not inflated by threads spinning while the machine's other load runs")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
     model_name = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                        if l.startswith("Model name")), platform.processor())
-    print(f"machine: {model_name}, {os.cpu_count()} cores; load average at start {os.getloadavg()}")
+    print(f"machine: {model_name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          f"load average at start {os.getloadavg()}")
     if args.sim_check:
-        sim_check(args, workloads())
+        sim_check(args)
         return
     print(f"target {TARGET.name}, draft {DRAFT.name}, {args.dtype}; max_tokens {args.max_tokens} (ignore_eos), greedy; best of {args.repeats} interleaved repeats")
-    data = workloads()
+    chosen = args.workloads.split(",")
+    if unknown := set(chosen) - set(METHODS):
+        ap.error(f"--workloads: unknown {sorted(unknown)}; known: {', '.join(METHODS)}")
+    if args.breakdown:
+        breakdowns(args, chosen)
+        return
     print("| workload | method | conc | config | TPOT p50 ms | TPOT p99 ms | tok/s | vs off | acceptance | mean accepted len | draft s | target s | wall s | greedy = off |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for workload, method in (("chats", "draft_model"), ("copy", "ngram")):
+    for workload in chosen:
+        method = METHODS[workload]
         llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in configs(method).items()}
+        data = workload_prompts(workload, llms["off"], args.max_tokens + 16)
         for c in levels:
-            prompts = (data[workload] * (c // len(data[workload]) + 1))[:c]
+            prompts = (data * (c // len(data) + 1))[:c]
             for llm in llms.values():  # warm-up: kernels, the predictor's first steps
                 run_once(llm, prompts[:1], 8)
             results: dict[str, list[dict]] = {name: [] for name in llms}

@@ -1,6 +1,8 @@
 """N-gram (prompt lookup) proposer: continue the text the way its last n-gram continued earlier."""
 from __future__ import annotations
 
+import numpy as np
+
 from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.spec.draft_cost import ngram_seconds
 from sloserve.spec.proposer import DraftRequest
@@ -28,14 +30,31 @@ class NgramProposer:
         return ngram_seconds(self.seconds_per_token, ks, contexts)
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """The continuation of the longest suffix n-gram (n in min..max) seen earlier, its latest occurrence:
+        recent context predicts the continuation best."""
         size = len(tokens)
-        for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
-            suffix = tokens[size - n:]
-            # Latest match first: recent context predicts the continuation best.
-            for start in range(size - n - 1, -1, -1):
-                if tokens[start : start + n] == suffix:
-                    return tokens[start + n : start + n + k]
-        return []
+        longest = min(self.max_n, size - 1)
+        if longest < self.min_n or k <= 0:
+            return []
+        # Vectorised, once per step: a Python scan over the context cost up to 1 ms on a 4k-token context
+        # (a whole decode step of the demo model). Every match ends on a copy of the last token: find
+        # those, then extend each backwards, all at once, up to `longest` tokens.
+        arr = np.asarray(tokens)
+        ends = np.flatnonzero(arr[:-1] == arr[-1])
+        if ends.size == 0:
+            return []
+        length = np.ones(ends.size, dtype=np.int64)
+        alive = np.ones(ends.size, dtype=bool)
+        for back in range(1, longest):
+            earlier = ends - back
+            alive &= earlier >= 0
+            alive[alive] &= arr[earlier[alive]] == arr[size - 1 - back]
+            length += alive
+        n = min(int(length.max()), longest)
+        if n < self.min_n:
+            return []
+        end = int(ends[np.flatnonzero(length >= n)[-1]])
+        return tokens[end + 1 : end + 1 + k]
 
     def forget(self, request_ids: list[str]) -> None:
         pass  # keeps no per-request state

@@ -51,3 +51,20 @@ def test_acceptance_estimate_per_request_with_a_shared_prior():
     assert est.alpha("good") > 0.9 and est.alpha("bad") < 0.2
     # A new request starts from the overall rate: 80 accepted of 100 trials, after a start of 1 of 2.
     assert est.alpha("new") == pytest.approx(81 / 102)
+
+
+class Fitted:
+    """A fitted step model, seconds by the step's new tokens."""
+
+    def __init__(self, seconds_by_tokens):
+        self.seconds_by_tokens = seconds_by_tokens
+
+    def step_seconds(self, shape: StepShape) -> float:
+        return self.seconds_by_tokens[sum(shape.new_tokens)]
+
+
+def test_no_speculation_is_the_floor_of_any_predicted_step():
+    # A fit calling a verification cheaper than a decode is not believed: with drafts that are never accepted,
+    # every k yields one token for at least k = 0's time, and k = 0 stays.
+    fit = Fitted({1: 0.002, 2: 0.0001, 3: 0.0001, 4: 0.0001, 5: 0.0001})
+    assert choose_k(4, [4], [150], [0.0], 0, 512, fit, lambda ks, cs: 0.0) == 0
