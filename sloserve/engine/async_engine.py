@@ -147,6 +147,8 @@ class AsyncLLMEngine:
         self.dead_error: BaseException | None = None
         self.track_load = False  # keep `load` current (TTFT admission needs it; it costs a rank per waiting request)
         self.load = LoadSnapshot()
+        self._step_started: float | None = None  # on the engine's clock; None between steps
+        self._last_step_s = 0.0
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -171,6 +173,13 @@ class AsyncLLMEngine:
     @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
+
+    def step_seconds_left(self) -> float:
+        """Until the step in progress ends, judged by the last step's length (0 between steps): a router
+        sending a request here knows nothing new starts sooner."""
+        if self._step_started is None:
+            return 0.0
+        return max(0.0, self._step_started + self._last_step_s - self.engine.clock.now())
 
     @property
     def num_unfinished(self) -> int:
@@ -243,12 +252,15 @@ class AsyncLLMEngine:
                     await self._wakeup.wait()
                     self._wakeup.clear()
                     continue
+                self._step_started = self.engine.clock.now()
                 try:
                     outputs = await loop.run_in_executor(self._worker, self.engine.step)
                 except Exception as error:  # noqa: BLE001 - any fault in a step must end its requests
                     logger.exception("engine step failed; failing %d in-flight requests", len(self._tracked))
                     self._end_all(EngineStepError(f"the engine failed while running this request: {error!r}"))
                     continue
+                finally:
+                    self._last_step_s, self._step_started = self.engine.clock.now() - self._step_started, None
                 self._dispatch(outputs)
         except BaseException as error:
             # A fault in the loop machinery itself: nothing would drive the requests any more.

@@ -175,7 +175,7 @@ class ReplicaSet:
                         raise ReplicaDiedError(f"replica {flight.replica} died while running this request") from None
                     try:  # nothing reached the client yet: the request can start over elsewhere
                         flight.replica = self.router.route(flight.prompt_token_ids, None, params=flight.params,
-                                                           exclude=frozenset(tried)).replica
+                                                           now=self.engine.clock.now(), exclude=frozenset(tried)).replica
                     except NoReplicaError:
                         raise EngineStoppedError("every replica is down") from None
                     logger.warning("retrying %s on replica %d", flight.request_id, flight.replica)
@@ -256,7 +256,7 @@ class ReplicaSet:
                 continue
             if load.ready and not self.router.loads[replica].ready:
                 logger.info("replica %d is ready", replica)
-            self.router.update(load)
+            self.router.update(load, self.engine.clock.now())
             await asyncio.sleep(self.poll_s)
 
     def _fire(self, ref) -> None:

@@ -89,8 +89,8 @@ def simulate_replicas(replicas: list[SimReplica], router: Router, specs: list[Re
 
 def _arrive(replicas: list[SimReplica], router: Router, spec: RequestSpec, now: float, vocab: int, request_slo: SLO | None,
             live: dict[str, RequestRecord], records: list[RequestRecord]) -> None:
-    for i, r in enumerate(replicas):
-        router.update(ReplicaLoad.of_engine(i, r.engine, r.num_received))
+    for i, r in enumerate(replicas):  # a replica's clock ahead of `now` is a step still running
+        router.update(ReplicaLoad.of_engine(i, r.engine, r.num_received, max(0.0, r.clock.now() - now)), now)
     prompt = prompt_token_ids(spec, vocab)
     record = RequestRecord(spec.index, spec.arrival_s, spec.arrival_s, spec.prompt_len, spec.output_len,
                            prompt_tokens=len(prompt), output_tokens_source="usage")

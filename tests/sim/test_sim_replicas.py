@@ -58,3 +58,13 @@ def test_slo_routing_balances_what_round_robin_piles_on_one_replica():
     assert min(long_on) >= 2  # the long prompts are spread over both replicas
     assert max(ttfts(slo)) < max(ttfts(rr))
     assert sorted(ttfts(slo))[-2] < sorted(ttfts(rr))[-2]
+
+
+def test_slo_routing_sees_the_step_a_replica_is_still_running():
+    # Request 0 fills replica 0's step budget and ends in that step: its state after the step looks idle,
+    # but its virtual clock is a whole step ahead when request 1 arrives 1 ms later.
+    workload = [RequestSpec(0, list(range(60, 92)), 32, 1, 0.0), RequestSpec(1, list(range(200, 208)), 8, 4, 0.001)]
+    replicas, outcome = run(2, "slo", workload)
+    assert [r.routed for r in replicas] == [[0], [1]]
+    first_step = ttfts(outcome)[0]
+    assert ttfts(outcome)[1] < first_step  # it did not wait for replica 0's step to end
