@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from sloserve.engine.admission import LoadSnapshot
 from sloserve.engine.async_engine import AsyncLLMEngine, EngineStats
 from sloserve.engine.engine import LLMEngine
+from sloserve.router.spec_totals import wire_copy
+from sloserve.spec.speculation import SpecDecodeStats
 
 
 @dataclass(slots=True)
@@ -26,14 +28,17 @@ class ReplicaLoad:
     busy_s: float = 0.0
 
     stats: EngineStats = field(default_factory=EngineStats)  # for /metrics, per replica
+    spec_decode: SpecDecodeStats | None = None  # its spec-decode counters (None: it does not speculate)
 
     @classmethod
     def of(cls, replica: int, engine: AsyncLLMEngine, num_received: int) -> ReplicaLoad:
         """From what the step loop snapshots between steps (the engine itself may be mid-step)."""
         stats, config, model = engine.stats, engine.engine.config, engine.engine.predictor.model
+        spec = getattr(engine.engine.speculator, "stats", None)
         return cls(replica, engine.is_running, stats.num_running, engine.num_waiting, engine.num_waiting_tokens,
                    num_received, config.max_num_batched_tokens, config.block_size, tuple(model.knots),
-                   tuple(model.coefficients), engine.load, engine.step_seconds_left(), stats)
+                   tuple(model.coefficients), engine.load, engine.step_seconds_left(), stats,
+                   None if spec is None else wire_copy(spec))
 
     @classmethod
     def of_engine(cls, replica: int, engine: LLMEngine, num_received: int, busy_s: float = 0.0) -> ReplicaLoad:
