@@ -46,8 +46,9 @@ def run_replicas(model: StepCostModel, knobs: EngineKnobs, policy: str, n: int, 
 def simulate_replicas(replicas: list[SimReplica], router: Router, specs: list[RequestSpec], *,
                       slo: Callable[[RequestSpec], SLO | None] | None = None) -> SimOutcome:
     """Events in time order: each arrival is routed on the replicas' state at that moment, each replica
-    starts its next step when its last one ends. A replica's report is read fresh at every arrival
-    (the live server's reports are up to a poll interval old; the router counts what it sent since).
+    starts its next step when its last one ends. A replica's report is read fresh at every arrival, with
+    the rest of the step its clock is ahead by (the live server's reports are up to a poll interval old;
+    the router counts what it sent since and takes the report's age off the step in progress).
     """
     pending = sorted(specs, key=lambda s: s.arrival_s)
     live: dict[str, RequestRecord] = {}

@@ -2,6 +2,7 @@
 from conftest import known_profile
 
 from sloserve.bench.workload import RequestSpec
+from sloserve.engine.cost import StepCostModel
 from sloserve.router.policies import make_routing_policy
 from sloserve.router.router import Router
 from sloserve.sim.clock import VirtualClock
@@ -68,3 +69,19 @@ def test_slo_routing_sees_the_step_a_replica_is_still_running():
     assert [r.routed for r in replicas] == [[0], [1]]
     first_step = ttfts(outcome)[0]
     assert ttfts(outcome)[1] < first_step  # it did not wait for replica 0's step to end
+
+
+def test_slo_routing_sends_less_to_a_slower_replica_than_round_robin_and_least_loaded_do():
+    # Replica 0 steps at half replica 1's speed (a replica sharing its core with the front end, say);
+    # each replica reports its own step-time model, and only slo reads it.
+    fast = known_profile().step_model
+    slow = StepCostModel(fast.knots, [2 * c for c in fast.coefficients])
+    workload = specs([12 + (7 * i) % 20 for i in range(60)], gap_s=0.012, output_len=8)
+    outcomes = {}
+    for router in ("round_robin", "least_loaded", "slo"):
+        replicas = build_sim_replicas(slow, KNOBS, "fcfs", 1) + build_sim_replicas(fast, KNOBS, "fcfs", 1)
+        outcomes[router] = (replicas, simulate_replicas(replicas, Router(make_routing_policy(router), 2), workload))
+    share_on_slow = {router: len(replicas[0].routed) / len(workload) for router, (replicas, _) in outcomes.items()}
+    p99 = {router: sorted(ttfts(outcome))[-2] for router, (_, outcome) in outcomes.items()}
+    assert share_on_slow["slo"] < share_on_slow["least_loaded"] < share_on_slow["round_robin"] == 0.5
+    assert p99["slo"] < p99["least_loaded"] and p99["slo"] < p99["round_robin"]
