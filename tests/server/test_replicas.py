@@ -140,30 +140,3 @@ def test_requests_sent_to_a_replica_that_just_died_are_retried_elsewhere(replica
     assert [r.status_code for r in responses] == [200] * 6
     assert wait_until(lambda: len(router.ready_replicas) == 2, timeout=90, interval=0.2)
 
-
-def test_spec_decode_counters_of_the_replicas_reach_metrics(local_ray, chat_model_dir):
-    made = []
-
-    def replicas(config):
-        made.append(start_replicas(config, ReplicaSettings(2, "round_robin", num_threads=1)))
-        return made[-1]
-
-    spec = {"method": "draft_model", "num_speculative_tokens": 2, "model": str(chat_model_dir)}
-    server = LiveServer(chat_model_dir, replicas=replicas,
-                        engine_kwargs={"use_kernels": False, "speculative_config": spec})
-    try:
-        for _ in range(2):  # one request on each replica
-            assert httpx.post(server.url + "/v1/completions", json=GOOD, timeout=60).status_code == 200
-
-        def drafts() -> float:
-            return metric(parse_metrics(httpx.get(server.url + "/metrics").text), "sloserve:spec_decode_num_drafts_total")
-
-        assert wait_until(lambda: drafts() > 0, timeout=10, interval=0.05)
-        router_reports = [load.spec_decode for load in server.ctx.engine.router.loads.values()]
-        assert all(r is not None and r.num_drafts > 0 for r in router_reports)  # both replicas drafted
-        assert wait_until(lambda: drafts() == sum(r.num_drafts for r in
-                                                  (load.spec_decode for load in server.ctx.engine.router.loads.values())),
-                          timeout=10, interval=0.05)
-    finally:
-        server.stop()
-        stop_replicas(made[0])
