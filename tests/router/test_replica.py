@@ -25,11 +25,15 @@ def test_a_replica_whose_step_loop_dies_fails_its_requests_and_ends_its_process_
         def broken() -> None:
             raise RuntimeError("loop machinery fault")
 
-        replica.engine._snapshot_stats = broken  # the loop's own bookkeeping fails: the loop dies
+        # The loop's own bookkeeping fails when it next takes new work: the loop dies.
+        replica.engine._apply_pending = broken
+        second = asyncio.ensure_future(anext(replica.generate("b", [5, 6, 7], SamplingParams(max_tokens=4))))
         for _ in range(500):
             if replica.engine.dead_error is not None:
                 break
             await asyncio.sleep(0.01)
+        with pytest.raises(EngineStoppedError, match="before taking this request"):
+            await second
         assert (await replica.load()).ready is False  # the router routes around it from this report on
         for _ in range(10):
             await asyncio.sleep(0.02)
