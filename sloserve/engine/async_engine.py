@@ -148,6 +148,8 @@ class AsyncLLMEngine:
         self.dead_error: BaseException | None = None
         self.track_load = False  # keep `load` current (TTFT admission needs it; it costs a rank per waiting request)
         self.load = LoadSnapshot()
+        self._step_started: float | None = None  # on the engine's clock; None between steps
+        self._last_step_s = 0.0
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -172,6 +174,14 @@ class AsyncLLMEngine:
     @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
+
+    def step_seconds_left(self) -> float:
+        """Until the step in progress ends, judged by the last step's length (0 between steps): a router
+        sending a request here knows nothing new starts sooner."""
+        started = self._step_started  # set and cleared on the worker thread
+        if started is None:
+            return 0.0
+        return max(0.0, started + self._last_step_s - self.engine.clock.now())
 
     @property
     def num_unfinished(self) -> int:
@@ -271,7 +281,12 @@ class AsyncLLMEngine:
         Token counts are taken here, before the next step grows the token lists.
         """
         while True:
-            ready = [StreamOutput.of(out) for out in self.engine.step()]
+            self._step_started = self.engine.clock.now()
+            try:
+                outputs = self.engine.step()
+            finally:
+                self._last_step_s, self._step_started = self.engine.clock.now() - self._step_started, None
+            ready = [StreamOutput.of(out) for out in outputs]
             self._snapshot_stats()
             loop.call_soon_threadsafe(self._dispatch, ready)
             if (self._stopping or self._pending_adds or self._pending_aborts

@@ -53,10 +53,13 @@ class LeastLoaded:
 
 
 class LeastPredictedTTFT:
-    """Least predicted TTFT; among replicas within a near-tie of the best, the one caching the longest
-    prefix of the prompt (its prefill is shorter than predicted, and the next such prompt's too).
+    """Least predicted TTFT; among replicas within a near-tie of the best, the one with the fewest requests
+    outstanding, and among those the one caching the longest prefix of the prompt (the next such prompt's
+    prefill is shorter there too).
 
-    A near-tie is within `tie_ratio` of the best or `tie_s` seconds of it: predictions are that rough.
+    A near-tie is within `tie_ratio` of the best or `tie_s` seconds of it: predictions are that rough. The
+    prediction already counts a cached prefix as computed, so a cache hit must not also outrank load in a
+    tie: with short prompts that repeat, it piled each prompt's repeats onto one replica behind more work.
     """
 
     def __init__(self, tie_ratio: float = 0.10, tie_s: float = 0.005) -> None:
@@ -66,7 +69,7 @@ class LeastPredictedTTFT:
     def choose(self, candidates: list[Candidate]) -> Candidate:
         best = min(c.predicted_ttft for c in candidates)
         near = [c for c in candidates if c.predicted_ttft <= max(best * (1 + self.tie_ratio), best + self.tie_s)]
-        return min(near, key=lambda c: (-c.cached_tokens, c.predicted_ttft, c.outstanding, c.replica))
+        return min(near, key=lambda c: (c.outstanding, -c.cached_tokens, c.predicted_ttft, c.replica))
 
 
 ROUTERS = {"round_robin": RoundRobin, "least_loaded": LeastLoaded, "slo": LeastPredictedTTFT}

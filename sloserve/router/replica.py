@@ -1,7 +1,11 @@
 """EngineReplica: one engine in its own process (a Ray actor), streaming each request's outputs back."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sloserve.config import EngineConfig
@@ -20,11 +24,15 @@ class ModelInfo:
     vocab_size: int
     tokenizer: object | None
     config: SchedulerConfig
-    speculator: None = None  # spec-decode counters are per replica and not gathered yet
+    speculating: bool = False
+    # Behind the router: the replicas' spec-decode counters summed (ReplicaSpecTotals), for /metrics.
+    speculator: object | None = None
     clock: Clock = field(default_factory=MonotonicClock)  # the front's own: arrivals are stamped on it
 
 
 ACCEPTED = "accepted"  # the first item of every stream: the engine took the request
+
+logger = logging.getLogger("sloserve.router")
 
 
 def wire_copy(item: StreamOutput) -> StreamOutput:
@@ -42,7 +50,8 @@ class EngineReplica:
     (`ray.remote(EngineReplica)`), so many `generate` streams run side by side on one loop."""
 
     def __init__(self, replica: int, config: EngineConfig, step_model: dict | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, exit_process: Callable[[int], None] = os._exit,
+                 drain_s: float = 2.0) -> None:
         import torch
 
         from sloserve.engine.cost import StepCostModel
@@ -57,6 +66,11 @@ class EngineReplica:
         self.engine.track_load = True  # the router predicts TTFT from the queue snapshot
         self.num_received = 0
         self._early_aborts: set[str] = set()
+        self._open_streams = 0
+        # A step loop that died leaves the process alive, and Ray restarts only a process that ends.
+        self._exit_process = exit_process
+        self._drain_s = drain_s
+        self._exiting = False
 
     def _start(self) -> None:
         if not self.engine.started:  # the loop exists only once the actor serves its first call
@@ -64,11 +78,26 @@ class EngineReplica:
 
     async def info(self) -> ModelInfo:
         self._start()
-        return ModelInfo(self.core.max_model_len, self.core.vocab_size, self.core.tokenizer, self.core.config)
+        return ModelInfo(self.core.max_model_len, self.core.vocab_size, self.core.tokenizer, self.core.config,
+                         self.core.speculator is not None)
 
     async def load(self) -> ReplicaLoad:
         self._start()
-        return ReplicaLoad.of(self.replica, self.engine, self.num_received)
+        if self.engine.dead_error is not None and not self._exiting:
+            self._exiting = True
+            asyncio.get_running_loop().create_task(self._exit_when_drained())
+        return ReplicaLoad.of(self.replica, self.engine, self.num_received)  # not ready: routed around
+
+    async def _exit_when_drained(self) -> None:
+        """The step loop died (its requests failed with engine_stopped): once their streams have carried the
+        error out (or after `drain_s`), end the process so that Ray restarts the replica."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_s
+        while self._open_streams and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        logger.error("replica %d: the engine loop died (%r); exiting so that Ray restarts it",
+                     self.replica, self.engine.dead_error)
+        self._exit_process(1)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        priority: int = 0, slo: SLO | None = None, waited_s: float = 0.0):
@@ -83,15 +112,17 @@ class EngineReplica:
             self._early_aborts.discard(request_id)
             return
         arrival = self.core.clock.now() - max(0.0, waited_s)
-        stream = await self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, slo=slo,
-                                               arrival_time=arrival)
-        yield ACCEPTED
+        self._open_streams += 1
         finished = False
         try:
+            stream = await self.engine.add_request(request_id, prompt_token_ids, params, priority=priority, slo=slo,
+                                                   arrival_time=arrival)
+            yield ACCEPTED
             async for item in stream:
                 finished = item.finished
                 yield wire_copy(item)
         finally:
+            self._open_streams -= 1
             if not finished:  # the caller went away (cancelled): free the request's blocks
                 self.engine.abort(request_id)
 

@@ -13,6 +13,7 @@ from sloserve.engine.async_engine import EngineStats, EngineStepError, EngineSto
 from sloserve.request import SLO, CompletionOutput, RequestOutput, SamplingParams
 from sloserve.router.replica import ACCEPTED, ModelInfo
 from sloserve.router.router import NoReplicaError, RouteRefused, Router
+from sloserve.router.spec_totals import ReplicaSpecTotals
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class ReplicaSet:
         self._background: set[asyncio.Task] = set()
         self._stopping = False
         self.owns_ray = False  # whether stopping the replicas also stops Ray (launch.py decides)
+        self.spec_totals = ReplicaSpecTotals()
+        if info.speculating:
+            info.speculator = self.spec_totals  # what /metrics reads the spec-decode counters from
 
     # -- the AsyncLLMEngine surface the server uses ---------------------------------------------
     def start(self) -> None:
@@ -175,7 +179,7 @@ class ReplicaSet:
                         raise ReplicaDiedError(f"replica {flight.replica} died while running this request") from None
                     try:  # nothing reached the client yet: the request can start over elsewhere
                         flight.replica = self.router.route(flight.prompt_token_ids, None, params=flight.params,
-                                                           exclude=frozenset(tried)).replica
+                                                           now=self.engine.clock.now(), exclude=frozenset(tried)).replica
                     except NoReplicaError:
                         raise EngineStoppedError("every replica is down") from None
                     logger.warning("retrying %s on replica %d", flight.request_id, flight.replica)
@@ -256,7 +260,8 @@ class ReplicaSet:
                 continue
             if load.ready and not self.router.loads[replica].ready:
                 logger.info("replica %d is ready", replica)
-            self.router.update(load)
+            self.router.update(load, self.engine.clock.now())
+            self.spec_totals.observe(replica, load.spec_decode)
             await asyncio.sleep(self.poll_s)
 
     def _fire(self, ref) -> None:

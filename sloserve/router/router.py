@@ -53,10 +53,12 @@ class Router:
         self._sent = [0] * num_replicas  # requests routed since the replica (re)started
         self._unreported: list[deque[int]] = [deque() for _ in range(num_replicas)]  # their prompt tokens
         self._models: dict[int, tuple[tuple[float, ...], TTFTAdmission]] = {}
+        self._reported_at = [0.0] * num_replicas  # when each report arrived (the `now` of `route`)
 
-    def update(self, load: ReplicaLoad) -> None:
-        """A fresh load report; requests it has received leave the router's in-flight count."""
+    def update(self, load: ReplicaLoad, now: float = 0.0) -> None:
+        """A fresh load report, arrived at `now`; requests it has received leave the router's in-flight count."""
         i = load.replica
+        self._reported_at[i] = now
         if not load.ready or (self.loads[i].ready and load.num_received < self.loads[i].num_received):
             self.mark_down(i)  # down, or restarted since the last report: its queue and cache are gone
         self.loads[i] = load
@@ -110,6 +112,9 @@ class Router:
             request = Request("routing-candidate", prompt, params or SamplingParams(), now)
             request.num_computed_tokens = min(c.cached_tokens, max(0, len(prompt) - 1))
             c.predicted_ttft, _ = predictor.predict(load.snapshot, request, c.pending_tokens)
+        # The queue is predicted from the next step on; the step in progress holds the replica until it ends.
+        # With short prompts that one step is most of a request's TTFT, and it differs between replicas.
+        c.predicted_ttft += max(0.0, load.busy_s - max(0.0, now - self._reported_at[load.replica]))
         return c
 
     def _predictor(self, load: ReplicaLoad) -> TTFTAdmission | None:

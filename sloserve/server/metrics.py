@@ -120,11 +120,12 @@ class _Renamed:
 class _SpecDecodeCollector:
     """vLLM's spec-decode counters (drafts, draft/accepted/emitted tokens, accepted per position), read at scrape time."""
 
-    def __init__(self, stats, labels: dict[str, str]) -> None:
-        self.stats, self.labels = stats, labels
+    def __init__(self, speculator, labels: dict[str, str]) -> None:
+        self.speculator, self.labels = speculator, labels
 
     def collect(self):
-        st, names, values = self.stats, list(self.labels), list(self.labels.values())
+        # Its `stats` read at each scrape: behind the router they are summed from the replicas' latest reports.
+        st, names, values = self.speculator.stats, list(self.labels), list(self.labels.values())
         for name, doc, value in (
             ("num_drafts", "Verifications: request-steps that verified drafts.", st.num_drafts),
             ("num_draft_tokens", "Draft tokens proposed and verified.", st.num_draft_tokens),
@@ -157,7 +158,7 @@ class ServerMetrics:
         self.registry.register(_EngineStateCollector(engine, labels, block_size))
         speculator = getattr(engine.engine, "speculator", None)
         if speculator is not None:
-            self.registry.register(_SpecDecodeCollector(speculator.stats, labels))
+            self.registry.register(_SpecDecodeCollector(speculator, labels))
         self._compat = None
         if COMPAT_PREFIXES[compat] is not None:
             self._compat = CollectorRegistry()

@@ -46,8 +46,9 @@ def run_replicas(model: StepCostModel, knobs: EngineKnobs, policy: str, n: int, 
 def simulate_replicas(replicas: list[SimReplica], router: Router, specs: list[RequestSpec], *,
                       slo: Callable[[RequestSpec], SLO | None] | None = None) -> SimOutcome:
     """Events in time order: each arrival is routed on the replicas' state at that moment, each replica
-    starts its next step when its last one ends. A replica's report is read fresh at every arrival
-    (the live server's reports are up to a poll interval old; the router counts what it sent since).
+    starts its next step when its last one ends. A replica's report is read fresh at every arrival, with
+    the rest of the step its clock is ahead by (the live server's reports are up to a poll interval old;
+    the router counts what it sent since and takes the report's age off the step in progress).
     """
     pending = sorted(specs, key=lambda s: s.arrival_s)
     live: dict[str, RequestRecord] = {}
@@ -89,8 +90,8 @@ def simulate_replicas(replicas: list[SimReplica], router: Router, specs: list[Re
 
 def _arrive(replicas: list[SimReplica], router: Router, spec: RequestSpec, now: float, vocab: int, request_slo: SLO | None,
             live: dict[str, RequestRecord], records: list[RequestRecord]) -> None:
-    for i, r in enumerate(replicas):
-        router.update(ReplicaLoad.of_engine(i, r.engine, r.num_received))
+    for i, r in enumerate(replicas):  # a replica's clock ahead of `now` is a step still running
+        router.update(ReplicaLoad.of_engine(i, r.engine, r.num_received, max(0.0, r.clock.now() - now)), now)
     prompt = prompt_token_ids(spec, vocab)
     record = RequestRecord(spec.index, spec.arrival_s, spec.arrival_s, spec.prompt_len, spec.output_len,
                            prompt_tokens=len(prompt), output_tokens_source="usage")

@@ -1,6 +1,8 @@
 """Routing decisions on scripted replica states: each policy, the prefix tie-break, SLO admission across replicas."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sloserve.engine.admission import LoadSnapshot
@@ -109,3 +111,37 @@ def test_chain_hashes_are_the_block_managers_prefix_identities():
     bm.free("a")
     assert len(bm.cached_prefix(tokens + [99])) == 2
     assert chain_hashes(tokens, 4) == [hash(bm.blocks[b].key) for b in bm.cached_prefix(tokens + [99])]
+
+
+def test_slo_near_tie_goes_to_the_replica_with_fewer_requests_not_to_the_cached_prefix():
+    # The prediction already counts a cached prefix as computed; in a near-tie the cache must not also
+    # outrank load, or a prompt's repeats pile onto the replica that first served it.
+    system = list(range(100, 116))  # one full block
+    r = router("slo", [load(0), load(1, running=20)])
+    r.prefix.record(1, chain_hashes(system, 16))
+    prompt = system + [1]
+    on = {i: r.route(prompt, exclude=frozenset({1 - i})).predicted_ttft for i in (0, 1)}
+    r = router("slo", [load(0), load(1, running=20)])  # afresh: the two routes above counted as sent
+    r.prefix.record(1, chain_hashes(system, 16))
+    assert on[0] < on[1] <= 1.1 * on[0]  # replica 1, with the prefix, within the near-tie of the best
+    assert r.route(prompt).replica == 0  # ... but it holds 20 requests to replica 0's none
+    r = router("slo", [load(0), load(1)])  # equal load: the replica holding the prefix, not replica order
+    r.prefix.record(1, chain_hashes(system, 16))
+    assert r.route(prompt).replica == 1
+
+
+def test_slo_counts_the_step_in_progress_less_the_age_of_the_report():
+    prompt = [5] * 40
+
+    def predicted(busy_s: float, reported_at: float, now: float) -> float:
+        r = Router(make_routing_policy("slo"), 1)
+        r.update(dataclasses.replace(load(0), busy_s=busy_s), now=reported_at)
+        return r.route(prompt, now=now).predicted_ttft
+
+    base = predicted(0.0, 0.0, 0.0)
+    assert predicted(0.2, 1.0, 1.0) == pytest.approx(base + 0.2)
+    assert predicted(0.2, 1.0, 1.15) == pytest.approx(base + 0.05)  # 150 ms of the step done since the report
+    assert predicted(0.2, 1.0, 1.5) == pytest.approx(base)  # that step is over
+    # Two replicas alike but for the step replica 0 is in the middle of: replica 1 gets the request.
+    r = router("slo", [dataclasses.replace(load(0), busy_s=0.03), load(1)])
+    assert r.route(prompt).replica == 1

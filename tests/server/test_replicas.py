@@ -139,3 +139,4 @@ def test_requests_sent_to_a_replica_that_just_died_are_retried_elsewhere(replica
     # Nothing had streamed when the replica died: every request is answered, none lost or failed.
     assert [r.status_code for r in responses] == [200] * 6
     assert wait_until(lambda: len(router.ready_replicas) == 2, timeout=90, interval=0.2)
+

@@ -2,6 +2,7 @@
 from conftest import known_profile
 
 from sloserve.bench.workload import RequestSpec
+from sloserve.engine.cost import StepCostModel
 from sloserve.router.policies import make_routing_policy
 from sloserve.router.router import Router
 from sloserve.sim.clock import VirtualClock
@@ -58,3 +59,29 @@ def test_slo_routing_balances_what_round_robin_piles_on_one_replica():
     assert min(long_on) >= 2  # the long prompts are spread over both replicas
     assert max(ttfts(slo)) < max(ttfts(rr))
     assert sorted(ttfts(slo))[-2] < sorted(ttfts(rr))[-2]
+
+
+def test_slo_routing_sees_the_step_a_replica_is_still_running():
+    # Request 0 fills replica 0's step budget and ends in that step: its state after the step looks idle,
+    # but its virtual clock is a whole step ahead when request 1 arrives 1 ms later.
+    workload = [RequestSpec(0, list(range(60, 92)), 32, 1, 0.0), RequestSpec(1, list(range(200, 208)), 8, 4, 0.001)]
+    replicas, outcome = run(2, "slo", workload)
+    assert [r.routed for r in replicas] == [[0], [1]]
+    first_step = ttfts(outcome)[0]
+    assert ttfts(outcome)[1] < first_step  # it did not wait for replica 0's step to end
+
+
+def test_slo_routing_sends_less_to_a_slower_replica_than_round_robin_and_least_loaded_do():
+    # Replica 0 steps at half replica 1's speed (a replica sharing its core with the front end, say);
+    # each replica reports its own step-time model, and only slo reads it.
+    fast = known_profile().step_model
+    slow = StepCostModel(fast.knots, [2 * c for c in fast.coefficients])
+    workload = specs([12 + (7 * i) % 20 for i in range(60)], gap_s=0.012, output_len=8)
+    outcomes = {}
+    for router in ("round_robin", "least_loaded", "slo"):
+        replicas = build_sim_replicas(slow, KNOBS, "fcfs", 1) + build_sim_replicas(fast, KNOBS, "fcfs", 1)
+        outcomes[router] = (replicas, simulate_replicas(replicas, Router(make_routing_policy(router), 2), workload))
+    share_on_slow = {router: len(replicas[0].routed) / len(workload) for router, (replicas, _) in outcomes.items()}
+    p99 = {router: sorted(ttfts(outcome))[-2] for router, (_, outcome) in outcomes.items()}
+    assert share_on_slow["slo"] < share_on_slow["least_loaded"] < share_on_slow["round_robin"] == 0.5
+    assert p99["slo"] < p99["least_loaded"] and p99["slo"] < p99["round_robin"]
