@@ -1,4 +1,6 @@
-"""The multi-turn chat workload (each turn resends the conversation so far) and fresh prompts per sweep probe."""
+"""The multi-turn chat workload (each turn resends the conversation so far), fresh prompts per sweep probe, token-id
+prompts (--tokenize-prompt) and the cached prompt tokens a server reports."""
+import asyncio
 import json
 
 from bench_fake_server import Behaviour, FakeOpenAIServer, Script
@@ -8,6 +10,8 @@ from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.client import ClientConfig
 from sloserve.bench.lengths import LengthDist
 from sloserve.bench.multiturn import MultiTurnSource
+from sloserve.bench.records import RequestRecord
+from sloserve.bench.runner import play
 from sloserve.bench.sharegpt import bundled_path
 from sloserve.bench.synthetic import SyntheticSource
 from sloserve.bench.tokens import HFTokenizer
@@ -107,3 +111,14 @@ def test_tokenize_prompt_sends_the_tokenizers_ids_of_each_turn(tmp_path):
                            ([], "needs --tokenizer")):
         res = CliRunner().invoke(app, ["bench", "--tokenize-prompt", "--model", "m", "--result-dir", str(out), *extra])
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_the_cached_prompt_tokens_a_server_reports_in_usage_are_recorded():
+    w = Workload(SyntheticSource(LengthDist(12), LengthDist(3)), Arrivals(), 2)
+    with FakeOpenAIServer(Script(Behaviour(ttft_s=0.01, gap_s=0.005, cached_tokens=7))) as srv:
+        run = asyncio.run(play(w, ClientConfig(srv.base_url, model="m")))
+    with FakeOpenAIServer(Script(Behaviour(ttft_s=0.01, gap_s=0.005))) as srv:
+        without = asyncio.run(play(w, ClientConfig(srv.base_url, model="m")))
+    assert [(r.prompt_tokens, r.cached_tokens) for r in run.records] == [(12, 7), (12, 7)]
+    assert [r.cached_tokens for r in without.records] == [None, None]
+    assert RequestRecord.from_dict(run.records[0].to_dict()).cached_tokens == 7
