@@ -81,6 +81,10 @@ def main() -> None:
     vs.add_argument("--start-rate", type=float, default=0.5, help="first rate each sweep probes (req/s)")
     vs.add_argument("--max-probes", type=int, default=6)
     vs.add_argument("--parallel", type=int, default=8, help="llama-server's slots (-np)")
+    vs.add_argument("--warmups", type=int, default=None, help="warm-ups sent at once before each sweep (default: "
+                    "--parallel, so every llama-server slot holds (a)'s shared prefix, as sloserve's one cache does)")
+    vs.add_argument("--start-round", type=int, default=0, help="first round's number (odd: llama-server goes first; "
+                    "it also picks the prompts), to continue a run in another invocation")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="prefix_cache-"))
     model_dir = out / "smollm2-135m-dummy"

@@ -7,8 +7,9 @@ on the shared-prefix and multi-turn workloads of benchmarks/prefix_cache.py; run
 # to both: (a) random ids, (b) the conversations through prefix_cache.py's word tokenizer (`--tokenize-prompt`).
 # Output length is fixed: ignore_eos, max_tokens = --output-len, checked in each reply's usage.
 # `sloserve bench --sweep` finds each max goodput rate (highest Poisson rate with SLO attainment >= 90%); every
-# probe draws fresh prompts, the workload's shared prefix (a) stays shared across probes, and the one warm-up
-# before the first probe computes it on both servers. Rounds alternate which server is swept first.
+# probe draws fresh prompts, the workload's shared prefix (a) stays shared across probes, and the warm-ups before
+# the first probe (one per llama-server slot, sent at once) compute it on both servers. Rounds alternate which
+# server is swept first.
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def compare(args, model_dir: Path, out: Path) -> None:
     try:
         for s in SYSTEMS:
             wait_until_healthy(bases[s], procs[s], timeout_s=300)
-        for r in range(args.rounds):
+        for r in range(args.start_round, args.start_round + args.rounds):
             for scenario, flags in workloads(args, model_dir).items():
                 for system in (SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]):
                     result = _sweep(bases[system], model_dir, flags, slos[scenario], args, seed=1000 * r + 29,
@@ -95,8 +96,9 @@ def _sweep(base: str, model_dir: Path, flags: list[str], slo: str, args, seed: i
     with open(result_dir / "bench.log", "w") as log:
         subprocess.run([*SLOSERVE, "bench", "--base-url", base, "--model", model_dir.name, *flags, "--slo", slo,
                         "--sweep", "--request-rate", str(args.start_rate), "--sweep-max-probes", str(args.max_probes),
-                        "--sweep-tolerance", "0.1", "--num-warmups", "1", "--seed", str(seed), "--temperature", "0",
-                        "--ignore-eos", "--no-plots", "--disable-tqdm", "--result-dir", str(result_dir)],
+                        "--sweep-tolerance", "0.1", "--num-warmups", str(_warmups(args)), "--seed", str(seed),
+                        "--temperature", "0", "--ignore-eos", "--no-plots", "--disable-tqdm",
+                        "--result-dir", str(result_dir)],
                        check=True, stdout=log)
     results = BenchResults.load(str(result_dir / "results.json"))
     records = [rec for run in results.runs for rec in run.records]
@@ -115,6 +117,13 @@ def _sweep(base: str, model_dir: Path, flags: list[str], slo: str, args, seed: i
             "ttft_p50_at_max": s.ttft.percentiles[50.0] if s else None,
             "tpot_p50_at_max": s.tpot.percentiles[50.0] if s and s.tpot.count else None,
             "hit_rate": _hit_rate(results, sent)}
+
+
+def _warmups(args) -> int:
+    # llama-server's prompt cache is per slot: a request finding the prefix's slot busy takes an idle one and
+    # computes the prefix again. One warm-up per slot fills them all before the first probe, so no probe measures
+    # cold slots (sloserve's one block cache needs one warm-up; the others hit it).
+    return args.warmups if args.warmups is not None else args.parallel
 
 
 def _hit_rate(results: BenchResults, sent: list) -> tuple[float, str] | None:
@@ -145,7 +154,8 @@ def _rows(sweeps: dict) -> list[dict]:
 
 def _print(rows: list[dict], args, slos: dict) -> None:
     print(f"\nmax goodput rate (attainment >= 90%, Poisson arrivals, {args.probe_requests} requests per probe, "
-          f"fresh prompts per probe), {args.rounds} round(s); {args.output_len} output tokens; SLOs {slos}")
+          f"fresh prompts per probe, {_warmups(args)} warm-ups at once before each sweep), {args.rounds} round(s); "
+          f"{args.output_len} output tokens; SLOs {slos}; a failed request misses the SLO")
     print(f"{'scenario':<16} {'system':<13} {'rate median':>11} {'min':>6} {'per round':>18} {'TTFT p50@max':>13} "
           f"{'TPOT p50@max':>13} {'hit rate (from)':>16} {'failed':>6}")
     by = {(r["scenario"], r["system"]): r for r in rows}
