@@ -129,8 +129,9 @@ FinishedHook = Callable[[RequestOutput, BaseException | None], None]
 class AsyncLLMEngine:
     """Drives an LLMEngine from one background task; handlers only queue adds and aborts.
 
-    The blocking `engine.step()` runs on a dedicated worker thread; adds and aborts are applied on
-    the loop between steps, so the engine is never touched by two threads at once.
+    The blocking `engine.step()` runs on a dedicated worker thread, step after step while nothing is
+    pending; adds and aborts are applied on the loop between those runs, so the engine is never touched
+    by two threads at once. A step's outputs are delivered on the loop while the next step runs.
     """
 
     def __init__(self, engine: LLMEngine, on_finished: FinishedHook | None = None) -> None:
@@ -244,12 +245,10 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     continue
                 try:
-                    outputs = await loop.run_in_executor(self._worker, self.engine.step)
+                    await loop.run_in_executor(self._worker, self._step_until_interrupted, loop)
                 except Exception as error:  # noqa: BLE001 - any fault in a step must end its requests
                     logger.exception("engine step failed; failing %d in-flight requests", len(self._tracked))
                     self._end_all(EngineStepError(f"the engine failed while running this request: {error!r}"))
-                    continue
-                self._dispatch(outputs)
         except BaseException as error:
             # A fault in the loop machinery itself: nothing would drive the requests any more.
             self.dead_error = error
@@ -263,6 +262,21 @@ class AsyncLLMEngine:
                     p.future.set_exception(EngineStoppedError("the engine stopped before taking this request"))
             self._end_all(None if self.dead_error is None else EngineStoppedError(f"the engine loop died: {self.dead_error!r}"))
             self._snapshot_stats()
+
+    def _step_until_interrupted(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker thread: step while there is work and nothing for the loop to apply (adds, aborts, stop).
+
+        Each step's outputs go to the loop as a callback, and the next step starts at once: waiting for
+        the loop to deliver them first would leave the engine idle while it wakes every streaming handler.
+        Token counts are taken here, before the next step grows the token lists.
+        """
+        while True:
+            ready = [StreamOutput.of(out) for out in self.engine.step()]
+            self._snapshot_stats()
+            loop.call_soon_threadsafe(self._dispatch, ready)
+            if (self._stopping or self._pending_adds or self._pending_aborts
+                    or not self.engine.has_unfinished_requests()):
+                return
 
     def _apply_pending(self) -> None:
         adds, self._pending_adds = self._pending_adds, {}
@@ -287,12 +301,13 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_id)
                 self._end(tracked, None)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    def _dispatch(self, ready: list[StreamOutput]) -> None:
+        for item in ready:
+            out = item.output
             tracked = self._tracked.get(out.request_id)
-            if tracked is None:
+            if tracked is None:  # aborted since its step (its stream has ended)
                 continue
-            tracked.stream.put(StreamOutput.of(out))
+            tracked.stream.put(item)
             if out.finished:
                 del self._tracked[out.request_id]
                 self._notify(out, None)
