@@ -51,6 +51,7 @@ class LLMEngine:
         self._detokenizers: dict[str, Detokenizer] = {}
         self.speculator = speculator
         self._groups = RequestGroups()  # n > 1 requests
+        self._busy_until: float | None = None  # when the last step ended, if it left requests to run
         self.logprobs = LogprobsRecorder(tokenizer)
 
     @property
@@ -159,6 +160,10 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock.now()
+        # A server delivers the last step's tokens and takes new requests before it calls step again: while
+        # requests were left to run, that time is part of what a step costs, so the predictor is told it.
+        between = start - self._busy_until if self._busy_until is not None else 0.0
+        self._busy_until = None
         if self._groups:
             self._groups.release(self.scheduler.add, self.config.enable_prefix_caching)
         drafts, draft_seconds = None, 0.0
@@ -187,7 +192,9 @@ class LLMEngine:
             outputs.append(self._process_tokens(request, tokens, now))
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
         # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
-        self.predictor.observe(StepShape.of(plan), self.clock.now() - start - draft_seconds)
+        end = self.clock.now()
+        self.predictor.observe(StepShape.of(plan), between + end - start - draft_seconds)
+        self._busy_until = end if self.has_unfinished_requests() else None
         return self._groups.report(outputs) if self._groups else outputs
 
     def _execute(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, list[list[int]], list[RequestOutput]]:
