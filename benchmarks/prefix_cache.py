@@ -3,6 +3,8 @@ TTFT, throughput and hit rate per scenario."""
 
 # Run: python benchmarks/prefix_cache.py [--rounds 3] [--requests 8] [--conversations 2] [--turns 6]
 #      [--output-len 16] [--threads 1] [--out DIR] [--profile PROFILE.json]
+#      or, for the max goodput rate of (a) and (b) against llama.cpp's llama-server (benchmarks/prefix_cache_vs_llama.py):
+#      python benchmarks/prefix_cache.py --vs-llama-server [--rounds 1] [--slo-shared ...] [--slo-multi-turn ...]
 # Two `sloserve serve` processes hold the same SmolLM2-135M-shaped random-weight model, one with
 # --no-enable-prefix-caching; each round runs every scenario against both, alternating which goes first,
 # so load from others on a shared machine falls on both alike. Scenarios (`sloserve bench`, one request
@@ -71,11 +73,28 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="reuse this step-time profile instead of profiling first")
+    vs = p.add_argument_group("--vs-llama-server: max goodput rate of (a) and (b), sloserve vs llama-server")
+    vs.add_argument("--vs-llama-server", action="store_true")
+    vs.add_argument("--slo-shared", default="ttft=2s,tpot=300ms", help="the SLO of (a), both servers")
+    vs.add_argument("--slo-multi-turn", default="ttft=2s,tpot=300ms", help="the SLO of (b), both servers")
+    vs.add_argument("--probe-requests", type=int, default=16, help="requests per sweep probe")
+    vs.add_argument("--start-rate", type=float, default=0.5, help="first rate each sweep probes (req/s)")
+    vs.add_argument("--max-probes", type=int, default=6)
+    vs.add_argument("--parallel", type=int, default=8, help="llama-server's slots (-np)")
+    vs.add_argument("--warmups", type=int, default=None, help="warm-ups sent at once before each sweep (default: "
+                    "--parallel, so every llama-server slot holds (a)'s shared prefix, as sloserve's one cache does)")
+    vs.add_argument("--start-round", type=int, default=0, help="first round's number (odd: llama-server goes first; "
+                    "it also picks the prompts), to continue a run in another invocation")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="prefix_cache-"))
     model_dir = out / "smollm2-135m-dummy"
     LlamaConfig(**SMOLLM2_135M).save_pretrained(model_dir)
     save_conversation_tokenizer(model_dir, SMOLLM2_135M["vocab_size"])
+    if args.vs_llama_server:
+        from prefix_cache_vs_llama import compare
+
+        print(f"machine: {describe_machine()}; load average {os.getloadavg()}")
+        return compare(args, model_dir, out)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     print(f"machine: {describe_machine()}; {args.threads} torch thread(s) per server; load average {os.getloadavg()}")
     profile_path = args.profile or str(out / "profile.json")
@@ -122,16 +141,19 @@ def main() -> None:
 
 
 def save_conversation_tokenizer(path: Path, vocab_size: int) -> None:
-    """One id per whitespace-separated word: the bundled conversations' words first (so multi-turn text has
-    distinct ids where the words differ), then plain "w<i>" words; every id decodes to a word, so the server
-    streams text for every token (the bench counts only chunks with text)."""
+    """One id per whitespace-separated word: the bundled conversations' words from id 259 (so multi-turn text has
+    distinct ids where the words differ, and none is one of the specials or byte tokens below 259 in the GGUF vocab
+    benchmarks/peers.py writes, which llama-server computes the same ids with), plain "w<i>" words elsewhere; every
+    id decodes to a word, so the server streams text for every token (the bench counts only chunks with text)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     with open(bundled_path("sharegpt_sample.json"), encoding="utf-8") as f:
         texts = [t["value"] for c in json.load(f) for t in c["conversations"]]
     words = sorted({w for text in texts for w in text.split()} | {"User:", "Assistant:"})
-    vocab = {w: i for i, w in enumerate(words)} | {f"w{i}": i for i in range(len(words), vocab_size)}
+    first = 3 + 256  # peers.py's GGUF: <unk>, <s>, </s>, then the 256 byte tokens
+    vocab = {f"w{i}": i for i in range(vocab_size) if not first <= i < first + len(words)}
+    vocab |= {w: first + i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)

@@ -44,6 +44,8 @@ def bench(
     sharegpt_output_len: Optional[int] = O(None, help="Fixed max_tokens instead of the reply's length (sharegpt, multiturn)."),
     multiturn_turns: int = O(4, help="Exchanges per conversation in the multiturn dataset."),
     tokenizer: Optional[str] = O(None, help="Local tokenizer directory for exact token counts."),
+    tokenize_prompt: bool = O(False, "--tokenize-prompt", help="Send text prompts as --tokenizer's token ids "
+                              "(SGLang bench's flag; completions only): every server computes the same tokens."),
     seed: int = O(0),
     num_warmups: int = O(0, help="Warm-up requests sent first and excluded from results."),
     duration: Optional[float] = O(None, help="Stop sending new requests after this many seconds."),
@@ -107,12 +109,14 @@ def bench(
         fmt = random_prompt_format if random_prompt_format != "auto" else ("words" if chat and tok is None else "ids")
         if chat and fmt == "ids" and tok is None:
             raise ValueError("chat endpoints take text: use --random-prompt-format words or --tokenizer")
+        if tokenize_prompt and (tok is None or chat):
+            raise ValueError("--tokenize-prompt needs --tokenizer and the completions endpoint (chat takes messages)")
         vocab = random_vocab_size or (tok.vocab_size if tok else 32000)
         workload = WorkloadOptions(
             dataset_name, dataset_path, num_prompts, request_rate, burstiness, arrival, max_concurrency,
             random_input_len, random_output_len, random_range_ratio, random_dist, random_input_min, random_input_max,
             random_output_min, random_output_max, random_prefix_len, vocab, fmt, sharegpt_output_len, seed, duration,
-            multiturn_turns,
+            multiturn_turns, tokenize_prompt,
         ).build()
         sweep_cfg = None
         if sweep:

@@ -110,6 +110,9 @@ async def _read_stream(resp: httpx.Response, rec: RequestRecord, text: list[str]
         usage = obj.get("usage") or {}
         if usage.get("prompt_tokens") is not None:
             rec.prompt_tokens = usage["prompt_tokens"]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")  # OpenAI's; llama-server, vLLM send it
+        if cached is not None:
+            rec.cached_tokens = cached
         if obj.get("choices"):
             choice = obj["choices"][0]
             piece = _piece(choice)

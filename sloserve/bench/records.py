@@ -30,6 +30,7 @@ class RequestRecord:
     error_kind: str | None = None  # None, "http_<status>", "timeout", "connection", "stream_error", "protocol", "empty", "other"
     error: str | None = None
     finish_reason: str | None = None
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache served (usage.prompt_tokens_details)
 
     @property
     def success(self) -> bool:

@@ -14,6 +14,8 @@ from sloserve.bench.results import Run
 from sloserve.bench.tokens import Tokenizer
 from sloserve.bench.workload import RequestSpec, Workload
 
+_IDLE_CONNECTION_S = 2.0  # below the 5 s keep-alive timeout common servers use
+
 
 async def play(workload: Workload, cfg: ClientConfig, *, num_warmups: int = 0, label: str = "",
                tokenizer: Tokenizer | None = None,
@@ -36,7 +38,10 @@ async def play(workload: Workload, cfg: ClientConfig, *, num_warmups: int = 0, l
     if on_start is not None:
         on_start(len(specs))
     cap = workload.max_concurrency
-    limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap or 256)
+    # Servers close idle connections after 5 s (uvicorn's default, llama-server's cpp-httplib), httpx after 5 s too:
+    # at that tie a request goes out on a connection the server is closing ("Server disconnected without sending a
+    # response": a failed request the server never saw). Retiring idle connections sooner avoids the race.
+    limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap or 256, keepalive_expiry=_IDLE_CONNECTION_S)
     async with httpx.AsyncClient(base_url=cfg.base_url, limits=limits, timeout=cfg.timeout_s) as http:
         await send(http, cfg, test, time.perf_counter(), tokenizer)
         if warmups:

@@ -54,6 +54,9 @@ class Workload:
     max_concurrency: int | None = None
     seed: int = 0
     draw: int = 0  # which set of prompts the seed gives (a sweep takes a fresh one per probe)
+    # Text prompts go out as the tokenizer's ids (SGLang bench's --tokenize-prompt): servers with other tokenizers,
+    # or none that matches, then compute exactly the same tokens.
+    tokenize_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.arrivals.kind == "trace" and not isinstance(self.source, TraceSource):
@@ -97,7 +100,18 @@ class Workload:
                 items = self.source.sample(len(offsets), prompt_rng, tok)
         if arrivals and self.duration_s is not None:
             items = [it for it, t in zip(items, offsets) if t < self.duration_s]
+        if self.tokenize_prompt:
+            items = [self._tokenized(it, tok) for it in items]
         return [RequestSpec(i, it[0], it[1], it[2], t, *it[3:]) for i, (it, t) in enumerate(zip(items, offsets))]
+
+    @staticmethod
+    def _tokenized(item: tuple, tok: Tokenizer | None) -> tuple:
+        if tok is None:
+            raise ValueError("--tokenize-prompt needs --tokenizer (the ids sent are that tokenizer's)")
+        if not isinstance(item[0], str):
+            return item  # already ids
+        ids = tok.encode(item[0])
+        return (ids, len(ids), *item[2:])
 
     def _offsets(self, n: int | None, variant: int) -> list[float]:
         if n is not None:
@@ -125,6 +139,7 @@ class Workload:
             "max_concurrency": self.max_concurrency,
             "seed": self.seed,
             "draw": self.draw,
+            "tokenize_prompt": self.tokenize_prompt,
         }
 
     @classmethod
@@ -139,6 +154,7 @@ class Workload:
             max_concurrency=d["max_concurrency"],
             seed=d["seed"],
             draw=d.get("draw", 0),  # results saved before draws existed
+            tokenize_prompt=d.get("tokenize_prompt", False),
         )
 
 
@@ -168,6 +184,7 @@ class WorkloadOptions:
     seed: int = 0
     duration: float | None = None
     multiturn_turns: int = 4  # exchanges per conversation (--dataset-name multiturn)
+    tokenize_prompt: bool = False  # send text prompts as the tokenizer's ids
 
     def build(self) -> Workload:
         """The Workload these options describe."""
@@ -176,7 +193,7 @@ class WorkloadOptions:
             self.duration and math.isfinite(self.request_rate) and kind != "burst")
         n = self.num_prompts if self.num_prompts is not None else (None if open_ended else 1000)
         return Workload(self._source(), Arrivals(kind, self.request_rate, self.burstiness), n, self.duration,
-                        concurrency, self.seed)
+                        concurrency, self.seed, tokenize_prompt=self.tokenize_prompt)
 
     def _source(self) -> Source:
         if self.dataset_name == "random":

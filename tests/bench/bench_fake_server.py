@@ -29,6 +29,7 @@ class Behaviour:
     drop_after: int | None = None  # abort the connection after this many tokens
     error_event_after: int | None = None  # send an SSE error object after this many chunks
     tokens_per_chunk: int = 1  # > 1: chunk i (of ceil(n / k)) is written at start + ttft_s + i * gap_s
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens in the final usage (OpenAI's field)
 
 
 @dataclass(slots=True)
@@ -139,8 +140,10 @@ class _Server:
             writes.append(time.monotonic())
         else:
             if b.usage:
-                await _event(writer, {"id": "x", "choices": [], "usage": {"prompt_tokens": _prompt_len(body),
-                                                                          "completion_tokens": n}})
+                usage = {"prompt_tokens": _prompt_len(body), "completion_tokens": n}
+                if b.cached_tokens is not None:
+                    usage["prompt_tokens_details"] = {"cached_tokens": b.cached_tokens}
+                await _event(writer, {"id": "x", "choices": [], "usage": usage})
         await _chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()

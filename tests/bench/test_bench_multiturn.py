@@ -1,4 +1,6 @@
-"""The multi-turn chat workload (each turn resends the conversation so far) and fresh prompts per sweep probe."""
+"""The multi-turn chat workload (each turn resends the conversation so far), fresh prompts per sweep probe, token-id
+prompts (--tokenize-prompt) and the cached prompt tokens a server reports."""
+import asyncio
 import json
 
 from bench_fake_server import Behaviour, FakeOpenAIServer, Script
@@ -8,8 +10,11 @@ from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.client import ClientConfig
 from sloserve.bench.lengths import LengthDist
 from sloserve.bench.multiturn import MultiTurnSource
+from sloserve.bench.records import RequestRecord
+from sloserve.bench.runner import play
 from sloserve.bench.sharegpt import bundled_path
 from sloserve.bench.synthetic import SyntheticSource
+from sloserve.bench.tokens import HFTokenizer
 from sloserve.bench.workload import Workload, WorkloadOptions
 from sloserve.cli import app
 
@@ -70,3 +75,50 @@ def test_sweep_probes_send_fresh_prompts_and_say_so(tmp_path):
     assert len(prompts) == 8 and len(set(prompts)) == 8  # two probes of four, none resent
     assert len({p[:3] for p in prompts}) == 1  # the prefix the workload asks for stays shared
     assert json.loads((out / "results.json").read_text())["sweep"]["prompts"] == "fresh per probe"
+
+
+def save_word_tokenizer(path) -> HFTokenizer:
+    """One id per word of the bundled conversations (and the "User:"/"Assistant:" labels), [UNK] = 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for q, a in bundled_exchanges().items() for w in (q + " " + a).split()} | {"User:", "Assistant:"})
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0} | {w: i + 1 for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(path))
+    return HFTokenizer(str(path))
+
+
+def test_tokenize_prompt_sends_the_tokenizers_ids_of_each_turn(tmp_path):
+    tok = save_word_tokenizer(tmp_path / "tok")
+    text = Workload(MultiTurnSource(turns=3, output_len=5), num_requests=4, seed=3).requests(tok)
+    ids = Workload(MultiTurnSource(turns=3, output_len=5), num_requests=4, seed=3, tokenize_prompt=True).requests(tok)
+    assert [s.prompt for s in ids] == [tok.encode(s.prompt) for s in text]
+    assert [s.prompt_len for s in ids] == [len(s.prompt) for s in ids] and 0 not in ids[1].prompt
+    assert ids[1].prompt[:len(ids[0].prompt)] == ids[0].prompt  # turn 2 extends turn 1's ids (a cache can hit)
+    out = tmp_path / "run"
+    args = ["bench", "--dataset-name", "multiturn", "--multiturn-turns", "3", "--num-prompts", "4",
+            "--sharegpt-output-len", "5", "--seed", "3", "--tokenizer", str(tmp_path / "tok"), "--tokenize-prompt",
+            "--num-warmups", "1", "--result-dir", str(out), "--no-plots", "--disable-tqdm", "--model", "m"]
+    with FakeOpenAIServer(Script(Behaviour(ttft_s=0.01, gap_s=0.005))) as srv:
+        res = CliRunner().invoke(app, args + ["--base-url", srv.base_url])
+        bodies = srv.bodies()
+    assert res.exit_code == 0, res.output
+    assert all(isinstance(b["prompt"], list) and all(isinstance(t, int) for t in b["prompt"]) for b in bodies)
+    assert [b["prompt"] for b in bodies[-4:]] == [s.prompt for s in ids]  # after the test request and the warm-up
+    assert json.loads((out / "results.json").read_text())["config"]["workload"]["tokenize_prompt"] is True
+    for extra, message in ((["--tokenizer", str(tmp_path / "tok"), "--endpoint", "/v1/chat/completions"], "completions"),
+                           ([], "needs --tokenizer")):
+        res = CliRunner().invoke(app, ["bench", "--tokenize-prompt", "--model", "m", "--result-dir", str(out), *extra])
+        assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_the_cached_prompt_tokens_a_server_reports_in_usage_are_recorded():
+    w = Workload(SyntheticSource(LengthDist(12), LengthDist(3)), Arrivals(), 2)
+    with FakeOpenAIServer(Script(Behaviour(ttft_s=0.01, gap_s=0.005, cached_tokens=7))) as srv:
+        run = asyncio.run(play(w, ClientConfig(srv.base_url, model="m")))
+    with FakeOpenAIServer(Script(Behaviour(ttft_s=0.01, gap_s=0.005))) as srv:
+        without = asyncio.run(play(w, ClientConfig(srv.base_url, model="m")))
+    assert [(r.prompt_tokens, r.cached_tokens) for r in run.records] == [(12, 7), (12, 7)]
+    assert [r.cached_tokens for r in without.records] == [None, None]
+    assert RequestRecord.from_dict(run.records[0].to_dict()).cached_tokens == 7
