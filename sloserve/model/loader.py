@@ -38,7 +38,7 @@ def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
     # Never the repository's own code: supported architectures are implemented here.
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except ValueError as error:
+    except ValueError:
         if custom_code_of(path):
             raise ValueError(_custom_code_message(path)) from None
         raise

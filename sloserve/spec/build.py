@@ -4,7 +4,6 @@ from __future__ import annotations
 from sloserve.config import EngineConfig
 from sloserve.model.loader import LoadedModel, load_model
 from sloserve.model.runner import ModelExecutor
-from sloserve.spec.config import SpeculativeConfig
 from sloserve.spec.draft_model import DraftModelProposer
 from sloserve.spec.ngram import NgramProposer
 from sloserve.spec.proposer import Proposer
