@@ -7,7 +7,7 @@ interleaved round by round; request throughput, TTFT and TPOT under `sloserve be
 # (PYTHONPATH), with this checkout's Python environment and the bundled demo model of this checkout, so only
 # the engine and server code differ. Each round plays every rate to both servers, alternating which goes
 # first, so load from others on a shared machine falls on both alike. Figures are medians over rounds;
-# the ratio is current / previous (throughput: higher is better; latencies: lower is better).
+# ratios are current / previous per round, and their median (throughput: higher is better; latencies: lower).
 
 from __future__ import annotations
 
@@ -111,12 +111,17 @@ def main() -> None:
     print(f"previous = {args.ref} ({sha[:10]}); current = this checkout's working tree; demo model, "
           f"{' '.join(KNOBS)}, OMP_NUM_THREADS={args.threads}; ShareGPT prompts, {args.output_len} output tokens "
           f"(ignore_eos), {args.num_prompts} requests per run; medians of {args.rounds} rounds")
-    print(f"{'rate':>6} {'metric':>12} {'previous':>10} {'current':>10} {'current/previous':>17}")
+    # Ratios are paired by round (both systems within the same minutes), then summarised: a machine that drifts
+    # between rounds moves both sides of a pair, not one side of a median.
+    print(f"{'rate':>6} {'metric':>12} {'previous':>10} {'current':>10} {'current/previous by round':>26} {'median':>7}")
     for rate in rates:
         for metric, better in METRICS:
-            before = statistics.median(f[metric] for f in figures[("previous", rate)])
-            after = statistics.median(f[metric] for f in figures[("current", rate)])
-            print(f"{rate:>6} {metric:>12} {before:10.1f} {after:10.1f} {after / before:16.2f}x ({better} is better)")
+            pairs = list(zip(figures[("previous", rate)], figures[("current", rate)]))
+            ratios = [c[metric] / p[metric] for p, c in pairs]
+            before = statistics.median(p[metric] for p, _ in pairs)
+            after = statistics.median(c[metric] for _, c in pairs)
+            print(f"{rate:>6} {metric:>12} {before:10.1f} {after:10.1f} {' '.join(f'{r:.2f}' for r in ratios):>26} "
+                  f"{statistics.median(ratios):6.2f}x ({better} is better)")
 
 
 if __name__ == "__main__":
