@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 from transformers import LlamaConfig
 
-from sloserve.bench.endpoint import free_port, wait_until_healthy
+from sloserve.bench.endpoint import free_port, stop_servers, wait_until_healthy
 from sloserve.bench.metrics import summarize
 from sloserve.bench.results import BenchResults
 from sloserve.bench.sharegpt import bundled_path
@@ -129,10 +129,7 @@ def main() -> None:
                           f"(simulated {run['sim_ttft_p50'] * 1000:.0f} ms), hit rate {run['hit_rate']:.1%} "
                           f"(simulated {run['sim_hit_rate']:.1%}), load {os.getloadavg()[0]:.2f}")
     finally:
-        for proc in servers.values():
-            proc.terminate()
-        for proc in servers.values():
-            proc.wait(timeout=60)
+        stop_servers(servers.values())
     table = _table(runs)
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "machine": describe_machine(), "rows": table},
                                                  indent=2))

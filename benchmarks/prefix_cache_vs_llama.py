@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from sloserve.bench.endpoint import free_port, wait_until_healthy
+from sloserve.bench.endpoint import free_port, stop_servers, wait_until_healthy
 from sloserve.bench.metrics import summarize
 from sloserve.bench.results import BenchResults
 from sloserve.bench.slo import SLO
@@ -80,10 +80,7 @@ def compare(args, model_dir: Path, out: Path) -> None:
                     print(f"  round {r} {scenario} {system}: max goodput rate {result['max_rate']} req/s "
                           f"(lowest rate missing: {result['upper_rate']}), load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=60)
+        stop_servers(procs.values())
     rows = _rows(sweeps)
     (out / "vs_llama_server.json").write_text(json.dumps(
         {"args": vars(args), "llama_server": {"version": llama_server.version_of(binary), "flags": opts.flags(),

@@ -27,7 +27,7 @@ import numpy as np
 
 from sloserve.bench.arrivals import Arrivals
 from sloserve.bench.client import ClientConfig, send
-from sloserve.bench.endpoint import wait_until_healthy
+from sloserve.bench.endpoint import stop_servers, wait_until_healthy
 from sloserve.bench.metrics import request_metrics
 from sloserve.bench.records import RequestRecord
 from sloserve.bench.sharegpt import ShareGPTSource
@@ -120,7 +120,7 @@ def serve(model_dir: Path, profile: str, policy: str, admission: bool, port: int
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", server)
     except BaseException:
-        stop([server])
+        stop_servers([server])
         raise
     return server
 
@@ -140,18 +140,10 @@ def calibrate(model_dir: Path, profile: str, args, env: dict, out: Path) -> tupl
         specs, classes = mixed_specs(args.real_requests, capacity, args.seed + 1000, vocab)
         asyncio.run(replay(url, model_dir.name, specs, classes))
     finally:
-        stop([server])
+        stop_servers([server])
     if not harvested.exists():
         raise SystemExit(f"the calibration server saved no step-time model to {harvested}")
     return capacity, str(harvested)
-
-
-def stop(servers) -> None:
-    servers = list(servers)
-    for server in servers:
-        server.terminate()
-    for server in servers:
-        server.wait(timeout=60)
 
 
 def main() -> None:
@@ -221,7 +213,7 @@ def main() -> None:
                     rows.append(("sim@real", load, label, summarize(sim_records, classes, sim_duration)))
                     print(f"  real {label} at {load:g}x done; load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
-            stop(server for server, _ in servers.values())
+            stop_servers(server for server, _ in servers.values())
     print_table(rows, capacity)
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sloserve.bench.endpoint import free_port, wait_until_healthy
+from sloserve.bench.endpoint import free_port, stop_servers, wait_until_healthy
 from sloserve.bench.metrics import summarize
 from sloserve.bench.results import BenchResults
 from sloserve.cli_args import default_model_dir
@@ -103,10 +103,7 @@ def main() -> None:
                               flush=True)
                 print(f"round {r + 1}/{args.rounds} done; load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
-            for server in servers.values():
-                server.terminate()
-            for server in servers.values():
-                server.wait(timeout=60)
+            stop_servers(servers.values())
     print(f"\nmachine: {describe_machine()['cpu']}, {os.cpu_count()} cores, load average {os.getloadavg()}")
     print(f"previous = {args.ref} ({sha[:10]}); current = this checkout's working tree; demo model, "
           f"{' '.join(KNOBS)}, OMP_NUM_THREADS={args.threads}; ShareGPT prompts, {args.output_len} output tokens "

@@ -27,3 +27,12 @@ def wait_until_healthy(base_url: str, server: subprocess.Popen | None = None, ti
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the server was not ready within {timeout_s:.0f} s")
+
+
+def stop_servers(servers) -> None:
+    """Terminate every server process, then wait for each (they shut down side by side, not in turn)."""
+    servers = list(servers)
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.wait(timeout=60)

@@ -35,3 +35,13 @@ def server(chat_model_dir):
                    admission=AdmissionLimits(max_waiting_requests=256, max_waiting_tokens=1 << 20))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of two CPUs per test module (a module's replicas may hold its CPUs for the whole module)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()

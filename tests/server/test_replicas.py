@@ -18,13 +18,6 @@ GOOD = {"model": MODEL_NAME, "prompt": "Shall I compare thee", "max_tokens": 12,
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def replicated(local_ray, chat_model_dir):
     made = []
 

@@ -5,21 +5,11 @@ A module of its own: its Ray holds the CPUs of these two replicas only (test_rep
 from __future__ import annotations
 
 import httpx
-import pytest
-
-import ray
 
 from serverkit import MODEL_NAME, LiveServer, metric, parse_metrics, wait_until
 from sloserve.router.launch import ReplicaSettings, start_replicas, stop_replicas
 
 GOOD = {"model": MODEL_NAME, "prompt": "Shall I compare thee", "max_tokens": 12, "ignore_eos": True, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_spec_decode_counters_of_the_replicas_reach_metrics(local_ray, chat_model_dir):
