@@ -10,6 +10,9 @@ from sloserve.engine.cost_model import FitError, LinearCostModel
 from sloserve.engine.features import OVERHEAD_TERMS, ExecuteFeatures, StepShape, overhead_features, token_knots
 
 
+MIN_STEP_SECONDS = 1e-6
+
+
 class StepTimeModel(Protocol):
     def step_seconds(self, shape: StepShape) -> float:
         """Predicted seconds from one step's start to the next: the executor's and the engine's own work."""
@@ -46,7 +49,9 @@ class StepCostModel:
         return len(self.features.execute.terms)
 
     def step_seconds(self, shape: StepShape) -> float:
-        return self._linear.predict(self.features(shape))
+        # A non-negative fit may price a shape it has no evidence for at zero; no step is free, and the scheduler
+        # divides by these times (a zero once raised in the middle of a served step and failed its requests).
+        return max(self._linear.predict(self.features(shape)), MIN_STEP_SECONDS)
 
     @classmethod
     def default(cls, max_num_batched_tokens: int) -> StepCostModel:

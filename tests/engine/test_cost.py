@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from sloserve.engine.cost import StepCostModel, StepPredictor
+from sloserve.engine.cost import StepCostModel, StepPredictor, prefill_chunk, rate_floor
 from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerConfig
@@ -99,3 +99,13 @@ def test_time_between_busy_steps_is_part_of_the_next_steps_cost_but_idle_time_is
     engine.add_request("q", [4, 5], SamplingParams(max_tokens=1))
     engine.step()
     assert [seconds for _, seconds in engine.predictor.observations] == pytest.approx([0.001, 0.005, 0.001, 0.001])
+
+
+def test_a_model_that_prices_steps_at_zero_still_predicts_time_and_chunks_are_cut_without_error():
+    """A non-negative fit can set every term a shape uses to zero; the scheduler divides by predicted step times."""
+    default = StepCostModel.default(256)
+    zero = StepCostModel(default.knots, [0.0] * len(default.coefficients))
+    empty = StepShape([], [], [])
+    assert zero.step_seconds(StepShape([64], [0], [True])) > 0
+    assert 1 <= rate_floor(zero, empty, 0, 256, 1000.0) <= 256
+    assert prefill_chunk(zero, empty, 0, 256, 16, 0.025, min_rate=1000.0) == 256
