@@ -130,7 +130,7 @@ class StepPredictor:
         # Where no step was measured the start's shape holds, at the speed the measured steps show: a
         # conservative default is ~10x slow on a fast machine, and left as it is, one unseen step size (a
         # full-budget prefill) would look 10x dear to every policy, router and admission that prices it.
-        speed = float(np.median(y / np.maximum(self.start._linear.predict_many(x), 1e-9)))
+        speed = float(np.median(y / np.maximum(x @ np.asarray(self.start.coefficients), 1e-9)))
         w = np.concatenate([np.ones(len(y)), np.full(len(self._prior_y), self.prior_weight)])
         fitted = LinearCostModel.fit(features.terms, np.vstack([x, self._prior_x]),
                                      np.concatenate([y, self._prior_y * speed]), w)
