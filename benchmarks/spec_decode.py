@@ -2,8 +2,8 @@
 ngram on two copy-heavy workloads (benchmarks/spec_workloads.py), at several concurrencies, interleaved in one run;
 greedy outputs must agree in every row.
 
-    .venv/bin/python benchmarks/spec_decode.py [--concurrency 1,4,16,32] [--max-tokens 48] [--repeats 2] [--dtype float32]
-        [--workloads chats,copy,copy-own]
+    .venv/bin/python benchmarks/spec_decode.py [--concurrency 1,4,16,32] [--max-tokens 48] [--row-tokens 2048]
+        [--repeats 3] [--dtype float32] [--workloads chats,copy,copy-own] [--trace]
     .venv/bin/python benchmarks/spec_decode.py --breakdown [--workloads copy,copy-own]  # one request: where time goes
     .venv/bin/python benchmarks/spec_decode.py --sim-check [--profile P] [--sim-concurrency 1,16]  # simulated vs measured
 
@@ -11,8 +11,12 @@ float32 by default: in the checkpoint's bfloat16 a verification (k + 1 rows thro
 larger matmuls) rounds differently from a one-row decode, and at batch 32 two of 32 greedy outputs flipped on a
 near-tie; in float32 every row matched.
 
-Offline engine (LLM), closed loop: `c` requests submitted together. TPOT per request = (last token - first token) /
-(tokens - 1), p50/p99 over requests of the best repeat (min wall time); tok/s = output tokens / wall time.
+Offline engine (LLM), closed loop: waves of `c` requests submitted together, as many waves as a row needs to emit at
+least `--row-tokens` tokens (a row must last seconds, not 0.1 s, to resolve a 3% difference on a shared machine).
+Configs run interleaved, `--repeats` rounds; "vs off" is each round's tok/s over off's in the same round, the
+median of those ratios (and their min..max). TPOT per request = (last token - first token) / (tokens - 1), p50/p99
+over the requests of the median round; tok/s = output tokens / wall time, median over rounds. Load average per row.
+`--trace`: for adaptive rows, the k it chose per step and its predicted vs measured step (benchmarks/spec_trace.py).
 """
 from __future__ import annotations
 
@@ -23,12 +27,14 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/ beside sloserve/, run as a script
 from benchmarks.spec_breakdown import best_breakdowns, print_breakdown, timers  # noqa: E402
+from benchmarks.spec_trace import decode_steps, summarise, summarise_steps, trace_adaptive  # noqa: E402
 from benchmarks.spec_workloads import SEPARATOR, chats_and_copy, copy_own_prompts, openings  # noqa: E402
 from sloserve import LLM, SamplingParams  # noqa: E402
 from sloserve.cli_args import default_model_dir  # noqa: E402
@@ -62,25 +68,38 @@ def configs(method: str) -> dict[str, dict | None]:
     }
 
 
-def run_once(llm: LLM, prompts: list[str], max_tokens: int) -> dict:
+def run_once(llm: LLM, prompts: list[list[int]], max_tokens: int, concurrency: int | None = None) -> dict:
+    """`prompts` in waves of `concurrency` (all at once by default), each wave submitted together."""
     engine = llm.engine
     spec = engine.speculator
-    before = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens, spec.stats.num_emitted_tokens) if spec else None
+    counters = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_emitted_tokens")
+    before = [getattr(spec.stats, c) for c in counters] if spec else None
+    k_before = list(spec.stats.steps_per_k) if spec else None
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    wave = concurrency or len(prompts)
+    outs = []
     with timers(llm) as timed:
         start = time.perf_counter()
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                                       ignore_eos=True))
+        for i in range(0, len(prompts), wave):
+            outs += llm.generate(prompt_token_ids=prompts[i:i + wave], sampling_params=params)
         wall = time.perf_counter() - start
     tpots = [(o.outputs[0].token_times[-1] - o.outputs[0].token_times[0]) / (len(o.outputs[0].token_ids) - 1) for o in outs if len(o.outputs[0].token_ids) > 1]
     row = {"wall": wall, "tokens": [o.outputs[0].token_ids for o in outs], "tpots": tpots,
            "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
            "draft_s": timed["propose"].seconds_from(0) if spec else 0.0, "target_s": timed["execute"].seconds_from(0)}
     if spec:
-        after = (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens, spec.stats.num_emitted_tokens)
-        d = [a - b for a, b in zip(after, before)]
+        d = [getattr(spec.stats, c) - b for c, b in zip(counters, before)]
         row["acceptance"] = d[2] / d[1] if d[1] else 0.0
         row["mean_len"] = d[3] / d[0] if d[0] else 0.0
+        row["k_steps"] = [a - b for a, b in zip(spec.stats.steps_per_k, k_before)]
     return row
+
+
+def k_histogram(k_steps: list[int] | None) -> str:
+    """Decoding steps by chosen k, e.g. '0:410 4:32' (fixed k: one entry)."""
+    if not k_steps or not sum(k_steps):
+        return "-"
+    return " ".join(f"{k}:{n}" for k, n in enumerate(k_steps) if n)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -169,7 +188,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--row-tokens", type=int, default=2048, help="each row emits at least this many tokens (waves of "
+                    "`c` requests): long enough to resolve a few percent")
+    ap.add_argument("--trace", action="store_true", help="adaptive rows: the k chosen per step, predicted vs measured")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--sim-check", action="store_true", help="simulated vs measured TPOT instead of the main table")
     ap.add_argument("--sim-concurrency", default="1,16")
@@ -192,33 +214,56 @@ def main() -> None:
     if args.sim_check:
         sim_check(args)
         return
-    print(f"target {TARGET.name}, draft {DRAFT.name}, {args.dtype}; max_tokens {args.max_tokens} (ignore_eos), greedy; best of {args.repeats} interleaved repeats")
+    print(f"target {TARGET.name}, draft {DRAFT.name}, {args.dtype}; max_tokens {args.max_tokens} (ignore_eos), greedy; {args.repeats} interleaved rounds, >= {args.row_tokens} tokens a row")
     chosen = args.workloads.split(",")
     if unknown := set(chosen) - set(METHODS):
         ap.error(f"--workloads: unknown {sorted(unknown)}; known: {', '.join(METHODS)}")
     if args.breakdown:
         breakdowns(args, chosen)
         return
-    print("| workload | method | conc | config | TPOT p50 ms | TPOT p99 ms | tok/s | vs off | acceptance | mean accepted len | draft s | target s | wall s | greedy = off |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| workload | method | conc | requests | config | TPOT p50 ms | TPOT p99 ms | tok/s | vs off (median of rounds) | "
+          "min..max | acceptance | mean accepted len | k chosen (steps) | draft s | target s | wall s | load | greedy = off |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in chosen:
         method = METHODS[workload]
         llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in configs(method).items()}
         data = workload_prompts(workload, llms["off"], args.max_tokens + 16)
         for c in levels:
-            prompts = (data * (c // len(data) + 1))[:c]
-            for llm in llms.values():  # warm-up: kernels, the predictor's first steps
-                run_once(llm, prompts[:1], 8)
+            waves = max(1, -(-args.row_tokens // (c * args.max_tokens)))
+            prompts = (data * (c * waves // len(data) + 1))[:c * waves]
+            for llm in llms.values():  # warm-up: kernels, the predictor's first steps at this batch size
+                run_once(llm, prompts[:c], 8)
             results: dict[str, list[dict]] = {name: [] for name in llms}
+            traces: dict[str, list] = {name: [] for name in llms}
             for _ in range(args.repeats):
                 for name, llm in llms.items():  # interleaved: the machine's load hits every config alike
-                    results[name].append(run_once(llm, prompts, args.max_tokens))
-            best = {name: min(rs, key=lambda r: r["wall"]) for name, rs in results.items()}
-            for name, r in best.items():
-                same = all(x["tokens"] == best["off"]["tokens"] for x in results[name])
-                print(f"| {workload} | {method} | {c} | {name} | {statistics.median(r['tpots']) * 1e3:.1f} | {pct(r['tpots'], 99) * 1e3:.1f} | "
-                      f"{r['tok_s']:.0f} | {r['tok_s'] / best['off']['tok_s']:.2f}x | {r.get('acceptance', 0):.2f} | {r.get('mean_len', 0):.2f} | "
-                      f"{r['draft_s']:.2f} | {r['target_s']:.2f} | {r['wall']:.2f} | {'yes' if same else 'NO'} |", flush=True)
+                    if not args.trace:
+                        results[name].append(run_once(llm, prompts, args.max_tokens, c))
+                        continue
+                    with decode_steps(llm, 5) as steps, (trace_adaptive(llm) if name == "adaptive" else nullcontext([])) as chosen:
+                        results[name].append(run_once(llm, prompts, args.max_tokens, c))
+                    traces[name].append((steps, chosen))
+            load = os.getloadavg()[0]
+            rounds = range(args.repeats)
+            for name, rs in results.items():
+                ratios = sorted(rs[i]["tok_s"] / results["off"][i]["tok_s"] for i in rounds)
+                r = sorted(rs, key=lambda x: x["wall"])[len(rs) // 2]  # the median round
+                same = all(x["tokens"] == results["off"][0]["tokens"] for x in rs)
+                print(f"| {workload} | {method} | {c} | {len(prompts)} | {name} | {statistics.median(r['tpots']) * 1e3:.2f} | "
+                      f"{pct(r['tpots'], 99) * 1e3:.2f} | {statistics.median(x['tok_s'] for x in rs):.0f} | "
+                      f"{statistics.median(ratios):.3f}x | {ratios[0]:.2f}..{ratios[-1]:.2f} | {r.get('acceptance', 0):.2f} | "
+                      f"{r.get('mean_len', 0):.2f} | {k_histogram(r.get('k_steps'))} | {r['draft_s']:.2f} | {r['target_s']:.2f} | "
+                      f"{r['wall']:.2f} | {load:.1f} | {'yes' if same else 'NO'} |", flush=True)
+            if args.trace:
+                print(f"\nsteps with all {c} rows decoding (no prefill), {workload} at {c} concurrent, all rounds:")
+                print("| config | steps | new tokens (median) | measured ms (median) | measured ms (min) | predicted ms (median) |")
+                print("|---|---|---|---|---|---|")
+                for name, runs in traces.items():
+                    print(summarise_steps(name, [x for steps, _ in runs for x in steps], c))
+                off = [x.measured for steps, _ in traces["off"] for x in steps if x.rows == c]
+                print(f"\nadaptive's choices (ms per step; 'meas off step' is off's median {c}-row decode step):")
+                print("\n".join(summarise([x for _, chosen in traces["adaptive"] for x in chosen],
+                                           statistics.median(off) if off else None)) + "\n", flush=True)
     print(f"load average at end {os.getloadavg()}")
 
 

@@ -52,7 +52,20 @@ class AcceptanceEstimator:
         self._requests.pop(request_id, None)
 
 
-def choose_k(
+@dataclass(slots=True)
+class Candidate:
+    """One k as adaptive speculation weighs it: predicted seconds (target step + drafting) and expected tokens."""
+
+    k: int
+    seconds: float
+    tokens: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def candidates(
     max_k: int,
     limits: list[int],  # per request, the most drafts it can use (max_tokens, max_model_len)
     contexts: list[int],
@@ -61,13 +74,14 @@ def choose_k(
     budget: int,
     target: StepTimeModel,
     draft_seconds: Callable[[list[int], list[int]], float],
-) -> int:
-    """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k).
+    verify_scale: float = 1.0,  # measured over predicted cost of verification steps, relative to steps without drafts
+) -> list[Candidate]:
+    """Each k in 0..max_k: its step's predicted seconds and expected output tokens.
 
     Drafts spend the token budget that prefill chunks would otherwise take, so the prefill that fits
     beside them is part of each candidate's step; its tokens do not count as output.
     """
-    best_k, best_rate, previous = 0, 0.0, 0.0
+    out, previous = [], 0.0
     for k in range(max_k + 1):
         ks = [min(k, limit) for limit in limits]
         new = [1 + x for x in ks]
@@ -76,8 +90,17 @@ def choose_k(
         if prefill > 0:
             shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
-        previous = seconds = max(previous, target.step_seconds(shape) + (draft_seconds(ks, contexts) if k else 0.0))
-        rate = sum(expected_tokens(a, x) for a, x in zip(alphas, ks)) / max(seconds, 1e-9)
-        if rate > best_rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
-            best_k, best_rate = k, rate
-    return best_k
+        step = target.step_seconds(shape) * (verify_scale if k else 1.0)
+        previous = seconds = max(previous, step + (draft_seconds(ks, contexts) if k else 0.0))
+        out.append(Candidate(k, seconds, sum(expected_tokens(a, x) for a, x in zip(alphas, ks))))
+    return out
+
+
+def choose_k(max_k: int, limits: list[int], contexts: list[int], alphas: list[float], prefill_tokens: int, budget: int,
+             target: StepTimeModel, draft_seconds: Callable[[list[int], list[int]], float], verify_scale: float = 1.0) -> int:
+    """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k)."""
+    best = None
+    for c in candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify_scale):
+        if best is None or c.rate > best.rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
+            best = c
+    return best.k

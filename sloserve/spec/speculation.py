@@ -5,12 +5,17 @@ from dataclasses import dataclass, field
 
 from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.cost import StepTimeModel
+from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.logits_processors import is_active
 from sloserve.request import Request
 from sloserve.spec.adaptive import AcceptanceEstimator, choose_k
 from sloserve.spec.config import SpeculativeConfig
 from sloserve.spec.proposer import DraftRequest, Proposer
+from sloserve.spec.verify_cost import VerifyCost
+
+# Exploring a verification (VerifyCost.explore) is worth a step only where drafts are accepted at all.
+EXPLORE_MIN_ACCEPTANCE = 0.2
 
 
 @dataclass(slots=True)
@@ -22,6 +27,7 @@ class SpecDecodeStats:
     num_accepted_tokens: int = 0
     num_emitted_tokens: int = 0  # accepted drafts plus the target's own token of each verification
     accepted_per_pos: list[int] = field(default_factory=list)
+    steps_per_k: list[int] = field(default_factory=list)  # decoding steps by the k chosen for them (0..K)
 
     @property
     def acceptance_rate(self) -> float:
@@ -43,11 +49,14 @@ class Speculation:
         self.max_model_len = max_model_len
         self.budget = max_num_batched_tokens
         self.acceptance = AcceptanceEstimator()
-        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens,
+                                     steps_per_k=[0] * (config.num_speculative_tokens + 1))
         self.last_k = 0  # the k the latest step chose (adaptive) or K (fixed)
         # Measured over predicted proposal time: the proposer's model times its forward passes, a proposal
         # also pays for building batches and sampling; this running ratio folds that in.
         self.draft_scale = 1.0
+        self.verify_cost = VerifyCost()
+        self._pending: tuple[StepTimeModel, float] | None = None  # adaptive: the step's predictor and target start
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
@@ -59,27 +68,40 @@ class Speculation:
                       r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
                       self.max_model_len - r.num_tokens - 1) for r in decoding]
         k = self.config.num_speculative_tokens
-        if self.config.k_policy == "adaptive" and decoding:
+        adaptive = self.config.k_policy == "adaptive" and bool(decoding)
+        if adaptive:
             prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
-            k = choose_k(k, limits, [r.num_tokens for r in decoding], [self.acceptance.alpha(r.request_id) for r in decoding],
-                         prefill, self.budget, predictor, self._draft_seconds)
+            alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
+            k = choose_k(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget, predictor,
+                         self._draft_seconds, self.verify_cost.scale)
+            if k == 0 and self.verify_cost.explore() and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE:
+                k = 1
         self.last_k = k
+        if decoding:
+            self.stats.steps_per_k[k] += 1
         batch = [DraftRequest(r.request_id, r.all_token_ids, min(k, limit), r.sampling_params)
                  for r, limit in zip(decoding, limits) if min(k, limit) > 0]
-        if not batch:
-            return {}
-        predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
-        start = self.clock.now()
-        drafts = self.proposer.propose(batch)
-        if predicted > 0:
-            ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
-            self.draft_scale += 0.1 * (ratio - self.draft_scale)
+        drafts = []
+        if batch:
+            predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
+            start = self.clock.now()
+            drafts = self.proposer.propose(batch)
+            if predicted > 0:
+                ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
+                self.draft_scale += 0.1 * (ratio - self.draft_scale)
+        # The target's part of the step starts now (drafting is priced apart): observe() measures it.
+        self._pending = (predictor, self.clock.now()) if adaptive else None
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
 
     def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
         return self.draft_scale * self.proposer.predict_seconds(ks, contexts)
 
     def observe(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
+        if self._pending is not None:
+            predictor, start = self._pending
+            self._pending = None
+            verified = any(s.spec_token_ids for s in plan.scheduled)
+            self.verify_cost.observe(verified, self.clock.now() - start, predictor.step_seconds(StepShape.of(plan)))
         for s, tokens in zip(plan.scheduled, sampled):
             if not s.spec_token_ids or not tokens:
                 continue

@@ -1,8 +1,17 @@
-"""Adaptive speculation length: the k with the most expected tokens per predicted second, 0 under heavy load."""
+"""Adaptive speculation length: the k with the most expected tokens per predicted second, 0 under heavy load; the
+verification cost it measures corrects the predictor's price of a verification."""
 import pytest
 
+from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import StepShape
+from sloserve.engine.scheduler import SchedulerConfig
+from sloserve.request import SamplingParams
 from sloserve.spec.adaptive import AcceptanceEstimator, choose_k, expected_tokens
+from sloserve.spec.config import SpeculativeConfig
+from sloserve.spec.speculation import Speculation
+from sloserve.spec.verify_cost import VerifyCost
+from tests.engine.fakes import run_to_completion
+from tests.spec.test_spec_engine import CountingVerifier
 
 
 class ComputeBound:
@@ -68,3 +77,118 @@ def test_no_speculation_is_the_floor_of_any_predicted_step():
     # every k yields one token for at least k = 0's time, and k = 0 stays.
     fit = Fitted({1: 0.002, 2: 0.0001, 3: 0.0001, 4: 0.0001, 5: 0.0001})
     assert choose_k(4, [4], [150], [0.0], 0, 512, fit, lambda ks, cs: 0.0) == 0
+
+
+def test_a_measured_verify_cost_corrects_a_fit_that_overprices_verification():
+    # The fit prices any multi-token row like a prefill chunk (9x a decode step); what the steps measured says a
+    # verification costs a tenth of that price while decodes cost what they are priced at.
+    fit = OverpricedVerification()
+    args = (4, [4] * 4, [220] * 4, [0.8] * 4, 0, 512, fit, lambda ks, cs: 0.0)
+    assert choose_k(*args) == 0
+    cost = VerifyCost()
+    cost.observe(False, 0.001, 0.001)
+    cost.observe(True, 0.0015, 0.015)
+    assert cost.scale == pytest.approx(0.1)
+    assert choose_k(*args, cost.scale) == 4
+
+
+def test_verify_cost_scale_is_neutral_until_both_kinds_are_measured_and_averages_slowly():
+    cost = VerifyCost(weight=0.1)
+    assert cost.scale == 1.0
+    cost.observe(True, 0.002, 0.010)
+    assert cost.scale == 1.0  # no decode step measured yet: nothing to compare with
+    cost.observe(False, 0.002, 0.002)
+    assert cost.scale == pytest.approx(0.2)
+    cost.observe(True, 0.010, 0.010)  # one slow verification moves the average a tenth of the way
+    assert cost.verify_ratio == pytest.approx(0.2 + 0.1 * 0.8)
+    cost.observe(True, 0.0, 0.010)  # a step that measured nothing is not evidence
+    assert cost.verify_ratio == pytest.approx(0.28)
+
+
+def test_verify_cost_explores_after_enough_steps_without_a_verification():
+    cost = VerifyCost(explore_every=3)
+    for _ in range(2):
+        cost.observe(False, 0.001, 0.001)
+        assert not cost.explore()
+    cost.observe(False, 0.001, 0.001)
+    assert cost.explore()
+    cost.observe(True, 0.001, 0.001)
+    assert not cost.explore()
+
+
+class OverpricedVerification:
+    """The predictor: 1 ms for a step of one-token rows, 9 ms for any step with a multi-token row; learns nothing."""
+
+    def step_seconds(self, shape: StepShape) -> float:
+        return 0.001 if all(n == 1 for n in shape.new_tokens) else 0.009
+
+    def observe(self, shape, seconds) -> None:
+        pass
+
+
+class ShapeClock:
+    """Time passes only while the executor runs: 1 ms a step plus `per_extra_token` for every token past one a row."""
+
+    def __init__(self, per_extra_token: float) -> None:
+        self.t, self.per_extra_token = 0.0, per_extra_token
+
+    def now(self) -> float:
+        return self.t
+
+    def run(self, plan) -> None:
+        self.t += 0.001 + self.per_extra_token * sum(s.num_new_tokens - 1 for s in plan.scheduled)
+
+
+class TimedVerifier(CountingVerifier):
+    def __init__(self, clock: ShapeClock) -> None:
+        super().__init__(num_kv_blocks=128)
+        self.clock = clock
+
+    def execute(self, plan):
+        self.clock.run(plan)
+        return super().execute(plan)
+
+
+class RightDrafts:
+    """Drafts the counting model's continuation (every draft accepted), at no cost."""
+
+    draft_probs: dict = {}
+
+    def propose(self, batch):
+        return [[r.token_ids[-1] + 1 + i for i in range(r.k)] for r in batch]
+
+    def forget(self, request_ids):
+        pass
+
+    def predict_seconds(self, ks, contexts):
+        return 0.0
+
+
+def adaptive_run(per_extra_token: float, max_tokens: int = 300):
+    clock = ShapeClock(per_extra_token)
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=4, k_policy="adaptive"), RightDrafts(),
+                       max_model_len=1000, max_num_batched_tokens=512, clock=clock)
+    engine = LLMEngine(TimedVerifier(clock), SchedulerConfig(max_num_batched_tokens=512, block_size=4), max_model_len=1000,
+                       vocab_size=100000, clock=clock, speculator=spec, predictor=OverpricedVerification())
+    engine.add_request("r", [10, 11], SamplingParams(max_tokens=max_tokens))
+    out = run_to_completion(engine)["r"]
+    assert out.outputs[0].token_ids == list(range(12, 12 + max_tokens))  # exact whatever k was chosen
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return spec
+
+
+def test_adaptive_explores_a_verification_measures_it_cheap_and_speculates():
+    spec = adaptive_run(per_extra_token=0.00002)  # a verification of 4 drafts: 1.08 ms, priced at 9 ms
+    steps = spec.stats.steps_per_k
+    explore_every = spec.verify_cost.explore_every
+    assert steps[0] == explore_every and steps[1] == 1  # the fit's price holds until one k = 1 step is measured
+    assert steps[4] > 0 and spec.verify_cost.scale < 0.2
+
+
+def test_adaptive_keeps_k_0_when_the_measured_verification_is_as_dear_as_priced():
+    spec = adaptive_run(per_extra_token=0.008)  # a k = 1 verification: 9 ms, as priced
+    steps = spec.stats.steps_per_k
+    explore_every = spec.verify_cost.explore_every
+    assert steps[2] == steps[3] == steps[4] == 0
+    # one k = 1 step after every `explore_every` steps without a verification, nothing else
+    assert steps[1] == steps[0] // explore_every >= 1
