@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import sloserve.spec.speculation as speculation_module
 from sloserve import LLM
-from sloserve.spec.adaptive import candidates
 
 
 @dataclass(slots=True)
@@ -35,14 +34,13 @@ def trace_adaptive(llm: LLM):
     engine = llm.engine
     spec, predictor = engine.speculator, engine.predictor
     steps: list[StepTrace] = []
-    original_choose, original_propose, original_observe = speculation_module.choose_k, spec.proposer.propose, predictor.observe
+    original_candidates, original_propose, original_observe = speculation_module.candidates, spec.proposer.propose, predictor.observe
     original_spec_observe = spec.observe
 
-    def choose_k(*args):  # (max_k, limits, contexts, alphas, ...): adaptive.choose_k's arguments
-        k = original_choose(*args)
-        cands = candidates(*args)
-        steps.append(StepTrace(k, len(args[1]), statistics.fmean(args[3]), {c.k: (c.seconds, c.tokens) for c in cands}))
-        return k
+    def candidates(*args):  # (max_k, limits, contexts, alphas, ...): adaptive.candidates' arguments
+        cands = original_candidates(*args)
+        steps.append(StepTrace(0, len(args[1]), statistics.fmean(args[3]), {c.k: (c.seconds, c.tokens) for c in cands}))
+        return cands
 
     def propose(batch):
         start = time.perf_counter()
@@ -55,6 +53,7 @@ def trace_adaptive(llm: LLM):
 
     def spec_observe(plan, sampled):
         if steps:
+            steps[-1].k = spec.last_k  # the choice, or the verification explored in its place
             steps[-1].tokens = sum(len(t) for s, t in zip(plan.scheduled, sampled) if s.samples)
         return original_spec_observe(plan, sampled)
 
@@ -64,13 +63,13 @@ def trace_adaptive(llm: LLM):
             steps[-1].measured_target = seconds
         return original_observe(shape, seconds)
 
-    speculation_module.choose_k = choose_k
+    speculation_module.candidates = candidates
     try:
         with patched(spec.proposer, "propose", propose), patched(spec, "observe", spec_observe), \
                 patched(predictor, "observe", observe):
             yield steps
     finally:
-        speculation_module.choose_k = original_choose
+        speculation_module.candidates = original_candidates
 
 
 @contextmanager

@@ -74,7 +74,7 @@ def candidates(
     budget: int,
     target: StepTimeModel,
     draft_seconds: Callable[[list[int], list[int]], float],
-    verify_scale: float = 1.0,  # measured over predicted cost of verification steps, relative to steps without drafts
+    verify_scales: list[float] | None = None,  # per k: measured over predicted verification cost (VerifyCost.scale)
 ) -> list[Candidate]:
     """Each k in 0..max_k: its step's predicted seconds and expected output tokens.
 
@@ -90,17 +90,22 @@ def candidates(
         if prefill > 0:
             shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
-        step = target.step_seconds(shape) * (verify_scale if k else 1.0)
+        step = target.step_seconds(shape) * (verify_scales[k] if verify_scales else 1.0)
         previous = seconds = max(previous, step + (draft_seconds(ks, contexts) if k else 0.0))
         out.append(Candidate(k, seconds, sum(expected_tokens(a, x) for a, x in zip(alphas, ks))))
     return out
 
 
 def choose_k(max_k: int, limits: list[int], contexts: list[int], alphas: list[float], prefill_tokens: int, budget: int,
-             target: StepTimeModel, draft_seconds: Callable[[list[int], list[int]], float], verify_scale: float = 1.0) -> int:
+             target: StepTimeModel, draft_seconds: Callable[[list[int], list[int]], float],
+             verify_scales: list[float] | None = None) -> int:
     """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k)."""
+    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify_scales))
+
+
+def best_k(cands: list[Candidate]) -> int:
     best = None
-    for c in candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify_scale):
+    for c in cands:
         if best is None or c.rate > best.rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
             best = c
     return best.k

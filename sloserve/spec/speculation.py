@@ -9,7 +9,7 @@ from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.logits_processors import is_active
 from sloserve.request import Request
-from sloserve.spec.adaptive import AcceptanceEstimator, choose_k
+from sloserve.spec.adaptive import AcceptanceEstimator, best_k, candidates
 from sloserve.spec.config import SpeculativeConfig
 from sloserve.spec.proposer import DraftRequest, Proposer
 from sloserve.spec.verify_cost import VerifyCost
@@ -72,10 +72,12 @@ class Speculation:
         if adaptive:
             prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
             alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
-            k = choose_k(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget, predictor,
-                         self._draft_seconds, self.verify_cost.scale)
+            cands = candidates(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget, predictor,
+                               self._draft_seconds, [self.verify_cost.scale(x) for x in range(k + 1)])
+            k = best_k(cands)
+            self.verify_cost.chose(k)
             if k == 0 and self.verify_cost.explore() and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE:
-                k = 1
+                k = max(cands[1:], key=lambda c: c.rate).k  # the verification the corrected prices favour
         self.last_k = k
         if decoding:
             self.stats.steps_per_k[k] += 1
@@ -100,8 +102,8 @@ class Speculation:
         if self._pending is not None:
             predictor, start = self._pending
             self._pending = None
-            verified = any(s.spec_token_ids for s in plan.scheduled)
-            self.verify_cost.observe(verified, self.clock.now() - start, predictor.step_seconds(StepShape.of(plan)))
+            k = self.last_k if any(s.spec_token_ids for s in plan.scheduled) else 0
+            self.verify_cost.observe(k, self.clock.now() - start, predictor.step_seconds(StepShape.of(plan)))
         for s, tokens in zip(plan.scheduled, sampled):
             if not s.spec_token_ids or not tokens:
                 continue

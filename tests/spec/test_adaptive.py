@@ -86,34 +86,57 @@ def test_a_measured_verify_cost_corrects_a_fit_that_overprices_verification():
     args = (4, [4] * 4, [220] * 4, [0.8] * 4, 0, 512, fit, lambda ks, cs: 0.0)
     assert choose_k(*args) == 0
     cost = VerifyCost()
-    cost.observe(False, 0.001, 0.001)
-    cost.observe(True, 0.0015, 0.015)
-    assert cost.scale == pytest.approx(0.1)
-    assert choose_k(*args, cost.scale) == 4
+    cost.observe(0, 0.001, 0.001)
+    cost.observe(4, 0.0009, 0.009)
+    assert cost.scale(4) == pytest.approx(0.1)
+    assert choose_k(*args, [cost.scale(k) for k in range(5)]) == 4
 
 
 def test_verify_cost_scale_is_neutral_until_both_kinds_are_measured_and_averages_slowly():
     cost = VerifyCost(weight=0.1)
-    assert cost.scale == 1.0
-    cost.observe(True, 0.002, 0.010)
-    assert cost.scale == 1.0  # no decode step measured yet: nothing to compare with
-    cost.observe(False, 0.002, 0.002)
-    assert cost.scale == pytest.approx(0.2)
-    cost.observe(True, 0.010, 0.010)  # one slow verification moves the average a tenth of the way
-    assert cost.verify_ratio == pytest.approx(0.2 + 0.1 * 0.8)
-    cost.observe(True, 0.0, 0.010)  # a step that measured nothing is not evidence
-    assert cost.verify_ratio == pytest.approx(0.28)
+    assert cost.scale(2) == 1.0
+    cost.observe(2, 0.002, 0.010)
+    assert cost.scale(2) == 1.0  # no decode step measured yet: nothing to compare with
+    cost.observe(0, 0.002, 0.002)
+    assert cost.scale(2) == pytest.approx(0.2) and cost.scale(0) == 1.0
+    cost.observe(2, 0.010, 0.010)  # one slow verification moves the average a tenth of the way
+    assert cost.verify_ratios[2] == pytest.approx(0.2 + 0.1 * 0.8)
+    cost.observe(2, 0.0, 0.010)  # a step that measured nothing is not evidence
+    assert cost.verify_ratios[2] == pytest.approx(0.28)
+
+
+def test_an_unmeasured_k_borrows_the_nearest_measured_k():
+    cost = VerifyCost()
+    cost.observe(0, 0.001, 0.001)
+    cost.observe(1, 0.001, 0.002)
+    cost.observe(4, 0.001, 0.004)
+    assert [cost.scale(k) for k in range(5)] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.25])
 
 
 def test_verify_cost_explores_after_enough_steps_without_a_verification():
     cost = VerifyCost(explore_every=3)
     for _ in range(2):
-        cost.observe(False, 0.001, 0.001)
+        cost.observe(0, 0.001, 0.001)
         assert not cost.explore()
-    cost.observe(False, 0.001, 0.001)
+    cost.observe(0, 0.001, 0.001)
     assert cost.explore()
-    cost.observe(True, 0.001, 0.001)
+    cost.observe(3, 0.001, 0.001)
     assert not cost.explore()
+
+
+def test_each_exploration_doubles_the_wait_until_a_verification_is_chosen():
+    cost = VerifyCost(explore_every=2, max_interval=8)
+    waits = []
+    for _ in range(5):
+        steps = 0
+        while not cost.explore():
+            cost.observe(0, 0.001, 0.001)
+            steps += 1
+        cost.observe(1, 0.001, 0.001)
+        waits.append(steps)
+    assert waits == [2, 4, 8, 8, 8]
+    cost.chose(2)
+    assert cost.interval == 2
 
 
 class OverpricedVerification:
@@ -180,15 +203,17 @@ def adaptive_run(per_extra_token: float, max_tokens: int = 300):
 def test_adaptive_explores_a_verification_measures_it_cheap_and_speculates():
     spec = adaptive_run(per_extra_token=0.00002)  # a verification of 4 drafts: 1.08 ms, priced at 9 ms
     steps = spec.stats.steps_per_k
-    explore_every = spec.verify_cost.explore_every
-    assert steps[0] == explore_every and steps[1] == 1  # the fit's price holds until one k = 1 step is measured
-    assert steps[4] > 0 and spec.verify_cost.scale < 0.2
+    # The fit's price holds until one verification is measured (the k the prices favour: K, every draft's worth
+    # the same 9 ms); from then on every step verifies K drafts.
+    assert steps[0] == spec.verify_cost.explore_every
+    assert steps[1] == steps[2] == steps[3] == 0 and steps[4] > 0
+    assert spec.verify_cost.scale(4) < 0.2
 
 
 def test_adaptive_keeps_k_0_when_the_measured_verification_is_as_dear_as_priced():
-    spec = adaptive_run(per_extra_token=0.008)  # a k = 1 verification: 9 ms, as priced
+    spec = adaptive_run(per_extra_token=0.002)  # a k = 4 verification: 9 ms, as priced
     steps = spec.stats.steps_per_k
-    explore_every = spec.verify_cost.explore_every
-    assert steps[2] == steps[3] == steps[4] == 0
-    # one k = 1 step after every `explore_every` steps without a verification, nothing else
-    assert steps[1] == steps[0] // explore_every >= 1
+    # Explorations only (K: the prices favour it), after 64 and then 128 steps without a verification; 300 tokens
+    # leave no room for the third (256 steps later).
+    assert steps[1] == steps[2] == steps[3] == 0
+    assert steps[4] == 2 and spec.verify_cost.interval == 256
