@@ -11,8 +11,11 @@ float32 by default: in the checkpoint's bfloat16 a verification (k + 1 rows thro
 larger matmuls) rounds differently from a one-row decode, and at batch 32 two of 32 greedy outputs flipped on a
 near-tie; in float32 every row matched.
 
-Offline engine (LLM), closed loop: waves of `c` requests submitted together, as many waves as a row needs to emit at
-least `--row-tokens` tokens (a row must last seconds, not 0.1 s, to resolve a 3% difference on a shared machine).
+Offline engine (LLM's engine), closed loop as `vllm bench serve --max-concurrency c`: `c` requests in flight, each
+one that finishes replaced by the next, as many requests as a row needs to emit at least `--row-tokens` tokens (and 4 x c at least) (a row
+must last seconds, not 0.1 s, to resolve a 3% difference on a shared machine). Not waves of `c`: with speculation
+requests of one wave finish steps apart, and a wave's last steps ran one lagging request alone (at 4 concurrent
+on copy-own, 129 of k = 4's 198 decode steps had fewer than 4 rows): that measured the waves, not the load.
 Configs run interleaved, `--repeats` rounds; "vs off" is each round's tok/s over off's in the same round, the
 median of those ratios (and their min..max). TPOT per request = (last token - first token) / (tokens - 1), p50/p99
 over the requests of the median round; tok/s = output tokens / wall time, median over rounds. Load average per row.
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,20 +72,36 @@ def configs(method: str) -> dict[str, dict | None]:
     }
 
 
+def closed_loop(engine, prompts: list[list[int]], params: SamplingParams, concurrency: int) -> list:
+    """Every prompt to completion with `concurrency` in flight; outputs in the prompts' order."""
+    run = uuid.uuid4().hex[:8]
+    ids = [f"{run}-{i}" for i in range(len(prompts))]
+    finished, submitted = {}, 0
+    try:
+        while len(finished) < len(prompts):
+            while submitted < len(prompts) and submitted - len(finished) < concurrency:
+                engine.add_request(ids[submitted], prompts[submitted], params)
+                submitted += 1
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+    finally:  # an error part-way must not leave requests holding KV blocks
+        for request_id in ids:
+            engine.abort_request(request_id)
+    return [finished[i] for i in ids]
+
+
 def run_once(llm: LLM, prompts: list[list[int]], max_tokens: int, concurrency: int | None = None) -> dict:
-    """`prompts` in waves of `concurrency` (all at once by default), each wave submitted together."""
+    """`prompts` with `concurrency` in flight (all at once by default)."""
     engine = llm.engine
     spec = engine.speculator
     counters = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_emitted_tokens")
     before = [getattr(spec.stats, c) for c in counters] if spec else None
     k_before = list(spec.stats.steps_per_k) if spec else None
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    wave = concurrency or len(prompts)
-    outs = []
     with timers(llm) as timed:
         start = time.perf_counter()
-        for i in range(0, len(prompts), wave):
-            outs += llm.generate(prompt_token_ids=prompts[i:i + wave], sampling_params=params)
+        outs = closed_loop(engine, prompts, params, concurrency or len(prompts))
         wall = time.perf_counter() - start
     tpots = [(o.outputs[0].token_times[-1] - o.outputs[0].token_times[0]) / (len(o.outputs[0].token_ids) - 1) for o in outs if len(o.outputs[0].token_ids) > 1]
     row = {"wall": wall, "tokens": [o.outputs[0].token_ids for o in outs], "tpots": tpots,
@@ -189,8 +209,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--row-tokens", type=int, default=2048, help="each row emits at least this many tokens (waves of "
-                    "`c` requests): long enough to resolve a few percent")
+    ap.add_argument("--row-tokens", type=int, default=2048, help="each row emits at least this many tokens, and "
+                    "runs at least 4 x c requests: long enough to resolve a few percent")
     ap.add_argument("--trace", action="store_true", help="adaptive rows: the k chosen per step, predicted vs measured")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--sim-check", action="store_true", help="simulated vs measured TPOT instead of the main table")
@@ -229,8 +249,8 @@ def main() -> None:
         llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in configs(method).items()}
         data = workload_prompts(workload, llms["off"], args.max_tokens + 16)
         for c in levels:
-            waves = max(1, -(-args.row_tokens // (c * args.max_tokens)))
-            prompts = (data * (c * waves // len(data) + 1))[:c * waves]
+            n = max(4 * c, -(-args.row_tokens // args.max_tokens))  # the tail (fewer than c left) a small part
+            prompts = (data * (n // len(data) + 1))[:n]
             for llm in llms.values():  # warm-up: kernels, the predictor's first steps at this batch size
                 run_once(llm, prompts[:c], 8)
             results: dict[str, list[dict]] = {name: [] for name in llms}

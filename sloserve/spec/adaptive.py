@@ -59,6 +59,7 @@ class Candidate:
     k: int
     seconds: float
     tokens: float
+    price: float  # the predictor's own seconds for the target's step (no draft, no correction): what a measurement checks
 
     @property
     def rate(self) -> float:
@@ -90,9 +91,10 @@ def candidates(
         if prefill > 0:
             shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
-        step = target.step_seconds(shape) * (verify_scales[k] if verify_scales else 1.0)
+        price = target.step_seconds(shape)
+        step = price * (verify_scales[k] if verify_scales else 1.0)
         previous = seconds = max(previous, step + (draft_seconds(ks, contexts) if k else 0.0))
-        out.append(Candidate(k, seconds, sum(expected_tokens(a, x) for a, x in zip(alphas, ks))))
+        out.append(Candidate(k, seconds, sum(expected_tokens(a, x) for a, x in zip(alphas, ks)), price))
     return out
 
 

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 
 from sloserve.engine.clock import Clock, MonotonicClock
 from sloserve.engine.cost import StepTimeModel
-from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.logits_processors import is_active
 from sloserve.request import Request
@@ -56,7 +55,7 @@ class Speculation:
         # also pays for building batches and sampling; this running ratio folds that in.
         self.draft_scale = 1.0
         self.verify_cost = VerifyCost()
-        self._pending: tuple[StepTimeModel, float] | None = None  # adaptive: the step's predictor and target start
+        self._pending: tuple[float, float, float] | None = None  # adaptive: prices (k, 0), when the target part began
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
@@ -68,8 +67,8 @@ class Speculation:
                       r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
                       self.max_model_len - r.num_tokens - 1) for r in decoding]
         k = self.config.num_speculative_tokens
-        adaptive = self.config.k_policy == "adaptive" and bool(decoding)
-        if adaptive:
+        prices = None  # adaptive: the predictor's price of the chosen k's target step, and of k = 0's
+        if self.config.k_policy == "adaptive" and decoding:
             prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
             alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
             cands = candidates(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget, predictor,
@@ -78,6 +77,7 @@ class Speculation:
             self.verify_cost.chose(k)
             if k == 0 and self.verify_cost.explore() and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE:
                 k = max(cands[1:], key=lambda c: c.rate).k  # the verification the corrected prices favour
+            prices = (cands[k].price, cands[0].price)
         self.last_k = k
         if decoding:
             self.stats.steps_per_k[k] += 1
@@ -92,7 +92,7 @@ class Speculation:
                 ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
                 self.draft_scale += 0.1 * (ratio - self.draft_scale)
         # The target's part of the step starts now (drafting is priced apart): observe() measures it.
-        self._pending = (predictor, self.clock.now()) if adaptive else None
+        self._pending = None if prices is None else (*prices, self.clock.now())
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
 
     def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
@@ -100,10 +100,14 @@ class Speculation:
 
     def observe(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
         if self._pending is not None:
-            predictor, start = self._pending
+            price, price_0, start = self._pending
             self._pending = None
-            k = self.last_k if any(s.spec_token_ids for s in plan.scheduled) else 0
-            self.verify_cost.observe(k, self.clock.now() - start, predictor.step_seconds(StepShape.of(plan)))
+            # Measured against the price the choice used (every row drafting k: rows without a match make the step
+            # cheaper, and that is what choosing k costs); a step where no row found a draft ran as k = 0.
+            if any(s.spec_token_ids for s in plan.scheduled):
+                self.verify_cost.observe(self.last_k, self.clock.now() - start, price)
+            else:
+                self.verify_cost.observe(0, self.clock.now() - start, price_0)
         for s, tokens in zip(plan.scheduled, sampled):
             if not s.spec_token_ids or not tokens:
                 continue

@@ -31,7 +31,9 @@ class VerifyCost:
         """A decoding step that verified up to k drafts a request (k = 0: none) took `measured` seconds."""
         if measured <= 0 or predicted <= 0:
             return
-        ratio = measured / predicted
+        # Bounded: a fit that priced a shape near zero (it happens early, or on a noisy machine) is one outlier,
+        # not a 10,000x correction.
+        ratio = min(max(measured / predicted, 0.1), 10.0)
         if k:
             before = self.verify_ratios.get(k)
             self.verify_ratios[k] = ratio if before is None else before + self.weight * (ratio - before)

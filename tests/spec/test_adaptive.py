@@ -103,6 +103,8 @@ def test_verify_cost_scale_is_neutral_until_both_kinds_are_measured_and_averages
     assert cost.verify_ratios[2] == pytest.approx(0.2 + 0.1 * 0.8)
     cost.observe(2, 0.0, 0.010)  # a step that measured nothing is not evidence
     assert cost.verify_ratios[2] == pytest.approx(0.28)
+    cost.observe(3, 0.010, 1e-6)  # a fit that priced the shape at ~0: one outlier, at most 10x
+    assert cost.verify_ratios[3] == 10.0
 
 
 def test_an_unmeasured_k_borrows_the_nearest_measured_k():
