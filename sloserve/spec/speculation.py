@@ -75,7 +75,7 @@ class Speculation:
                                self._draft_seconds, [self.verify_cost.scale(x) for x in range(k + 1)])
             k = best_k(cands)
             self.verify_cost.chose(k)
-            if k == 0 and self.verify_cost.explore() and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE:
+            if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():
                 k = max(cands[1:], key=lambda c: c.rate).k  # the verification the corrected prices favour
             prices = (cands[k].price, cands[0].price)
         self.last_k = k
@@ -103,8 +103,11 @@ class Speculation:
             price, price_0, start = self._pending
             self._pending = None
             # Measured against the price the choice used (every row drafting k: rows without a match make the step
-            # cheaper, and that is what choosing k costs); a step where no row found a draft ran as k = 0.
-            if any(s.spec_token_ids for s in plan.scheduled):
+            # cheaper, and that is what choosing k costs); a step where no row found a draft ran as k = 0. Steps
+            # with a prefill chunk are left out: the chunk the scheduler cut is not the one the price assumed.
+            if any(s.num_new_tokens != 1 + len(s.spec_token_ids) or not s.samples for s in plan.scheduled):
+                pass
+            elif any(s.spec_token_ids for s in plan.scheduled):
                 self.verify_cost.observe(self.last_k, self.clock.now() - start, price)
             else:
                 self.verify_cost.observe(0, self.clock.now() - start, price_0)

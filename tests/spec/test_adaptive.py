@@ -107,6 +107,15 @@ def test_verify_cost_scale_is_neutral_until_both_kinds_are_measured_and_averages
     assert cost.verify_ratios[3] == 10.0
 
 
+def test_a_measured_ratio_within_ten_percent_leaves_the_price_alone():
+    cost = VerifyCost()
+    cost.observe(0, 0.001, 0.001)
+    cost.observe(1, 0.000995, 0.001)
+    assert cost.scale(1) == 1.0
+    cost.observe(2, 0.0008, 0.001)
+    assert cost.scale(2) == pytest.approx(0.8)
+
+
 def test_an_unmeasured_k_borrows_the_nearest_measured_k():
     cost = VerifyCost()
     cost.observe(0, 0.001, 0.001)
