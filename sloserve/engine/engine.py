@@ -8,13 +8,14 @@ from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.detokenizer import Detokenizer, make_detokenizer
 from sloserve.engine.executor import Executor
 from sloserve.engine.features import StepShape
-from sloserve.engine.isolation import execute_isolating
+from sloserve.engine.isolation import execute_isolating, unrankable
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.logprobs import MAX_LOGPROBS, LogprobsRecorder
 from sloserve.engine.policy import Policy, make_policy
 from sloserve.engine.request_group import RequestGroup, RequestGroups, child_id, child_params
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from sloserve.engine.speculator import Speculator
+from sloserve.engine.stop_checker import check_stop
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -170,16 +171,17 @@ class LLMEngine:
         if self.speculator is not None:
             drafts = self._propose()
             draft_seconds = self.clock.now() - start
-        plan = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
+        plan, outputs = self._schedule(drafts)
         if self.speculator is not None and plan.preempted_request_ids:
             self.speculator.forget(plan.preempted_request_ids)
         if not plan.scheduled:
-            return []
+            return self._groups.report(outputs) if self._groups else outputs
         for s in plan.scheduled:
             request = self.requests[s.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
-        survivors, sampled, outputs = self._execute(plan)
+        survivors, sampled, failed = self._execute(plan)
+        outputs += failed
         if self.speculator is not None:
             self._observe_drafts(survivors, sampled)
         now = self.clock.now()
@@ -200,6 +202,19 @@ class LLMEngine:
             logger.exception("the step-time predictor failed to learn from a step")
         self._busy_until = end if self.has_unfinished_requests() else None
         return self._groups.report(outputs) if self._groups else outputs
+
+    def _schedule(self, drafts: dict[str, list[int]] | None) -> tuple[SchedulerOutput, list[RequestOutput]]:
+        """The step's plan, and the outputs of requests that failed making it: when planning raises, a request
+        the policy cannot rank on its own is the cause; it fails alone and the plan is made again without it."""
+        schedule = lambda: self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()  # noqa: E731
+        try:
+            return schedule(), []
+        except Exception as error:  # noqa: BLE001 - find whose fault it is; if nobody's, it is the engine's
+            culprits = unrankable(self.scheduler.policy, list(self.requests.values()))
+            if not culprits:
+                raise
+            failed = [self._fail(r, error) for r in culprits]
+        return schedule(), failed
 
     # Speculation only saves time: when the proposer fails, the step runs without drafts, and the proposer forgets
     # the requests whose draft state it may have left half-updated (it rebuilds them from their tokens).
@@ -254,7 +269,8 @@ class LLMEngine:
         for token in tokens:
             num_outputs += 1
             request.token_times.append(now)
-            status = self._check_stop(request, token, num_outputs)
+            status = check_stop(request, token, num_outputs, self._detokenizers.get(request.request_id),
+                                self.max_model_len)
             if status is not None:
                 del request.output_token_ids[num_outputs:]
                 if request.logprobs is not None:
@@ -262,40 +278,6 @@ class LLMEngine:
                 self._finish(request, status)
                 break
         return RequestOutput.of(request)
-
-    def _check_stop(self, request: Request, token: int, num_outputs: int) -> RequestStatus | None:
-        params = request.sampling_params
-        # vLLM's min_tokens: no stop token or string before that many tokens (the sampler masks EOS and
-        # stop_token_ids meanwhile; this also covers executors that do not sample, like the simulator).
-        if num_outputs >= params.min_tokens:
-            if token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and token in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-        detokenizer = self._detokenizers.get(request.request_id)
-        if detokenizer is not None:
-            delta = detokenizer.add(token)
-            request.output_text += delta
-            if delta and num_outputs > params.min_tokens and self._cut_at_stop_string(request, len(delta)):
-                return RequestStatus.FINISHED_STOPPED
-        if num_outputs >= params.max_tokens or request.num_prompt_tokens + num_outputs >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    def _cut_at_stop_string(self, request: Request, delta_len: int) -> bool:
-        """Truncate the text at the first stop string that the new text completed (before it, or
-        after it with include_stop_str_in_output)."""
-        text = request.output_text
-        for stop in request.sampling_params.stop:
-            # Only a match ending inside the new text is new; look back far enough to see it start.
-            i = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
-            if i != -1:
-                keep = len(stop) if request.sampling_params.include_stop_str_in_output else 0
-                request.output_text = text[: i + keep]
-                request.stop_reason = stop
-                return True
-        return False
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.finished_time = self.clock.now()
