@@ -158,6 +158,8 @@ def _under_load(served: dict, replicas, args, name: str, per: dict) -> None:
 
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if args.client_process else None
     ttfts: dict[str, list[float]] = {k: [] for k in served}
+    for s in served.values():  # warm-up: first steps, first Ray calls, connections
+        pool.submit(_play, s.url, name, args.rate, 20, 99).result() if pool else _play(s.url, name, args.rate, 20, 99)
     for seed in range(3):
         for system, s in served.items():
             before = set(STAMPS)
