@@ -2,7 +2,7 @@
 slo+admission at 0.5-2x capacity, from the simulator and (with --real) from the real server, in one table."""
 
 # Run: python benchmarks/slo_policies.py [--profile P] [--requests 400] [--loads 0.5,0.8,1.0,1.3,2.0]
-#      [--real --real-requests 120 --real-loads 0.8,1.3,2.0] [--threads 1]
+#      [--real --real-requests 400 --real-loads 0.8,1.3,2.0 --real-rounds 3] [--threads 1]
 # The workload: ~70% interactive / ~30% batch requests, prompt and reply lengths from the bundled ShareGPT sample
 # (prompts cut to 384 tokens, interactive replies to 48, batch replies to 256: batch replies are longer), Poisson
 # arrivals at multiples of the capacity FCFS reaches on a burst. Model: the bundled demo model (11M parameters),
@@ -157,6 +157,8 @@ def main() -> None:
                    help="requests per real row: enough that an overload reaches its steady state (a queue that "
                    "grows for the whole run) rather than a transient a short run drains")
     p.add_argument("--real-loads", default="0.8,1.3,2.0")
+    p.add_argument("--real-rounds", type=int, default=1,
+                   help="rounds of the real rows, each on other arrivals (seed + round), each shown and checked")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the profile and the server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="slo-policies")
@@ -203,15 +205,19 @@ def main() -> None:
         try:
             for k, (label, policy, admission) in enumerate(POLICIES):
                 servers[label] = (serve(model_dir, profile, policy, admission, base_port + k, env), base_port + k)
-            for load in (float(x) for x in args.real_loads.split(",")):
-                specs, classes = mixed_specs(args.real_requests, load * real_capacity, args.seed, knobs.vocab_size)
-                for label, policy, admission in POLICIES:
-                    url = f"http://127.0.0.1:{servers[label][1]}"
-                    records, duration = asyncio.run(replay(url, model_dir.name, specs, classes))
-                    rows.append(("real", load, label, summarize(records, classes, duration)))
-                    sim_records, sim_duration = simulated(prof, knobs, specs, classes, policy, admission)
-                    rows.append(("sim@real", load, label, summarize(sim_records, classes, sim_duration)))
-                    print(f"  real {label} at {load:g}x done; load average {os.getloadavg()[0]:.1f}", flush=True)
+            for rnd in range(args.real_rounds):
+                tag = f"#{rnd}" if args.real_rounds > 1 else ""  # every round its own rows, checked on its own
+                for load in (float(x) for x in args.real_loads.split(",")):
+                    specs, classes = mixed_specs(args.real_requests, load * real_capacity, args.seed + rnd,
+                                                 knobs.vocab_size)
+                    for label, policy, admission in POLICIES:
+                        url = f"http://127.0.0.1:{servers[label][1]}"
+                        records, duration = asyncio.run(replay(url, model_dir.name, specs, classes))
+                        rows.append(("real" + tag, load, label, summarize(records, classes, duration)))
+                        sim_records, sim_duration = simulated(prof, knobs, specs, classes, policy, admission)
+                        rows.append(("sim@real" + tag, load, label, summarize(sim_records, classes, sim_duration)))
+                        print(f"  real{tag} {label} at {load:g}x done; load average {os.getloadavg()[0]:.1f}",
+                              flush=True)
         finally:
             stop_servers(server for server, _ in servers.values())
     print_table(rows, capacity)
@@ -253,16 +259,17 @@ def check_targets(rows) -> None:
             print(f"[{src}] interactive p99 TTFT within its SLO up to 1.0x under slo: {'met' if all(ok) else 'NOT met'}")
         starved = [k for k, r in by.items() if k[0] == src and not r["batch"]["all_admitted_done"]]
         print(f"[{src}] every admitted batch request completed: {'met' if not starved else f'NOT met {starved}'}")
-    real = [(load, label) for src, load, label, _ in rows if src == "real"]
-    if real:
-        errors = [by[("sim@real", *k)]["goodput"] / by[("real", *k)]["goodput"] - 1 for k in real]
+    for src in sorted({s for s, *_ in rows if s.startswith("real")}):
+        twin = "sim@" + src
+        real = [(load, label) for s, load, label, _ in rows if s == src]
+        errors = [by[(twin, *k)]["goodput"] / by[(src, *k)]["goodput"] - 1 for k in real]
         worst = max(abs(e) for e in errors)
-        print(f"[sim@real vs real] goodput error: median {np.median(np.abs(errors)):.1%}, worst {worst:.1%} "
+        print(f"[{twin} vs {src}] goodput error: median {np.median(np.abs(errors)):.1%}, worst {worst:.1%} "
               f"(target <= 15%): {'met' if worst <= 0.15 else 'NOT met'}")
         swapped = [(load, a, b) for load, a in real for l2, b in real if l2 == load and a < b
-                   and _order(by[("real", load, a)]["goodput"], by[("real", load, b)]["goodput"])
-                   != _order(by[("sim@real", load, a)]["goodput"], by[("sim@real", load, b)]["goodput"])]
-        print(f"[sim@real vs real] the same ranking of the policies at every load (goodputs within 5% tie): "
+                   and _order(by[(src, load, a)]["goodput"], by[(src, load, b)]["goodput"])
+                   != _order(by[(twin, load, a)]["goodput"], by[(twin, load, b)]["goodput"])]
+        print(f"[{twin} vs {src}] the same ranking of the policies at every load (goodputs within 5% tie): "
               f"{'met' if not swapped else f'NOT met, ordered differently: {swapped}'}")
 
 

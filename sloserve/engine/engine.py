@@ -168,7 +168,7 @@ class LLMEngine:
             self._groups.release(self.scheduler.add, self.config.enable_prefix_caching)
         drafts, draft_seconds = None, 0.0
         if self.speculator is not None:
-            drafts = self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
+            drafts = self._propose()
             draft_seconds = self.clock.now() - start
         plan = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
         if self.speculator is not None and plan.preempted_request_ids:
@@ -181,21 +181,49 @@ class LLMEngine:
                 request.first_scheduled_time = start
         survivors, sampled, outputs = self._execute(plan)
         if self.speculator is not None:
-            self.speculator.observe(survivors, sampled)
+            self._observe_drafts(survivors, sampled)
         now = self.clock.now()
         step_logprobs = self._take_prompt_logprobs(outputs)
         for request, tokens in self.scheduler.update_from_output(survivors, sampled):
-            if request.logprobs is not None and not self._record(self.logprobs.record_sampled, request,
-                                                                 step_logprobs.get(request.request_id), len(tokens)):
-                outputs.append(RequestOutput.of(request))
-                continue
-            outputs.append(self._process_tokens(request, tokens, now))
+            try:
+                if request.logprobs is not None:
+                    self.logprobs.record_sampled(request, step_logprobs.get(request.request_id), len(tokens))
+                outputs.append(self._process_tokens(request, tokens, now))
+            except Exception as error:  # noqa: BLE001 - its stop strings, detokenizer or logprobs: its fault alone
+                outputs.append(self._fail(request, error))
         # The whole step, scheduling and stop checks included: what the predictor is asked about.
         # Drafting is the proposer's own cost, predicted apart (adaptive speculation weighs the two).
         end = self.clock.now()
-        self.predictor.observe(StepShape.of(plan), between + end - start - draft_seconds)
+        try:
+            self.predictor.observe(StepShape.of(plan), between + end - start - draft_seconds)
+        except Exception:  # noqa: BLE001 - the step's tokens are computed; a predictor that cannot learn keeps its model
+            logger.exception("the step-time predictor failed to learn from a step")
         self._busy_until = end if self.has_unfinished_requests() else None
         return self._groups.report(outputs) if self._groups else outputs
+
+    # Speculation only saves time: when the proposer fails, the step runs without drafts, and the proposer forgets
+    # the requests whose draft state it may have left half-updated (it rebuilds them from their tokens).
+    def _propose(self) -> dict[str, list[int]] | None:
+        try:
+            return self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
+        except Exception:  # noqa: BLE001
+            logger.exception("the speculator failed to propose; this step runs without drafts")
+            self.speculator.forget([r.request_id for r in self.scheduler.running])
+            return None
+
+    def _observe_drafts(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
+        try:
+            self.speculator.observe(plan, sampled)
+        except Exception:  # noqa: BLE001
+            logger.exception("the speculator failed to learn from a step")
+            self.speculator.forget([s.request_id for s in plan.scheduled])
+
+    def _fail(self, request: Request, error: BaseException) -> RequestOutput:
+        """End one request with an error (its blocks freed); the others in its step carry on."""
+        logger.error("request %s failed and was ended alone: %r", request.request_id, error)
+        if not request.finished:
+            self._finish(request, RequestStatus.FINISHED_ERROR)
+        return RequestOutput.of(request)
 
     def _execute(self, plan: SchedulerOutput) -> tuple[SchedulerOutput, list[list[int]], list[RequestOutput]]:
         """Run the plan; a request whose step raises fails alone (status error), the rest carry on.
@@ -203,14 +231,7 @@ class LLMEngine:
         Returns the plan of the requests that ran, their tokens, and the outputs of those that failed.
         """
         step = execute_isolating(self.executor.execute, plan)
-        failed = []
-        for s, error in step.failed:
-            logger.error("request %s failed in the executor and was ended alone: %r", s.request_id, error)
-            request = self.requests.get(s.request_id)
-            if request is None:
-                continue
-            self._finish(request, RequestStatus.FINISHED_ERROR)
-            failed.append(RequestOutput.of(request))
+        failed = [self._fail(self.requests[s.request_id], error) for s, error in step.failed if s.request_id in self.requests]
         return step.plan, step.sampled, failed
 
     def _take_prompt_logprobs(self, outputs: list[RequestOutput]) -> dict:
@@ -219,18 +240,13 @@ class LLMEngine:
         taken = self.executor.take_logprobs() if hasattr(self.executor, "take_logprobs") else {}
         for request_id, step in taken.items():
             request = self.requests.get(request_id)
-            if request is not None and step.prompt and not self._record(self.logprobs.record_prompt, request, step):
-                outputs.append(RequestOutput.of(request))
+            if request is None or not step.prompt:
+                continue
+            try:
+                self.logprobs.record_prompt(request, step)
+            except Exception as error:  # noqa: BLE001 - its fault alone
+                outputs.append(self._fail(request, error))
         return taken
-
-    def _record(self, record, request: Request, *args) -> bool:
-        try:
-            record(request, *args)
-        except RuntimeError as error:
-            logger.error("request %s failed: %s", request.request_id, error)
-            self._finish(request, RequestStatus.FINISHED_ERROR)
-            return False
-        return True
 
     def _process_tokens(self, request: Request, tokens: list[int], now: float) -> RequestOutput:
         """Stamp the new tokens and check stop conditions token by token; tokens past a stop are dropped."""

@@ -81,7 +81,7 @@ class SLOPolicy:
     scheduler cuts prefill chunks to stay within it (decodes first, as always), but only as far as
     the waiting requests' first-token deadlines allow (`prefill_rate`). A waiting request blocked for a seat or
     blocks preempts a decode with a looser TPOT that can afford the pause (it returns ranked by
-    that slack, not to the back of the line), or a late one; a request gives way at most once. A request that can no longer meet its TTFT is late
+    that slack, not to the back of the line) as often as that slack allows, or a late one, once. A request that can no longer meet its TTFT is late
     either way: it ranks after every request that still can (and is preempted first), does not
     constrain the budget, and still completes.
     """
@@ -151,12 +151,14 @@ class SLOPolicy:
         """A waiting request that can still be on time takes the place of a late one, or of a decode
         with a looser TPOT objective that can pause for it and still meet that objective."""
         now = self.clock.now()
-        # Each preemption throws computed tokens away: a request gives way once, so overload cannot
-        # turn into a cycle of recomputing the same requests.
-        if running.num_preemptions or self.is_late(waiting, now):
+        if self.is_late(waiting, now):
             return False
         if self.is_late(running, now):
-            return True
+            # Each preemption throws computed tokens away: a late request gives way once, so overload cannot
+            # turn into a cycle of recomputing the same late requests.
+            return not running.num_preemptions
+        # An on-time decode gives way as often as its slack affords the pause, its recompute included; with the
+        # seats full of looser decodes that gave way once, tight requests would otherwise wait until they are late.
         return (bool(running.token_times) and _tpot(running) > _tpot(waiting)
                 and self.resume_slack(running, now) > self.prefill_seconds(waiting.num_tokens - prefill_start(waiting)))
 

@@ -11,6 +11,7 @@ from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import OVERHEAD_TERMS
 from sloserve.sim.profile import Profile, Timing, describe_machine
 from sloserve.sim.profiler import engine_info, model_info
+from sloserve.sim.rank_cost import rank_seconds_per_waiting
 
 
 def served_profile(config: EngineConfig, engine: LLMEngine) -> Profile:
@@ -18,7 +19,8 @@ def served_profile(config: EngineConfig, engine: LLMEngine) -> Profile:
 
     Its steps are whole engine steps, so the execute table carries them and the overhead terms are
     the fit's own split. The train error is the final model's on the kept steps; the held-out error
-    is the prequential one (each step predicted before it ran).
+    is the prequential one (each step predicted before it ran). The policies' cost of ranking a queue is
+    measured as the profiler does (the served steps saw only their own policy's queues).
     """
     predictor = engine.predictor
     model = predictor.model
@@ -41,5 +43,6 @@ def served_profile(config: EngineConfig, engine: LLMEngine) -> Profile:
         settings={"source": "serve", "steps_observed": predictor.num_observed, "refits": predictor.num_refits,
                   "window": len(steps)},
         execute_timings=[Timing(s, t, "serve") for s, t in steps],
+        rank_seconds_per_waiting=rank_seconds_per_waiting(model, config.max_num_batched_tokens, config.block_size),
         created_unix=time.time(),
     )

@@ -195,3 +195,23 @@ def _decoding(r: Request, token_times: list[float]) -> Request:
     r.num_computed_tokens = r.num_tokens
     r.status = RequestStatus.RUNNING
     return r
+
+
+def test_an_on_time_decode_gives_way_again_while_its_slack_allows_but_a_late_one_only_once():
+    clock = ManualClock(0.0)
+    policy = slo_scheduler(clock).policy
+    chat = request("chat", 8, 0.04, INTERACTIVE)
+    # Preempted once already, back and decoding with 3 s of slack banked against a 0.5 s TPOT: it gives way again.
+    clock.t = 0.04
+    roomy = _decoding(request("batch", 4, 0.0, BATCH, max_tokens=10), [0.01, 0.02, 0.03])
+    roomy.num_preemptions = 1
+    assert policy.preempts(chat, roomy)
+    # Its slack spent (last token due at 0.01 + 9 x 0.5 s), it holds its seat, however often it gave way before.
+    clock.t = 4.0
+    assert not policy.preempts(request("chat-late-arrival", 8, 3.99, INTERACTIVE), roomy)
+    # A decode that missed its first-token deadline gives way to an on-time request once, never twice.
+    clock.t = 0.6
+    late = _decoding(request("late", 4, 0.0, INTERACTIVE, max_tokens=50), [0.55])
+    assert policy.preempts(request("chat-2", 8, 0.55, INTERACTIVE), late)
+    late.num_preemptions = 1
+    assert not policy.preempts(request("chat-3", 8, 0.55, INTERACTIVE), late)

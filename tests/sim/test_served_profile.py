@@ -2,6 +2,7 @@
 import pytest
 
 from sloserve.config import EngineConfig
+from sloserve.engine.policy import POLICIES
 from sloserve.llm import build_engine
 from sloserve.request import SamplingParams
 from sloserve.sim.profile import Profile
@@ -27,3 +28,7 @@ def test_profile_out_round_trips_the_calibrated_model(tiny_model_dir, tmp_path):
     assert [loaded.step_seconds(s) for s in shapes] == pytest.approx([predictor.step_seconds(s) for s in shapes])
     assert len(loaded.execute_timings) == predictor.num_observed and loaded.settings["source"] == "serve"
     assert loaded.execute.heldout.count == predictor.num_observed  # the prequential error travels with it
+    # The scheduler's cost of ranking a queue is measured here too, so a simulation of any policy charges it
+    # (the serving run's steps saw only its own policy's queues).
+    assert set(loaded.rank_seconds_per_waiting) == set(POLICIES)
+    assert all(seconds >= 0 for seconds in loaded.rank_seconds_per_waiting.values())
