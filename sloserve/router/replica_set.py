@@ -11,8 +11,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from sloserve.engine.async_engine import EngineStats, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
 from sloserve.request import SLO, CompletionOutput, RequestOutput, SamplingParams
-from sloserve.router.outbox import OutputBatch
 from sloserve.router.replica import ModelInfo
+from sloserve.router.replica_link import ReplicaLinks
 from sloserve.router.router import NoReplicaError, RouteRefused, Router
 from sloserve.router.spec_totals import ReplicaSpecTotals
 
@@ -57,27 +57,24 @@ class ReplicaSet:
         self.actors = actors
         self.engine = info  # what the server reads of "the engine": tokenizer, vocab, max model len
         self.router = router
-        self.poll_s = poll_s
-        self.down_after_s = down_after_s
         self.on_finished = None
         self._tracked: dict[str, _InFlight] = {}
         self._watchers: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._stopping = False
-        self._reported = [-math.inf] * len(actors)  # when each replica's last load report arrived (front's clock)
         self.owns_ray = False  # whether stopping the replicas also stops Ray (launch.py decides)
         self.spec_totals = ReplicaSpecTotals()
+        self.links = ReplicaLinks(actors, router, info.clock, self._tracked, self.spec_totals, poll_s=poll_s,
+                                  down_after_s=down_after_s)
         if info.speculating:
             info.speculator = self.spec_totals  # what /metrics reads the spec-decode counters from
 
     # -- the AsyncLLMEngine surface the server uses ---------------------------------------------
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._watchers = [loop.create_task(self._watch(i), name=f"sloserve-replica-{i}") for i in range(len(self.actors))]
-        self._watchers += [loop.create_task(self._read(i), name=f"sloserve-outputs-{i}") for i in range(len(self.actors))]
+        self._watchers = self.links.start()
 
     async def shutdown(self) -> None:
-        self._stopping = True
+        self._stopping = self.links.stopping = True
         self.abort_all()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wait_until_idle(), 10.0)
@@ -190,7 +187,7 @@ class ReplicaSet:
                         break
                 except RayActorError:
                     pass
-                self._down(flight.replica)  # the replica died: under the add, or while it ran the request
+                self.links.down(flight.replica)  # the replica died: under the add, or while it ran the request
                 tried.add(flight.replica)
                 if flight.last is not None and flight.last.num_tokens > 0 or flight.aborted:
                     raise ReplicaDiedError(f"replica {flight.replica} died while running this request")
@@ -222,40 +219,6 @@ class ReplicaSet:
         if not flight.accepted.done():
             flight.accepted.set_result(None)
 
-    async def _read(self, replica: int) -> None:
-        """Read the replica's output stream; when the replica dies, its requests learn it (`lost`), and the stream
-        is opened again once Ray has restarted the replica and it reports ready."""
-        while not self._stopping:
-            try:
-                async for ref in self.actors[replica].outputs.options(num_returns="streaming").remote():
-                    self._deliver(replica, await ref)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - a dead replica (RayActorError) or a broken stream
-                if not isinstance(error, RayActorError):
-                    logger.exception("output stream of replica %d failed", replica)
-                self._down(replica)
-            for flight in list(self._tracked.values()):
-                if flight.replica == replica:
-                    flight.lost.set()
-            await asyncio.sleep(0.2)
-            while not self._stopping and not self.router.loads[replica].ready:
-                await asyncio.sleep(0.05)
-
-    def _deliver(self, replica: int, batch: OutputBatch) -> None:
-        self._report(replica, batch.load)
-        for update in batch.updates:
-            flight = self._tracked.get(update.request_id)
-            if flight is None or flight.replica != replica or flight.ended is None or flight.ended.done():
-                continue  # ended already, or moved to another replica
-            if update.output is not None:
-                flight.last = update.output
-                flight.stream.put(update.output)
-            if update.error is not None:
-                flight.ended.set_result(update.error)
-            elif update.output is not None and update.output.finished:
-                flight.ended.set_result(None)
-
     def _end(self, flight: _InFlight, error: BaseException | None) -> None:
         if not flight.accepted.done():  # refused by the engine (bad input) or never reached one
             flight.accepted.set_exception(error or EngineStoppedError("the request was aborted before it started"))
@@ -277,47 +240,6 @@ class ReplicaSet:
     def _empty_output(self, flight: _InFlight) -> RequestOutput:
         return RequestOutput(flight.request_id, None, flight.prompt_token_ids,
                              [CompletionOutput(0, "", [], None, None, [])], True, flight.arrival_time, None, None, 0)
-
-    # -- replica health -------------------------------------------------------------------------
-    def _down(self, replica: int) -> None:
-        if self.router.loads[replica].ready:
-            logger.warning("replica %d is down; routing around it", replica)
-        self.router.mark_down(replica)
-
-    async def _watch(self, replica: int) -> None:
-        """Poll the replica's load report when its outputs bring none; one call in flight at a time, so a restarting
-        actor is not flooded."""
-        while not self._stopping:
-            pending = asyncio.ensure_future(self.actors[replica].load.remote())
-            try:
-                done, _ = await asyncio.wait({pending}, timeout=self.down_after_s)
-                if not done:  # a replica this slow to answer is treated as down until it reports again
-                    self._down(replica)
-                load = await pending
-            except RayActorError:
-                self._down(replica)
-                await asyncio.sleep(0.2)
-                continue
-            except asyncio.CancelledError:
-                pending.cancel()
-                raise
-            except Exception:  # noqa: BLE001 - a bad report must not stop the watch
-                logger.exception("load report of replica %d failed", replica)
-                self._down(replica)
-                await asyncio.sleep(0.2)
-                continue
-            self._report(replica, load)
-            await asyncio.sleep(self.poll_s)
-            # A busy replica's reports come with its outputs: poll only one that has said nothing for poll_s.
-            while not self._stopping and self.engine.clock.now() - self._reported[replica] < self.poll_s:
-                await asyncio.sleep(max(0.001, self._reported[replica] + self.poll_s - self.engine.clock.now()))
-
-    def _report(self, replica: int, load) -> None:
-        if load.ready and not self.router.loads[replica].ready:
-            logger.info("replica %d is ready", replica)
-        self._reported[replica] = self.engine.clock.now()
-        self.router.update(load, self._reported[replica])
-        self.spec_totals.observe(replica, load.spec_decode)
 
     def _fire(self, ref) -> None:
         """Send a call whose answer nobody needs, but whose failure (a dead actor) must not go unretrieved."""

@@ -1,4 +1,4 @@
-"""The front's side of a replica's output stream, without Ray: a batch's load moves the router, its outputs reach
+"""The front's side of a replica's output stream (ReplicaLinks), without Ray: a batch's load moves the router, its outputs reach
 their requests, and a replica whose reports come with its outputs is not polled."""
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_a_load_report_carried_with_outputs_moves_the_next_routing_decision():
         assert front.router.route([1, 2, 3]).replica == 0  # both idle: the first
         front.router.update(ReplicaLoad(0, num_received=1))  # replica 0 took that one and finished it
         # Replica 0's output batch says it is busy now: the next request goes to replica 1, with no poll.
-        front._deliver(0, OutputBatch([], ReplicaLoad(0, num_running=4, num_received=1)))
+        front.links.deliver(0, OutputBatch([], ReplicaLoad(0, num_running=4, num_received=1)))
         assert front.router.loads[0].num_running == 4
         assert front.router.route([1, 2, 3]).replica == 1
 
@@ -65,14 +65,14 @@ def test_a_batch_s_outputs_reach_their_requests_and_end_them():
                                      loop.create_future(), ended=loop.create_future())
             front._tracked[rid] = flights[rid]
         failure = RuntimeError("step failed")
-        front._deliver(0, OutputBatch([RequestUpdate("a", _output("a", [7, 8], finished=True)),
+        front.links.deliver(0, OutputBatch([RequestUpdate("a", _output("a", [7, 8], finished=True)),
                                        RequestUpdate("b", _output("b", [9]))], ReplicaLoad(0)))
         a = flights["a"]
         assert a.ended.done() and a.ended.result() is None and a.last.token_ids == [7, 8]
         assert (await anext(a.stream)).token_ids == [7, 8]
         # "b" runs on replica 1: an update for it from replica 0 (where it ran before a retry) is not its own.
         assert not flights["b"].ended.done() and flights["b"].last is None
-        front._deliver(1, OutputBatch([RequestUpdate("b", _output("b", [9]), failure)], ReplicaLoad(1)))
+        front.links.deliver(1, OutputBatch([RequestUpdate("b", _output("b", [9]), failure)], ReplicaLoad(1)))
         assert flights["b"].ended.result() is failure and flights["b"].last.token_ids == [9]
 
     asyncio.run(scenario())
@@ -82,11 +82,11 @@ def test_a_replica_whose_reports_come_with_its_outputs_is_not_polled():
     async def scenario() -> None:
         actors = [PolledActor(0), PolledActor(1)]
         front = _front(actors=actors)
-        watchers = [asyncio.ensure_future(front._watch(i)) for i in range(2)]
+        watchers = [asyncio.ensure_future(front.links.watch(i)) for i in range(2)]
         for _ in range(20):  # replica 0 streams a batch every 5 ms; replica 1 is idle
-            front._deliver(0, OutputBatch([], ReplicaLoad(0)))
+            front.links.deliver(0, OutputBatch([], ReplicaLoad(0)))
             await asyncio.sleep(0.005)
-        front._stopping = True
+        front.links.stopping = True
         await asyncio.gather(*watchers)
         assert actors[0].polls <= 2  # the first poll, before any batch (and one racing it at most)
         assert actors[1].polls > actors[0].polls  # the idle one is polled as before
