@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,7 @@ class EngineReplica:
         self._outbox = Outbox()
         self._forwarding: dict[str, asyncio.Task] = {}  # request id -> the task moving its outputs to the outbox
         self._subscription = 0  # the latest `outputs` call; an older one stops (one reader at a time)
+        self._incarnation, self._reports = uuid.uuid4().hex, 0  # this run of the replica; its reports so far
         # A step loop that died leaves the process alive, and Ray restarts only a process that ends.
         self._exit_process = exit_process
         self._drain_s = drain_s
@@ -102,7 +104,10 @@ class EngineReplica:
         self._exit_process(1)
 
     def _load(self) -> ReplicaLoad:
-        return ReplicaLoad.of(self.replica, self.engine, self.num_received)
+        self._reports += 1
+        load = ReplicaLoad.of(self.replica, self.engine, self.num_received)
+        load.incarnation, load.seq = self._incarnation, self._reports
+        return load
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                   priority: int = 0, slo: SLO | None = None, waited_s: float = 0.0) -> None:

@@ -37,6 +37,7 @@ class ReplicaLinks:
         self.down_after_s = down_after_s
         self.stopping = False
         self._reported = [-math.inf] * len(actors)  # when each replica's last load report arrived (on `clock`)
+        self._latest: list[tuple[str, int] | None] = [None] * len(actors)  # (incarnation, seq) of the last one applied
 
     def start(self) -> list[asyncio.Task]:
         loop = asyncio.get_running_loop()
@@ -108,6 +109,12 @@ class ReplicaLinks:
                 await asyncio.sleep(max(0.001, self._reported[replica] + self.poll_s - self.clock.now()))
 
     def report(self, replica: int, load: ReplicaLoad) -> None:
+        latest = self._latest[replica]
+        if latest is not None and latest[0] == load.incarnation and load.seq < latest[1]:
+            # Older than a report already applied (a poll's answer overtaken by a batch): applying it would take
+            # the replica's state back (num_received going down reads as a restart, spec counters as retired).
+            return
+        self._latest[replica] = (load.incarnation, load.seq)
         if load.ready and not self.router.loads[replica].ready:
             logger.info("replica %d is ready", replica)
         self._reported[replica] = self.clock.now()

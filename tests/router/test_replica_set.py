@@ -92,3 +92,18 @@ def test_a_replica_whose_reports_come_with_its_outputs_is_not_polled():
         assert actors[1].polls > actors[0].polls  # the idle one is polled as before
 
     asyncio.run(scenario())
+
+
+def test_a_report_older_than_one_already_applied_is_dropped_and_a_restarted_replica_s_first_is_not():
+    """A poll's answer can arrive after a batch built later: it must not take the replica's state back (a lower
+    num_received reads as a restart: routed around, its in-flight count and cache record lost)."""
+    async def scenario() -> None:
+        front = _front()
+        front.links.deliver(0, OutputBatch([], ReplicaLoad(0, num_running=2, num_received=5, incarnation="a", seq=9)))
+        front.links.report(0, ReplicaLoad(0, num_running=0, num_received=4, incarnation="a", seq=7))  # the late poll
+        assert front.router.loads[0].ready and front.router.loads[0].num_received == 5
+        assert front.router.loads[0].num_running == 2
+        front.links.report(0, ReplicaLoad(0, num_received=0, incarnation="b", seq=1))  # Ray restarted it
+        assert front.router.loads[0].incarnation == "b" and front.router.loads[0].num_received == 0
+
+    asyncio.run(scenario())
