@@ -8,7 +8,7 @@ from sloserve.engine.cost import StepCostModel, StepPredictor
 from sloserve.engine.detokenizer import Detokenizer, make_detokenizer
 from sloserve.engine.executor import Executor
 from sloserve.engine.features import StepShape
-from sloserve.engine.isolation import execute_isolating
+from sloserve.engine.isolation import execute_isolating, unrankable
 from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.logprobs import MAX_LOGPROBS, LogprobsRecorder
 from sloserve.engine.policy import Policy, make_policy
@@ -170,16 +170,17 @@ class LLMEngine:
         if self.speculator is not None:
             drafts = self._propose()
             draft_seconds = self.clock.now() - start
-        plan = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
+        plan, outputs = self._schedule(drafts)
         if self.speculator is not None and plan.preempted_request_ids:
             self.speculator.forget(plan.preempted_request_ids)
         if not plan.scheduled:
-            return []
+            return self._groups.report(outputs) if self._groups else outputs
         for s in plan.scheduled:
             request = self.requests[s.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
-        survivors, sampled, outputs = self._execute(plan)
+        survivors, sampled, failed = self._execute(plan)
+        outputs += failed
         if self.speculator is not None:
             self._observe_drafts(survivors, sampled)
         now = self.clock.now()
@@ -200,6 +201,19 @@ class LLMEngine:
             logger.exception("the step-time predictor failed to learn from a step")
         self._busy_until = end if self.has_unfinished_requests() else None
         return self._groups.report(outputs) if self._groups else outputs
+
+    def _schedule(self, drafts: dict[str, list[int]] | None) -> tuple[SchedulerOutput, list[RequestOutput]]:
+        """The step's plan, and the outputs of requests that failed making it: when planning raises, a request
+        the policy cannot rank on its own is the cause; it fails alone and the plan is made again without it."""
+        schedule = lambda: self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()  # noqa: E731
+        try:
+            return schedule(), []
+        except Exception as error:  # noqa: BLE001 - find whose fault it is; if nobody's, it is the engine's
+            culprits = unrankable(self.scheduler.policy, list(self.requests.values()))
+            if not culprits:
+                raise
+            failed = [self._fail(r, error) for r in culprits]
+        return schedule(), failed
 
     # Speculation only saves time: when the proposer fails, the step runs without drafts, and the proposer forgets
     # the requests whose draft state it may have left half-updated (it rebuilds them from their tokens).

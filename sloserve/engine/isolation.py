@@ -1,4 +1,5 @@
-"""Failure isolation: a step that raises is retried without the request that caused it (found by bisection)."""
+"""Failure isolation: a step that raises is retried without the request that caused it (found by bisection, or as
+the one the policy cannot rank)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from sloserve.engine.policy import Policy
 from sloserve.engine.scheduler import SchedulerOutput
+from sloserve.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -45,3 +48,14 @@ def execute_isolating(execute: Callable[[SchedulerOutput], list[Sampled]], plan:
         halves[0].sampled + halves[1].sampled,
         halves[0].failed + halves[1].failed,
     )
+
+
+def unrankable(policy: Policy, requests: list[Request]) -> list[Request]:
+    """The requests the policy raises on when ranking them alone: when planning a step raises, these are the cause."""
+    failed = []
+    for request in requests:
+        try:
+            policy.rank(request)
+        except Exception:  # noqa: BLE001 - any fault in its ranking is this request's
+            failed.append(request)
+    return failed

@@ -25,6 +25,7 @@ from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, p
 from sloserve.server.responses import ChatFormat, CompletionFormat
 from sloserve.server.serving import Serving
 from sloserve.server.settings import ServerSettings
+from sloserve.server.startup_heap import freeze_startup_heap
 from sloserve.server.tokenizing import PromptTokenizer
 from sloserve.server.vllm_routes import register_vllm_routes
 
@@ -86,6 +87,7 @@ def build_app(engine: LLMEngine | None, settings: ServerSettings, replicas=None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         ctx.engine.start()
+        freeze_startup_heap()
         try:
             yield
         finally:

@@ -169,3 +169,23 @@ def test_a_predictor_that_fails_to_learn_fails_no_request():
         engine.add_request(f"r{i}", [10 + i], SamplingParams(max_tokens=4))
     finished = _run(engine)
     assert [finished[f"r{i}"].outputs[0].finish_reason for i in range(3)] == ["length"] * 3
+
+
+def test_a_request_the_policy_cannot_rank_fails_alone():
+    from sloserve.engine.policy import FCFS
+
+    class BrokenOnOne(FCFS):
+        def rank(self, request):
+            if request.request_id == "bad":
+                raise ArithmeticError("cannot rank")
+            return super().rank(request)
+
+    engine = LLMEngine(CountingExecutor(), SchedulerConfig(block_size=4), max_model_len=64, vocab_size=100,
+                       clock=TickingClock(), policy=BrokenOnOne())
+    for i in range(3):
+        engine.add_request(f"ok-{i}", [10 + i], SamplingParams(max_tokens=4))
+    engine.add_request("bad", [30], SamplingParams(max_tokens=4))
+    finished = _run(engine)
+    assert finished["bad"].outputs[0].finish_reason == "error"
+    assert [finished[f"ok-{i}"].outputs[0].token_ids for i in range(3)] == [[11 + i + k for k in range(4)] for i in range(3)]
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
