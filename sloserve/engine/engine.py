@@ -15,6 +15,7 @@ from sloserve.engine.policy import Policy, make_policy
 from sloserve.engine.request_group import RequestGroup, RequestGroups, child_id, child_params
 from sloserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from sloserve.engine.speculator import Speculator
+from sloserve.engine.stop_checker import check_stop
 from sloserve.request import SLO, Request, RequestOutput, RequestStatus, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,8 @@ class LLMEngine:
         for token in tokens:
             num_outputs += 1
             request.token_times.append(now)
-            status = self._check_stop(request, token, num_outputs)
+            status = check_stop(request, token, num_outputs, self._detokenizers.get(request.request_id),
+                                self.max_model_len)
             if status is not None:
                 del request.output_token_ids[num_outputs:]
                 if request.logprobs is not None:
@@ -276,40 +278,6 @@ class LLMEngine:
                 self._finish(request, status)
                 break
         return RequestOutput.of(request)
-
-    def _check_stop(self, request: Request, token: int, num_outputs: int) -> RequestStatus | None:
-        params = request.sampling_params
-        # vLLM's min_tokens: no stop token or string before that many tokens (the sampler masks EOS and
-        # stop_token_ids meanwhile; this also covers executors that do not sample, like the simulator).
-        if num_outputs >= params.min_tokens:
-            if token in params.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and token in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-        detokenizer = self._detokenizers.get(request.request_id)
-        if detokenizer is not None:
-            delta = detokenizer.add(token)
-            request.output_text += delta
-            if delta and num_outputs > params.min_tokens and self._cut_at_stop_string(request, len(delta)):
-                return RequestStatus.FINISHED_STOPPED
-        if num_outputs >= params.max_tokens or request.num_prompt_tokens + num_outputs >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    def _cut_at_stop_string(self, request: Request, delta_len: int) -> bool:
-        """Truncate the text at the first stop string that the new text completed (before it, or
-        after it with include_stop_str_in_output)."""
-        text = request.output_text
-        for stop in request.sampling_params.stop:
-            # Only a match ending inside the new text is new; look back far enough to see it start.
-            i = text.find(stop, max(0, len(text) - delta_len - len(stop) + 1))
-            if i != -1:
-                keep = len(stop) if request.sampling_params.include_stop_str_in_output else 0
-                request.output_text = text[: i + keep]
-                request.stop_reason = stop
-                return True
-        return False
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.finished_time = self.clock.now()
