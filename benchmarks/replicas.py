@@ -5,7 +5,8 @@ capacity, and one replica killed halfway through a run; the simulator's predicti
 # The bundled demo model and chat workload (ShareGPT sample, outputs fixed at --output-len tokens), greedy.
 # 1x2: `sloserve serve --num-threads 2` in a subprocess (saving its calibrated step-time model on exit).
 # 2x1: two Ray replicas of 1 thread behind a front served in this process (so the router can be switched between
-#      runs without restarting Ray); the load generator runs in this process for both, the same for each.
+#      runs without restarting Ray). The load generator runs in a process of its own for both systems, so neither
+#      front shares its interpreter (GIL) with the client.
 # Rates are fractions of the 2x1 capacity (a burst's completed requests / its duration), the same for every row.
 # The simulator replays each row's workload (same seed and arrival times) with the step-time model each engine
 # calibrated online during the measured runs (one engine for 1x2, replica 0's for 2x1, through the same router).
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import multiprocessing
 import os
 import socket
 import statistics
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import uvicorn
@@ -79,12 +83,14 @@ def main() -> None:
     seeds = [args.seed + k for k in range(args.seeds)]
 
     # 2 replicas x 1 thread first: its burst sets the capacity every row's rate is a fraction of.
+    client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    run_load = functools.partial(_play_apart, client)
     front = InProcessReplicas(model, args.seed)
     try:
         cfg = front.client()
-        asyncio.run(play(Workload(source, Arrivals("burst"), 8, seed=args.seed + 99), cfg, tokenizer=tok))  # warm
+        run_load(Workload(source, Arrivals("burst"), 8, seed=args.seed + 99), cfg)  # warm
         capacity_w = Workload(source, Arrivals("burst"), args.requests, seed=args.seed)
-        burst = asyncio.run(play(capacity_w, cfg, tokenizer=tok, label="capacity"))
+        burst = run_load(capacity_w, cfg, label="capacity")
         capacity = sum(r.success for r in burst.records) / burst.duration_s
         print(f"2x1 capacity (burst of {args.requests}): {capacity:.2f} req/s")
         runs = []
@@ -93,27 +99,28 @@ def main() -> None:
                 for router in ROUTERS:
                     front.use(router)
                     w = Workload(source, Arrivals("poisson", load * capacity), args.requests, seed=seed)
-                    runs.append((router, load, w, asyncio.run(play(w, cfg, tokenizer=tok, label=f"{router},{load:g}"))))
+                    runs.append((router, load, w, run_load(w, cfg, label=f"{router},{load:g}")))
         model_2x1 = front.step_model()
         for router, load, w, run in runs:
             sim = simulate_replicas(build_sim_replicas(model_2x1, front.knobs, "fcfs", 2),
                                     Router(make_routing_policy(router), 2), w.requests(tok))
             rows.setdefault((f"2x1 {router}", load), []).append(_row(run, sim, slo))
-        kill = _kill_run(front, source, tok, 0.8 * capacity, args, slo)
+        kill = _kill_run(front, run_load, source, tok, 0.8 * capacity, args, slo)
     finally:
         front.stop()
 
     single = SubprocessServer(model, out / "profile-1x2.json")
     try:
         cfg = single.client()
-        asyncio.run(play(Workload(source, Arrivals("burst"), 8, seed=args.seed + 99), cfg, tokenizer=tok))
+        run_load(Workload(source, Arrivals("burst"), 8, seed=args.seed + 99), cfg)
         single_runs = []
         for seed in seeds:
             for load in loads:
                 w = Workload(source, Arrivals("poisson", load * capacity), args.requests, seed=seed)
-                single_runs.append((load, w, asyncio.run(play(w, cfg, tokenizer=tok, label=f"1x2,{load:g}"))))
+                single_runs.append((load, w, run_load(w, cfg, label=f"1x2,{load:g}")))
     finally:
         single.stop()
+        client.shutdown()
     prof = Profile.load(str(out / "profile-1x2.json"))
     for load, w, run in single_runs:
         clock = VirtualClock()
@@ -121,6 +128,15 @@ def main() -> None:
         rows.setdefault(("1x2", load), []).append(_row(run, sim, slo))
     _print(rows, kill, capacity, args, slo)
     print(f"load average after {os.getloadavg()}")
+
+
+def _play_apart(client: ProcessPoolExecutor, workload: Workload, cfg: ClientConfig, label: str = ""):
+    """One run of the load generator, in the client process."""
+    return client.submit(_play_here, workload, cfg, label).result()
+
+
+def _play_here(workload: Workload, cfg: ClientConfig, label: str):
+    return asyncio.run(play(workload, cfg, tokenizer=HFTokenizer(str(default_model_dir())), label=label))
 
 
 def _row(run, sim, slo: SLO) -> dict:
@@ -137,7 +153,7 @@ def _median(seeds: list[dict], key: str) -> float:
     return statistics.median(s[key] for s in seeds)
 
 
-def _kill_run(front: InProcessReplicas, source, tok, rate: float, args, slo: SLO) -> dict:
+def _kill_run(front: InProcessReplicas, run_load, source, tok, rate: float, args, slo: SLO) -> dict:
     """A run at `rate` with the slo router; replica 0 is killed halfway through the arrivals (Ray restarts it)."""
     front.use("slo")
     w = Workload(source, Arrivals("poisson", rate), args.requests * 2, seed=args.seed + 7)
@@ -161,7 +177,7 @@ def _kill_run(front: InProcessReplicas, source, tok, rate: float, args, slo: SLO
 
     killer = threading.Thread(target=kill, daemon=True)
     killer.start()
-    run = asyncio.run(play(w, front.client(timeout_s=120), tokenizer=tok, label="kill"))
+    run = run_load(w, front.client(timeout_s=120), label="kill")
     killer.join(timeout=300)
     records = run.records
     return dict(n=len(records), ok=sum(r.success for r in records),

@@ -25,8 +25,12 @@ class ReplicaSettings:
     startup_timeout_s: float = 600.0  # loading the model (and, on a machine's first use, compiling kernels)
 
 
-def start_replicas(config: EngineConfig, settings: ReplicaSettings, step_model: StepCostModel | None = None) -> ReplicaSet:
-    """Blocks until every replica has loaded its model; returns the front the server serves through."""
+def start_replicas(config: EngineConfig, settings: ReplicaSettings, step_model: StepCostModel | None = None,
+                   actor_class: type = EngineReplica) -> ReplicaSet:
+    """Blocks until every replica has loaded its model; returns the front the server serves through.
+
+    `actor_class`: EngineReplica or a subclass (benchmarks/ray_path.py's stamps its stages).
+    """
     import ray
 
     if settings.num_replicas < 1 or settings.num_threads < 1:
@@ -40,7 +44,7 @@ def start_replicas(config: EngineConfig, settings: ReplicaSettings, step_model: 
             ray.init(num_cpus=settings.num_replicas * settings.num_threads, include_dashboard=False,
                      object_store_memory=_OBJECT_STORE_BYTES, log_to_driver=True)
     model = {"knots": list(step_model.knots), "coefficients": step_model.coefficients} if step_model else None
-    actor = ray.remote(EngineReplica).options(num_cpus=settings.num_threads, max_restarts=settings.max_restarts)
+    actor = ray.remote(actor_class).options(num_cpus=settings.num_threads, max_restarts=settings.max_restarts)
     actors = [actor.remote(i, config, model, settings.num_threads) for i in range(settings.num_replicas)]
     try:
         info: ModelInfo = ray.get(actors[0].info.remote(), timeout=settings.startup_timeout_s)

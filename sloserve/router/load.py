@@ -29,6 +29,10 @@ class ReplicaLoad:
 
     stats: EngineStats = field(default_factory=EngineStats)  # for /metrics, per replica
     spec_decode: SpecDecodeStats | None = None  # its spec-decode counters (None: it does not speculate)
+    # Reports reach the front by two roads (with outputs, and answering a poll), so they may arrive out of order:
+    # `seq` orders the reports of one run of the replica (`incarnation`; a restarted one counts from 0 again).
+    incarnation: str = ""
+    seq: int = 0
 
     @classmethod
     def of(cls, replica: int, engine: AsyncLLMEngine, num_received: int) -> ReplicaLoad:

@@ -11,7 +11,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from sloserve.engine.async_engine import EngineStats, EngineStepError, EngineStoppedError, RequestStream, StreamOutput
 from sloserve.request import SLO, CompletionOutput, RequestOutput, SamplingParams
-from sloserve.router.replica import ACCEPTED, ModelInfo
+from sloserve.router.replica import ModelInfo
+from sloserve.router.replica_link import ReplicaLinks
 from sloserve.router.router import NoReplicaError, RouteRefused, Router
 from sloserve.router.spec_totals import ReplicaSpecTotals
 
@@ -36,10 +37,15 @@ class _InFlight:
     aborted: bool = False
     last: StreamOutput | None = None
     task: asyncio.Task | None = field(default=None, repr=False)
+    # Set by the replica's output reader: `ended` with the request's error (None: finished); `lost` when its
+    # replica died (the request's own task decides between a retry and an error).
+    ended: asyncio.Future | None = field(default=None, repr=False)
+    lost: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
 
 class ReplicaSet:
-    """Routes each request to a replica actor and pumps its output stream into a local RequestStream.
+    """Routes each request to a replica actor (`add`) and reads each replica's one output stream (batches of
+    every request's newest output, with the replica's load) into the requests' local RequestStreams.
 
     A replica that dies is marked down at once (the router routes around it); its requests that had
     streamed nothing yet are sent to another replica, the others fail with ReplicaDiedError. Ray
@@ -51,8 +57,6 @@ class ReplicaSet:
         self.actors = actors
         self.engine = info  # what the server reads of "the engine": tokenizer, vocab, max model len
         self.router = router
-        self.poll_s = poll_s
-        self.down_after_s = down_after_s
         self.on_finished = None
         self._tracked: dict[str, _InFlight] = {}
         self._watchers: list[asyncio.Task] = []
@@ -60,16 +64,17 @@ class ReplicaSet:
         self._stopping = False
         self.owns_ray = False  # whether stopping the replicas also stops Ray (launch.py decides)
         self.spec_totals = ReplicaSpecTotals()
+        self.links = ReplicaLinks(actors, router, info.clock, self._tracked, self.spec_totals, poll_s=poll_s,
+                                  down_after_s=down_after_s)
         if info.speculating:
             info.speculator = self.spec_totals  # what /metrics reads the spec-decode counters from
 
     # -- the AsyncLLMEngine surface the server uses ---------------------------------------------
     def start(self) -> None:
-        self._watchers = [asyncio.get_running_loop().create_task(self._watch(i), name=f"sloserve-replica-{i}")
-                          for i in range(len(self.actors))]
+        self._watchers = self.links.start()
 
     async def shutdown(self) -> None:
-        self._stopping = True
+        self._stopping = self.links.stopping = True
         self.abort_all()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wait_until_idle(), 10.0)
@@ -169,20 +174,32 @@ class ReplicaSet:
         tried: set[int] = set()
         try:
             while True:
+                flight.ended, flight.lost = asyncio.get_running_loop().create_future(), asyncio.Event()
                 try:
-                    await self._stream_from(flight)
-                    break
+                    await self._add_to(flight)
+                    lost = asyncio.ensure_future(flight.lost.wait())
+                    try:
+                        await asyncio.wait({flight.ended, lost}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        lost.cancel()
+                    if flight.ended.done():
+                        error = flight.ended.result()
+                        break
                 except RayActorError:
-                    self._down(flight.replica)
-                    tried.add(flight.replica)
-                    if flight.last is not None and flight.last.num_tokens > 0 or flight.aborted:
-                        raise ReplicaDiedError(f"replica {flight.replica} died while running this request") from None
-                    try:  # nothing reached the client yet: the request can start over elsewhere
-                        flight.replica = self.router.route(flight.prompt_token_ids, None, params=flight.params,
-                                                           now=self.engine.clock.now(), exclude=frozenset(tried)).replica
-                    except NoReplicaError:
-                        raise EngineStoppedError("every replica is down") from None
-                    logger.warning("retrying %s on replica %d", flight.request_id, flight.replica)
+                    pass
+                self.links.down(flight.replica)  # the replica died: under the add, or while it ran the request
+                tried.add(flight.replica)
+                if flight.last is not None and flight.last.num_tokens > 0 or flight.aborted:
+                    raise ReplicaDiedError(f"replica {flight.replica} died while running this request")
+                # Nothing reached the client yet: the request can start over elsewhere. The old replica (restarted
+                # by Ray, it may have taken the add after all) drops it.
+                self._fire(self.actors[flight.replica].abort.remote(flight.request_id))
+                try:
+                    flight.replica = self.router.route(flight.prompt_token_ids, None, params=flight.params,
+                                                       now=self.engine.clock.now(), exclude=frozenset(tried)).replica
+                except NoReplicaError:
+                    raise EngineStoppedError("every replica is down") from None
+                logger.warning("retrying %s on replica %d", flight.request_id, flight.replica)
         except RayTaskError as wrapped:
             error = wrapped.cause if isinstance(wrapped.cause, Exception) else EngineStepError(str(wrapped))
         except asyncio.CancelledError:
@@ -191,23 +208,16 @@ class ReplicaSet:
             error = failure
         finally:
             self._tracked.pop(flight.request_id, None)
+            if flight.aborted and isinstance(error, EngineStoppedError) and not isinstance(error, ReplicaDiedError):
+                error = None  # aborted before its replica started it: an abort, not a failure
             self._end(flight, error)
 
-    async def _stream_from(self, flight: _InFlight) -> None:
-        actor = self.actors[flight.replica]
+    async def _add_to(self, flight: _InFlight) -> None:
         waited = self.engine.clock.now() - flight.arrival_time
-        outputs = actor.generate.options(num_returns="streaming").remote(
-            flight.request_id, flight.prompt_token_ids, flight.params, flight.priority, flight.slo, waited)
-        async for ref in outputs:
-            item = await ref
-            if isinstance(item, str) and item == ACCEPTED:
-                if not flight.accepted.done():
-                    flight.accepted.set_result(None)
-                continue
-            flight.last = item
-            flight.stream.put(item)
-            if item.finished:  # end it now, not when the generator's end arrives: metrics before the reader wakes
-                return
+        await self.actors[flight.replica].add.remote(flight.request_id, flight.prompt_token_ids, flight.params,
+                                                     flight.priority, flight.slo, waited)
+        if not flight.accepted.done():
+            flight.accepted.set_result(None)
 
     def _end(self, flight: _InFlight, error: BaseException | None) -> None:
         if not flight.accepted.done():  # refused by the engine (bad input) or never reached one
@@ -230,39 +240,6 @@ class ReplicaSet:
     def _empty_output(self, flight: _InFlight) -> RequestOutput:
         return RequestOutput(flight.request_id, None, flight.prompt_token_ids,
                              [CompletionOutput(0, "", [], None, None, [])], True, flight.arrival_time, None, None, 0)
-
-    # -- replica health -------------------------------------------------------------------------
-    def _down(self, replica: int) -> None:
-        if self.router.loads[replica].ready:
-            logger.warning("replica %d is down; routing around it", replica)
-        self.router.mark_down(replica)
-
-    async def _watch(self, replica: int) -> None:
-        """Poll the replica's load report; one call in flight at a time, so a restarting actor is not flooded."""
-        while not self._stopping:
-            pending = asyncio.ensure_future(self.actors[replica].load.remote())
-            try:
-                done, _ = await asyncio.wait({pending}, timeout=self.down_after_s)
-                if not done:  # a replica this slow to answer is treated as down until it reports again
-                    self._down(replica)
-                load = await pending
-            except RayActorError:
-                self._down(replica)
-                await asyncio.sleep(0.2)
-                continue
-            except asyncio.CancelledError:
-                pending.cancel()
-                raise
-            except Exception:  # noqa: BLE001 - a bad report must not stop the watch
-                logger.exception("load report of replica %d failed", replica)
-                self._down(replica)
-                await asyncio.sleep(0.2)
-                continue
-            if load.ready and not self.router.loads[replica].ready:
-                logger.info("replica %d is ready", replica)
-            self.router.update(load, self.engine.clock.now())
-            self.spec_totals.observe(replica, load.spec_decode)
-            await asyncio.sleep(self.poll_s)
 
     def _fire(self, ref) -> None:
         """Send a call whose answer nobody needs, but whose failure (a dead actor) must not go unretrieved."""
