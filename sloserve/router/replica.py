@@ -16,6 +16,7 @@ from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SLO, SamplingParams
 from sloserve.router.load import ReplicaLoad
 from sloserve.router.outbox import Outbox, OutputBatch
+from sloserve.startup_heap import freeze_startup_heap
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class EngineReplica:
     def _start(self) -> None:
         if not self.engine.started:  # the loop exists only once the actor serves its first call
             self.engine.start()
+            freeze_startup_heap()  # a replica process pauses for a full collection as the front would
 
     async def info(self) -> ModelInfo:
         self._start()

@@ -25,7 +25,7 @@ from sloserve.server.protocol import ChatCompletionRequest, CompletionRequest, p
 from sloserve.server.responses import ChatFormat, CompletionFormat
 from sloserve.server.serving import Serving
 from sloserve.server.settings import ServerSettings
-from sloserve.server.startup_heap import freeze_startup_heap
+from sloserve.startup_heap import freeze_startup_heap
 from sloserve.server.tokenizing import PromptTokenizer
 from sloserve.server.vllm_routes import register_vllm_routes
 

@@ -117,3 +117,15 @@ def test_a_replica_whose_step_loop_dies_fails_its_requests_and_ends_its_process_
         await replica.engine.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_replica_freezes_its_startup_heap_when_it_starts_serving(tiny_model_dir):
+    import gc
+
+    async def scenario() -> None:
+        replica = EngineReplica(0, _config(tiny_model_dir))
+        gc.unfreeze()
+        await replica.info()  # its first call starts the engine
+        assert gc.get_freeze_count() > 100_000  # as the front does: no full collection walks the model again
+
+    asyncio.run(scenario())

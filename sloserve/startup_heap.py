@@ -1,4 +1,4 @@
-"""The server process's startup heap, frozen once serving starts, so the cyclic GC never walks it while serving."""
+"""A serving process's startup heap, frozen once it starts serving, so the cyclic GC never walks it while serving."""
 from __future__ import annotations
 
 import gc
