@@ -105,11 +105,14 @@ def test_caller_cancelled_before_the_engine_took_it(llm_engine):
 
 def test_failing_step_fails_in_flight_requests_then_serves_on(llm_engine, monkeypatch):
     real_step = llm_engine.step
-    calls = {"n": 0}
+    calls = {"n": 0, "raised": False}
 
     def flaky_step():
         calls["n"] += 1
-        if calls["n"] == 3:
+        # The first step after two that holds all three requests: however the adds interleave with the steps
+        # (the worker steps on while the front is still adding), all three are in flight when it raises.
+        if calls["n"] >= 3 and len(llm_engine.requests) == 3 and not calls["raised"]:
+            calls["raised"] = True
             raise RuntimeError("boom")
         return real_step()
 
