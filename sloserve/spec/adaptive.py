@@ -17,10 +17,18 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def expected_row_tokens(alpha: float, k: int, draft_rate: float) -> float:
+    """A row's expected tokens when it is asked for k drafts but finds some only with probability `draft_rate`
+    (an n-gram proposer finds no match for some rows): without drafts it yields the target's one token."""
+    return draft_rate * expected_tokens(alpha, k) + (1.0 - draft_rate) if k else 1.0
+
+
 @dataclass(slots=True)
 class _Counts:
     accepted: int = 0
     trials: int = 0  # accepted drafts plus rejections (a verification that accepted all has none)
+    asked: int = 0  # proposals asked of the proposer for this request
+    drafted: int = 0  # of those, the ones that came back with drafts
 
 
 class AcceptanceEstimator:
@@ -43,6 +51,20 @@ class AcceptanceEstimator:
         overall = (self.total.accepted + 1) / (self.total.trials + 2)  # a weak start at 0.5 until verifications are seen
         c = self._requests.get(request_id, _Counts())
         return (c.accepted + self.prior_weight * overall) / (c.trials + self.prior_weight)
+
+    def asked(self, request_id: str, drafted: bool) -> None:
+        """The proposer was asked for drafts for this request and found some (or not)."""
+        counts = self._requests.setdefault(request_id, _Counts())
+        for c in (counts, self.total):
+            c.asked += 1
+            c.drafted += drafted
+
+    def draft_rate(self, request_id: str) -> float:
+        """How often a proposal for this request finds drafts, shrunk towards the rate over all requests (which
+        starts at 1: a row is assumed to draft until proposals come back empty)."""
+        overall = (self.total.drafted + 1) / (self.total.asked + 1)
+        c = self._requests.get(request_id, _Counts())
+        return (c.drafted + self.prior_weight * overall) / (c.asked + self.prior_weight)
 
     def measured(self) -> float | None:
         """Per-draft-token acceptance over every verification so far (no prior): what a simulator draws from."""
@@ -76,6 +98,7 @@ def candidates(
     target: StepTimeModel,
     draft_seconds: Callable[[list[int], list[int]], float],
     verify_scales: list[float] | None = None,  # per k: measured over predicted verification cost (VerifyCost.scale)
+    draft_rates: list[float] | None = None,  # per request, how often its proposals find drafts (1: always)
 ) -> list[Candidate]:
     """Each k in 0..max_k: its step's predicted seconds and expected output tokens.
 
@@ -94,15 +117,17 @@ def candidates(
         price = target.step_seconds(shape)
         step = price * (verify_scales[k] if verify_scales else 1.0)
         previous = seconds = max(previous, step + (draft_seconds(ks, contexts) if k else 0.0))
-        out.append(Candidate(k, seconds, sum(expected_tokens(a, x) for a, x in zip(alphas, ks)), price))
+        rates = draft_rates or [1.0] * len(ks)
+        out.append(Candidate(k, seconds, sum(expected_row_tokens(a, x, m) for a, x, m in zip(alphas, ks, rates)), price))
     return out
 
 
 def choose_k(max_k: int, limits: list[int], contexts: list[int], alphas: list[float], prefill_tokens: int, budget: int,
              target: StepTimeModel, draft_seconds: Callable[[list[int], list[int]], float],
-             verify_scales: list[float] | None = None) -> int:
+             verify_scales: list[float] | None = None, draft_rates: list[float] | None = None) -> int:
     """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k)."""
-    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify_scales))
+    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify_scales,
+                             draft_rates))
 
 
 def best_k(cands: list[Candidate]) -> int:

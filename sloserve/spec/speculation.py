@@ -72,7 +72,8 @@ class Speculation:
             prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
             alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
             cands = candidates(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget, predictor,
-                               self._draft_seconds, [self.verify_cost.scale(x) for x in range(k + 1)])
+                               self._draft_seconds, [self.verify_cost.scale(x) for x in range(k + 1)],
+                               [self.acceptance.draft_rate(r.request_id) for r in decoding])
             k = best_k(cands)
             self.verify_cost.chose(k)
             if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():
@@ -88,6 +89,8 @@ class Speculation:
             predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
             start = self.clock.now()
             drafts = self.proposer.propose(batch)
+            for r, d in zip(batch, drafts):
+                self.acceptance.asked(r.request_id, bool(d))
             if predicted > 0:
                 ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
                 self.draft_scale += 0.1 * (ratio - self.draft_scale)

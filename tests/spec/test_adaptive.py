@@ -52,6 +52,29 @@ def test_the_draft_cost_counts():
     assert pick(batch=1, alpha=0.6, draft=lambda ks, cs: 0.008 * max(ks)) < pick(batch=1, alpha=0.6)
 
 
+def test_rows_that_find_no_draft_yield_one_token_so_a_low_draft_rate_does_not_buy_speculation():
+    # 8 rows at acceptance 0.7: one draft each wins while every row drafts (n-gram rows without a match draft
+    # nothing and yield only their own token)...
+    def choose(rate):
+        return choose_k(4, [4] * 8, [100] * 8, [0.7] * 8, 0, 512, ComputeBound(), lambda ks, cs: 0.0, draft_rates=[rate] * 8)
+
+    assert choose(1.0) == 1
+    assert choose(0.2) == 0
+
+
+def test_draft_rate_per_request_starts_at_one_and_learns_from_what_the_proposer_returned():
+    est = AcceptanceEstimator(prior_weight=4.0)
+    assert est.draft_rate("new") == 1.0  # until a proposal came back empty, a row is assumed to draft
+    for found in (True, False, False, False):
+        est.asked("a", found)
+    est.asked("b", True)
+    overall = (2 + 1) / (5 + 1)  # two of five proposals drafted, with a weak start at 1
+    assert est.draft_rate("a") == pytest.approx((1 + 4 * overall) / (4 + 4))
+    assert est.draft_rate("b") > est.draft_rate("a")
+    est.forget("a")
+    assert est.draft_rate("a") == pytest.approx(overall)
+
+
 def test_acceptance_estimate_per_request_with_a_shared_prior():
     est = AcceptanceEstimator(prior_weight=4)
     for _ in range(20):
