@@ -61,6 +61,14 @@ def clear_stale_lock(build_dir: Path, max_age: float = STALE_LOCK_SECONDS) -> bo
     return True
 
 
+def wait_for_build_lock(build_dir: Path, max_age: float = STALE_LOCK_SECONDS, poll_s: float = 0.5,
+                        sleep=time.sleep) -> None:
+    """Wait out another process's build here rather than in PyTorch's own wait, which never looks at the lock's
+    age: a build killed part-way would hold that wait, and every load already in it, forever."""
+    while (build_dir / "lock").exists() and not clear_stale_lock(build_dir, max_age):
+        sleep(poll_s)
+
+
 @functools.cache
 def load_kernels() -> ModuleType | None:
     """The compiled kernels, or None (with a warning) where they cannot be built."""
@@ -76,7 +84,7 @@ def load_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         build_dir = Path(_get_build_directory(name, verbose=False))
-        clear_stale_lock(build_dir)
+        wait_for_build_lock(build_dir)
         if not any(build_dir.glob("*.so")):  # say so only when the wait is a compile
             logger.info("compiling sloserve's C++ kernels (this machine's first use: ~30-60 s)")
         return load(

@@ -118,3 +118,35 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     old = time.time() - 3600
     os.utime(lock, (old, old))
     assert clear_stale_lock(tmp_path, max_age=600) and not lock.exists()
+
+
+def test_a_load_waits_out_a_live_build_and_removes_a_lock_that_goes_stale_while_it_waits(tmp_path):
+    import os
+    import time
+
+    from sloserve.model.kernels import wait_for_build_lock
+
+    lock = tmp_path / "lock"
+    wait_for_build_lock(tmp_path)  # no lock: returns at once
+
+    # Another process's build finishes while this one waits: its lock goes, the wait ends.
+    lock.touch()
+    naps = []
+
+    def build_finishes(seconds):
+        naps.append(seconds)
+        if len(naps) == 3:
+            lock.unlink()
+
+    wait_for_build_lock(tmp_path, sleep=build_finishes)
+    assert len(naps) == 3
+
+    # A build killed part-way: its lock turns stale during the wait and is removed (PyTorch's own wait never would).
+    lock.touch()
+
+    def time_passes(seconds):
+        old = time.time() - 3600
+        os.utime(lock, (old, old))
+
+    wait_for_build_lock(tmp_path, max_age=600, sleep=time_passes)
+    assert not lock.exists()
