@@ -106,6 +106,7 @@ def candidates(
     beside them is part of each candidate's step; its tokens do not count as output.
     """
     out, previous = [], 0.0
+    rates = draft_rates or [1.0] * len(limits)
     for k in range(max_k + 1):
         ks = [min(k, limit) for limit in limits]
         new = [1 + x for x in ks]
@@ -117,7 +118,6 @@ def candidates(
         price = target.step_seconds(shape)
         step = price * (verify_scales[k] if verify_scales else 1.0)
         previous = seconds = max(previous, step + (draft_seconds(ks, contexts) if k else 0.0))
-        rates = draft_rates or [1.0] * len(ks)
         out.append(Candidate(k, seconds, sum(expected_row_tokens(a, x, m) for a, x, m in zip(alphas, ks, rates)), price))
     return out
 
