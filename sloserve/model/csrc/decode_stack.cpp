@@ -16,6 +16,7 @@
 
 #include "layer_ops.h"
 #include "skinny_matmul.h"
+#include "team_barrier.h"
 
 namespace {
 
@@ -49,19 +50,19 @@ struct Layer {
 
 // This thread's share of [0, n) in one contiguous run, then the barrier that ends the op.
 template <typename F>
-void split(int64_t n, const F& f) {
+void split(TeamBarrier& barrier, int64_t n, const F& f) {
   const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
   const int64_t chunk = (n + threads - 1) / threads, begin = std::min(n, me * chunk), end = std::min(n, begin + chunk);
   if (begin < end) f(begin, end);
-#pragma omp barrier
+  barrier.wait();
 }
 
 // y = x W^T by the team: one thread stages x, then the output-row blocks are split.
-void matmul(SkinnyMatmul& mm, const Projection& w, const void* x, int64_t x_stride, at::ScalarType dtype, void* y,
-            int64_t rows) {
-#pragma omp single
-  mm.stage(w.skinny(), x, x_stride, dtype, y, rows);  // the single's own barrier: every thread sees the staged x
-  split(mm.blocks(), [&](int64_t begin, int64_t end) { mm.run_blocks(begin, end); });
+void matmul(TeamBarrier& barrier, SkinnyMatmul& mm, const Projection& w, const void* x, int64_t x_stride,
+            at::ScalarType dtype, void* y, int64_t rows) {
+  if (omp_get_thread_num() == 0) mm.stage(w.skinny(), x, x_stride, dtype, y, rows);
+  barrier.wait();  // every thread sees the staged x
+  split(barrier, mm.blocks(), [&](int64_t begin, int64_t end) { mm.run_blocks(begin, end); });
 }
 
 class DecodeStack {
@@ -125,51 +126,56 @@ class DecodeStack {
     const int64_t hd = head_dim_, q_size = num_heads_ * hd, kv_size = num_kv_heads_ * hd, qkv_width = q_size + 2 * kv_size;
     const int64_t threads = at::get_num_threads();
     SkinnyMatmul mm(isa_);  // the team's, staged for one projection after another
+    TeamBarrier barrier;
 #pragma omp parallel num_threads(threads)
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& layer = layers_[l];
-      const T* input_norm = ptr<T>(layer.input_norm);
-      split(rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          if (l == 0) rms_norm_row(h + r * hidden_, residual + r * hidden_, input_norm, hidden_, eps_);
-          else add_rms_norm_row(h + r * hidden_, residual + r * hidden_, input_norm, hidden_, eps_);
-        }
-      });
-      matmul(mm, layer.qkv, h, hidden_, dtype_, qkv, rows);
-      if (layer.q_norm.defined()) {  // Qwen3: RMSNorm over each query and key head, before RoPE
-        const T *q_norm = ptr<T>(layer.q_norm), *k_norm = ptr<T>(layer.k_norm);
-        const int64_t heads = num_heads_ + num_kv_heads_;
-        split(rows * heads, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            T* head = qkv + (i / heads) * qkv_width + (i % heads) * hd;
-            rms_norm_row(head, head, i % heads < num_heads_ ? q_norm : k_norm, hd, eps_);
+    {
+#pragma omp single
+      barrier.reset(omp_get_num_threads());  // the team libgomp gave, which may be smaller than asked
+      for (size_t l = 0; l < layers_.size(); ++l) {
+        const Layer& layer = layers_[l];
+        const T* input_norm = ptr<T>(layer.input_norm);
+        split(barrier, rows, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            if (l == 0) rms_norm_row(h + r * hidden_, residual + r * hidden_, input_norm, hidden_, eps_);
+            else add_rms_norm_row(h + r * hidden_, residual + r * hidden_, input_norm, hidden_, eps_);
           }
         });
+        matmul(barrier, mm, layer.qkv, h, hidden_, dtype_, qkv, rows);
+        if (layer.q_norm.defined()) {  // Qwen3: RMSNorm over each query and key head, before RoPE
+          const T *q_norm = ptr<T>(layer.q_norm), *k_norm = ptr<T>(layer.k_norm);
+          const int64_t heads = num_heads_ + num_kv_heads_;
+          split(barrier, rows * heads, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) {
+              T* head = qkv + (i / heads) * qkv_width + (i % heads) * hd;
+              rms_norm_row(head, head, i % heads < num_heads_ ? q_norm : k_norm, hd, eps_);
+            }
+          });
+        }
+        T* k_cache = ptr<T>(std::get<0>(kv_caches[l]));
+        T* v_cache = ptr<T>(std::get<1>(kv_caches[l]));
+        split(barrier, rows, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r)
+            rope_and_cache_row(qkv + r * qkv_width, cos + r * hd, sin + r * hd, k_cache + slots[r] * kv_size,
+                               v_cache + slots[r] * kv_size, num_heads_, num_kv_heads_, hd);
+        });
+        DecodeAttention<T> attention{attn, qkv, qkv_width, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
+                                     context_lens, block_tables.size(1), rows, num_heads_, num_kv_heads_, hd,
+                                     block_size, scale};
+        attention.split_for(threads);
+        split(barrier, attention.items(), [&](int64_t begin, int64_t end) { attention.run_items(begin, end); });
+        matmul(barrier, mm, layer.o_proj, attn, q_size, dtype_, h, rows);
+        const T* post_norm = ptr<T>(layer.post_norm);
+        split(barrier, rows, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) add_rms_norm_row(h + r * hidden_, residual + r * hidden_, post_norm, hidden_, eps_);
+        });
+        matmul(barrier, mm, layer.gate_up, h, hidden_, dtype_, gate_up, rows);
+        split(barrier, rows, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r)
+            silu_and_mul_row(act + r * intermediate_, gate_up + r * 2 * intermediate_,
+                             gate_up + r * 2 * intermediate_ + intermediate_, intermediate_);
+        });
+        matmul(barrier, mm, layer.down, act, intermediate_, dtype_, h, rows);
       }
-      T* k_cache = ptr<T>(std::get<0>(kv_caches[l]));
-      T* v_cache = ptr<T>(std::get<1>(kv_caches[l]));
-      split(rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          rope_and_cache_row(qkv + r * qkv_width, cos + r * hd, sin + r * hd, k_cache + slots[r] * kv_size,
-                             v_cache + slots[r] * kv_size, num_heads_, num_kv_heads_, hd);
-      });
-      DecodeAttention<T> attention{attn, qkv, qkv_width, k_cache, v_cache, block_tables.data_ptr<int64_t>(),
-                                   context_lens, block_tables.size(1), rows, num_heads_, num_kv_heads_, hd,
-                                   block_size, scale};
-      attention.split_for(threads);
-      split(attention.items(), [&](int64_t begin, int64_t end) { attention.run_items(begin, end); });
-      matmul(mm, layer.o_proj, attn, q_size, dtype_, h, rows);
-      const T* post_norm = ptr<T>(layer.post_norm);
-      split(rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) add_rms_norm_row(h + r * hidden_, residual + r * hidden_, post_norm, hidden_, eps_);
-      });
-      matmul(mm, layer.gate_up, h, hidden_, dtype_, gate_up, rows);
-      split(rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          silu_and_mul_row(act + r * intermediate_, gate_up + r * 2 * intermediate_,
-                           gate_up + r * 2 * intermediate_ + intermediate_, intermediate_);
-      });
-      matmul(mm, layer.down, act, intermediate_, dtype_, h, rows);
     }
   }
 
