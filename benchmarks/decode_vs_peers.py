@@ -32,16 +32,22 @@ MODEL = dict(
     num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True, rms_norm_eps=1e-5,
     rope_theta=10000.0, max_position_embeddings=2048,
 )
-ALL_SYSTEMS = ("sloserve", "hf", "llamacpp")
+# sloserve_layers: the same engine running decode steps layer by layer, op by op (the path before the
+# fused decode stack), so that the previous version is measured in the same run.
+ALL_SYSTEMS = ("sloserve", "sloserve_layers", "hf", "llamacpp")
 # What each system runs in a row of the table: sloserve (dtype, quantization), HF's dtype, llama.cpp's
 # GGUF type. int8 is sloserve's weight-only int8 beside llama.cpp's q8_0; transformers has no CPU int8 path.
 VARIANTS = {
-    "float32": {"sloserve": ("float32", None), "hf": "float32", "llamacpp": "float32"},
-    "bfloat16": {"sloserve": ("bfloat16", None), "hf": "bfloat16", "llamacpp": "bfloat16"},
-    "int8": {"sloserve": ("bfloat16", "int8"), "llamacpp": "q8_0"},
+    "float32": {"sloserve": ("float32", None), "sloserve_layers": ("float32", None), "hf": "float32",
+                "llamacpp": "float32"},
+    "bfloat16": {"sloserve": ("bfloat16", None), "sloserve_layers": ("bfloat16", None), "hf": "bfloat16",
+                 "llamacpp": "bfloat16"},
+    "int8": {"sloserve": ("bfloat16", "int8"), "sloserve_layers": ("bfloat16", "int8"), "llamacpp": "q8_0"},
 }
-MEASURES = ("prefill_s", "decode_tok_s", "batch_total_tok_s", "batch_gen_tok_s")
-LOWER_IS_BETTER = {"prefill_s"}
+# decode_cpu_ms: this process's CPU time (all threads) per generated token of the single-request decode:
+# on a shared machine it moves far less than wall time when others take cores away.
+MEASURES = ("prefill_s", "decode_tok_s", "decode_cpu_ms", "batch_total_tok_s", "batch_gen_tok_s")
+LOWER_IS_BETTER = {"prefill_s", "decode_cpu_ms"}
 
 
 @dataclass
@@ -92,7 +98,7 @@ class SloservePeer:
     name = "sloserve"
 
     def __init__(self, config_dir: str, dtype: str, quantization: str | None, workload: Workload,
-                 batched_tokens: int, seed: int = 0):
+                 batched_tokens: int, seed: int = 0, fused_decode: bool = True):
         from sloserve import LLM, SamplingParams
 
         self._params = SamplingParams
@@ -104,6 +110,9 @@ class SloservePeer:
                        max_num_batched_tokens=batched_tokens,
                        max_num_seqs=len(workload.batch_prompts),
                        kv_cache_memory_bytes=max(kv_bytes, 64 << 20))
+        if not fused_decode:
+            self.name = "sloserve_layers"
+            self.llm.engine.executor.model.decode_stack = None
 
     def _generate(self, prompts: list[list[int]], outputs: list[int]):
         params = [self._params(max_tokens=n, temperature=0.0, ignore_eos=True) for n in outputs]
@@ -175,13 +184,14 @@ def memory_read_gbs(threads: int, mib: int = 512, reps: int = 5) -> float:
 
 def build_system(name: str, variant: str, args, workload: Workload, workdir: str):
     dtype = VARIANTS[variant][name]
-    if name == "sloserve":
+    if name in ("sloserve", "sloserve_layers"):
         config_dir = os.path.join(workdir, "config")
         if not os.path.exists(os.path.join(config_dir, "config.json")):
             from transformers import LlamaConfig
 
             LlamaConfig(**MODEL).save_pretrained(config_dir)
-        return SloservePeer(config_dir, *dtype, workload, args.sloserve_batched_tokens)
+        return SloservePeer(config_dir, *dtype, workload, args.sloserve_batched_tokens,
+                            fused_decode=name == "sloserve")
     if name == "hf":
         return peers.HFPeer(MODEL, dtype)
     if name == "llamacpp":
@@ -228,8 +238,10 @@ def run_once(system, run: str, workload: Workload) -> dict:
     if run == "prefill":
         return {"prefill_s": system.prefill_seconds(workload.prefill_prompt)}
     if run == "decode":
-        return {"decode_tok_s": system.decode_tokens_per_s(workload.decode_prompt,
-                                                           workload.decode_new)}
+        cpu0 = sum(os.times()[:2])
+        rate = system.decode_tokens_per_s(workload.decode_prompt, workload.decode_new)
+        cpu_ms = (sum(os.times()[:2]) - cpu0) * 1e3 / workload.decode_new  # the prompt's prefill included
+        return {"decode_tok_s": rate, "decode_cpu_ms": cpu_ms}
     res = system.batch_tokens_per_s(workload.batch_prompts, workload.batch_outputs)
     return {"batch_total_tok_s": res["total_tok_s"], "batch_gen_tok_s": res["generated_tok_s"],
             "batch_mode": res["mode"]}
@@ -309,7 +321,7 @@ def run_dtype(dtype: str, names: list[str], args, workload: Workload, workdir: s
                     continue
                 _record(results[name], values, noise)
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in MEASURES)
-                log(f"[{dtype}] round {rnd + 1}/{args.rounds} {name:9s} {shown}"
+                log(f"[{dtype}] round {rnd + 1}/{args.rounds} {name:15s} {shown}"
                     + (f" (others: {noise:.2f} cores)" if noise is not None else ""))
     for system in systems.values():
         if hasattr(system, "close"):
@@ -365,7 +377,7 @@ def ratios(summary: dict) -> dict:
     out: dict = {}
     for dtype, per_system in summary.items():
         mine = per_system.get("sloserve", {})
-        for peer in ("hf", "llamacpp"):
+        for peer in ("sloserve_layers", "hf", "llamacpp"):
             theirs = per_system.get(peer, {})
             shared = [m for m in MEASURES if m in mine and m in theirs]
             if shared:
@@ -406,7 +418,7 @@ def _isa_flags() -> str:
     return " ".join(f for f in wanted if f in flags)
 
 
-LABELS = {"prefill_s": "prefill ms", "decode_tok_s": "decode tok/s",
+LABELS = {"prefill_s": "prefill ms", "decode_tok_s": "decode tok/s", "decode_cpu_ms": "decode CPU ms/tok",
           "batch_total_tok_s": "batch total tok/s", "batch_gen_tok_s": "batch gen tok/s"}
 
 
@@ -431,19 +443,19 @@ def format_report(report: dict) -> str:
         "others cores: other processes' CPU during a kept run",
     ]
     lines += _busy_warning(report) + [""]
-    header = (f"{'dtype':9s} {'system':10s}" + "".join(f"{LABELS[x]:>22s}" for x in MEASURES)
+    header = (f"{'dtype':9s} {'system':15s}" + "".join(f"{LABELS[x]:>22s}" for x in MEASURES)
               + f"{'decode weights GB/s':>21s}{'others cores max':>18s}")
     lines += [header, "-" * len(header)]
     for dtype, per_system in report["results"].items():
         for name, stats in per_system.items():
             if "error" in stats:
-                lines.append(f"{dtype:9s} {name:10s}  unavailable: {stats['error']}")
+                lines.append(f"{dtype:9s} {name:15s}  unavailable: {stats['error']}")
                 continue
             row = "".join(f"{_cell(stats.get(x), x):>22s}" for x in MEASURES)
             row += f"{stats['weights_gbs']:>21.1f}" if "weights_gbs" in stats else f"{'-':>21s}"
             noise = stats["interference"]
             row += f"{max(noise):>18.2f}" if noise else f"{'-':>18s}"
-            lines.append(f"{dtype:9s} {name:10s}{row}")
+            lines.append(f"{dtype:9s} {name:15s}{row}")
     lines += _ratio_lines(report["ratios"])
     lines += _batch_mode_lines(report["results"])
     return "\n".join(lines)
@@ -475,7 +487,7 @@ def _ratio_lines(all_ratios: dict) -> list[str]:
     for dtype, per_peer in all_ratios.items():
         for peer, r in per_peer.items():
             cells = ", ".join(f"{LABELS[x]} {v:.2f}" for x, v in r.items())
-            lines.append(f"  {dtype:9s} ÷ {peer:9s} {cells}")
+            lines.append(f"  {dtype:9s} ÷ {peer:15s} {cells}")
     return lines
 
 

@@ -19,7 +19,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "skinny_matmul.cpp")
+SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "skinny_matmul.cpp", CSRC / "decode_stack.cpp")
 # Without contraction the compiler keeps every multiply and add separately rounded, as PyTorch does.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sloserve.model.attention import AttentionBackend
+from sloserve.model.decode_stack import DecodeStack
 from sloserve.model.linear import Linear
 from sloserve.model.ops import Ops
 
@@ -100,6 +101,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(s, ops, attention) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = Linear(s.hidden_size, s.vocab_size, bias=False)
+        self.decode_stack: DecodeStack | None = None  # set by prepare_weights where the kernels run
         if s.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Same arithmetic as Hugging Face (float32 angles, then cast), tabulated once per position.
@@ -116,6 +118,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(kernels, isa, quantization)
+        self.decode_stack = DecodeStack(kernels, self.layers) if DecodeStack.supports(self.layers) else None
 
     def forward(
         self,
@@ -128,9 +131,12 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos = self.cos_table[positions].to(x.dtype)
         sin = self.signed_sin_table[positions].to(x.dtype)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
+        if self.decode_stack is not None and self.decode_stack.runs(meta, x.shape[0]):
+            x, residual = self.decode_stack(x, cos, sin, meta, kv_caches)  # the same numbers, one call
+        else:
+            residual = None
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         # Only sampled rows need the vocabulary projection: a prefill chunk needs one row, not all.
         x, residual = x.index_select(0, sample_rows), residual.index_select(0, sample_rows)
         return self.lm_head(self.ops.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)).float()

@@ -13,6 +13,7 @@
 // CPU's flags): AVX512-BF16 (+VNNI) dot products, AVX-512, AVX2+FMA, and portable C++. Each is compiled
 // with its own target attribute, so the file builds on a CPU without AVX-512 and any path can be forced.
 #include "skinny_bodies.h"
+#include "skinny_matmul.h"
 
 namespace {
 
@@ -47,68 +48,110 @@ void dots_tile(Isa isa, int tile, const Tile<W, X>& t, Sums out) {
   }
 }
 
+}  // namespace
+
+// One chunk of output-row blocks, the body and tile sizes fixed at compile time.
 template <typename W, typename X, typename Y>
-void run(Isa isa, const W* w, const float* scales, const float* bias, const X* x, int64_t x_stride, Y* y,
-         int64_t m_rows, int64_t n, int64_t k, const float* x_scales = nullptr) {
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  // ~64 KiB of weights per chunk at least: a small matrix stays on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kRowBlock * k * int64_t(sizeof(W))));
+void run_blocks_of(const SkinnyMatmul& mm, int64_t begin, int64_t end) {
+  const Isa isa = static_cast<Isa>(mm.isa_);
+  const int64_t n = mm.weight_.n, k = mm.weight_.k, m_rows = mm.m_, x_stride = mm.x_stride_;
+  const W* w = static_cast<const W*>(mm.weight_.data);
+  const X* x = static_cast<const X*>(mm.x_);
+  Y* y = static_cast<Y*>(mm.y_);
+  const float *scales = mm.weight_.scales, *bias = mm.weight_.bias, *x_scales = mm.x_scales_;
   const int64_t prefetch = prefetch_offset(k, sizeof(W));
   constexpr int width = tile_width<X>();
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    float sums[kMaxTile][kRowBlock];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * kRowBlock, rows = std::min<int64_t>(kRowBlock, n - row);
-      for (int64_t m0 = 0; m0 < m_rows; m0 += width) {
-        const int tile = static_cast<int>(std::min<int64_t>(width, m_rows - m0));
-        for (int64_t r0 = 0; r0 < rows;) {  // a full block of rows, else the ragged rows one at a time
-          const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride, x_scales ? x_scales + m0 : nullptr,
-                             prefetch};
-          const int step = rows - r0 == kRowBlock ? kRowBlock : 1;
-          if (step == kRowBlock) dots_tile<W, X, kRowBlock>(isa, tile, t, sums);
-          else dots_tile<W, X, 1>(isa, tile, t, sums);
-          for (int r = 0; r < step; ++r) {
-            const int64_t col = row + r0 + r;
-            for (int m = 0; m < tile; ++m) {
-              float v = sums[m][r];
-              if (scales) v *= scales[col];
-              if (bias) v += bias[col];
-              Y* dst = y + (m0 + m) * n + col;
-              if constexpr (std::is_same_v<Y, BF16>) *dst = float_to_bf16(v);
-              else *dst = v;
-            }
+  float sums[kMaxTile][kRowBlock];
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t row = b * kRowBlock, rows = std::min<int64_t>(kRowBlock, n - row);
+    for (int64_t m0 = 0; m0 < m_rows; m0 += width) {
+      const int tile = static_cast<int>(std::min<int64_t>(width, m_rows - m0));
+      for (int64_t r0 = 0; r0 < rows;) {  // a full block of rows, else the ragged rows one at a time
+        const Tile<W, X> t{w + (row + r0) * k, x + m0 * x_stride, k, x_stride, x_scales ? x_scales + m0 : nullptr,
+                           prefetch};
+        const int step = rows - r0 == kRowBlock ? kRowBlock : 1;
+        if (step == kRowBlock) dots_tile<W, X, kRowBlock>(isa, tile, t, sums);
+        else dots_tile<W, X, 1>(isa, tile, t, sums);
+        for (int r = 0; r < step; ++r) {
+          const int64_t col = row + r0 + r;
+          for (int m = 0; m < tile; ++m) {
+            float v = sums[m][r];
+            if (scales) v *= scales[col];
+            if (bias) v += bias[col];
+            Y* dst = y + (m0 + m) * n + col;
+            if constexpr (std::is_same_v<Y, BF16>) *dst = float_to_bf16(v);
+            else *dst = v;
           }
-          r0 += step;
         }
+        r0 += step;
       }
     }
-  });
+  }
 }
 
+int64_t SkinnyMatmul::blocks() const { return (weight_.n + kRowBlock - 1) / kRowBlock; }
+
+int64_t SkinnyMatmul::grain() const {
+  return std::max<int64_t>(1, 65536 / (kRowBlock * weight_.k * int64_t(c10::elementSize(weight_.dtype))));
+}
+
+namespace {
+
+// The body for weight W and output Y, reading x as X.
 template <typename W, typename Y>
-void run_on(Isa isa, const torch::Tensor& w, const float* scales, const float* bias, const torch::Tensor& x,
-            torch::Tensor& y) {
-  const int64_t m = x.size(0), n = w.size(0), k = w.size(1);
-  const W* wp = static_cast<const W*>(w.data_ptr());
-  Y* yp = static_cast<Y*>(y.data_ptr());
+auto body_for(bool bf16_dots, bool fixed16) -> void (*)(const SkinnyMatmul&, int64_t, int64_t) {
   if constexpr (std::is_same_v<W, BF16>) {
-    if (isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16)
-      return run(isa, wp, scales, bias, static_cast<const BF16*>(x.data_ptr()), x.stride(0), yp, m, n, k);
+    if (bf16_dots) return run_blocks_of<W, BF16, Y>;
   }
   if constexpr (std::is_same_v<W, int8_t>) {
-    if (isa == kAvx512Bf16 && x.scalar_type() == at::kBFloat16 && k < kMaxFixed16Row) {
-      std::vector<Fixed16> fixed(2 * m * k);
-      std::vector<float> x_scales(m);
-      to_fixed16(static_cast<const BF16*>(x.data_ptr()), x.stride(0), m, k, fixed.data(), x_scales.data());
-      return run(isa, wp, scales, bias, fixed.data(), 2 * k, yp, m, n, k, x_scales.data());
-    }
+    if (fixed16) return run_blocks_of<W, Fixed16, Y>;
   }
-  // The other bodies multiply in float32: a bfloat16 x widens once here, not once per weight row.
-  const torch::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  run(isa, wp, scales, bias, static_cast<const float*>(xf.data_ptr()), xf.stride(0), yp, m, n, k);
+  return run_blocks_of<W, float, Y>;
+}
+
+template <typename W>
+auto body_for(bool bf16_out, bool bf16_dots, bool fixed16) {
+  return bf16_out ? body_for<W, BF16>(bf16_dots, fixed16) : body_for<W, float>(bf16_dots, fixed16);
 }
 
 }  // namespace
+
+void SkinnyMatmul::stage(const SkinnyWeight& weight, const void* x, int64_t x_stride, at::ScalarType x_dtype, void* y,
+                         int64_t m) {
+  weight_ = weight;
+  const int64_t k = weight_.k;
+  const bool bf16_x = x_dtype == at::kBFloat16, best = isa_ == kAvx512Bf16;
+  const bool bf16_dots = best && bf16_x && weight_.dtype == at::kBFloat16;
+  const bool fixed16 = best && bf16_x && weight_.dtype == at::kChar && k < kMaxFixed16Row;
+  y_ = y;
+  m_ = m;
+  x_scales_ = nullptr;
+  if (bf16_dots) {  // x stays bfloat16 only for the dot-product instruction
+    x_ = x;
+    x_stride_ = x_stride;
+  } else if (fixed16) {
+    staged_.resize(2 * m * k);
+    staged_scales_.resize(m);
+    to_fixed16(static_cast<const BF16*>(x), x_stride, m, k, reinterpret_cast<Fixed16*>(staged_.data()),
+               staged_scales_.data());
+    x_ = staged_.data();
+    x_stride_ = 2 * k;
+    x_scales_ = staged_scales_.data();
+  } else if (bf16_x) {  // the other bodies multiply in float32: x widens once here, not once per weight row
+    staged_.resize(m * k * sizeof(float));
+    float* xf = reinterpret_cast<float*>(staged_.data());
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < k; ++i) xf[r * k + i] = bf16_to_float(static_cast<const BF16*>(x)[r * x_stride + i]);
+    x_ = xf;
+    x_stride_ = k;
+  } else {
+    x_ = x;
+    x_stride_ = x_stride;
+  }
+  if (weight_.dtype == at::kChar) body_ = body_for<int8_t>(bf16_x, bf16_dots, fixed16);
+  else if (weight_.dtype == at::kBFloat16) body_ = body_for<BF16>(bf16_x, bf16_dots, fixed16);
+  else body_ = body_for<float>(bf16_x, bf16_dots, fixed16);
+}
 
 // x [M, K] float32/bfloat16 with contiguous rows; weight [N, K] contiguous, float32/bfloat16/int8;
 // scales [N] float32 for int8 weights (else None); bias [N] in x's dtype or None. Returns [M, N] in x's dtype.
@@ -133,17 +176,10 @@ torch::Tensor skinny_matmul(torch::Tensor x, torch::Tensor weight, std::optional
   }
   auto y = torch::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0 || n == 0) return y;
-  const Isa isa = static_cast<Isa>(isa_code);
-  const float* sp = quantized ? scale_f.data_ptr<float>() : nullptr;
-  const float* bp = bias ? bias_f.data_ptr<float>() : nullptr;
-  const bool bf16_out = x.scalar_type() == at::kBFloat16;
-  auto go = [&](auto w_tag) {
-    using W = decltype(w_tag);
-    if (bf16_out) run_on<W, BF16>(isa, weight, sp, bp, x, y);
-    else run_on<W, float>(isa, weight, sp, bp, x, y);
-  };
-  if (quantized) go(int8_t{});
-  else if (weight.scalar_type() == at::kBFloat16) go(BF16{});
-  else go(float{});
+  const SkinnyWeight w{weight.data_ptr(), weight.scalar_type(), quantized ? scale_f.data_ptr<float>() : nullptr,
+                       bias ? bias_f.data_ptr<float>() : nullptr, n, weight.size(1)};
+  SkinnyMatmul mm(isa_code);
+  mm.stage(w, x.data_ptr(), x.stride(0), x.scalar_type(), y.data_ptr(), x.size(0));
+  at::parallel_for(0, mm.blocks(), mm.grain(), [&](int64_t begin, int64_t end) { mm.run_blocks(begin, end); });
   return y;
 }
