@@ -129,8 +129,8 @@ def candidates(
     for k in range(1, max_k + 1):
         ks = [min(k, limit) for limit in limits]
         if measured:
-            step = scale * price_0 + verify.added_seconds(sum(m for x, m in zip(ks, rates) if x),
-                                                          sum(x * m for x, m in zip(ks, rates)))
+            step = scale * price_0 + verify.added_seconds(rows, sum(m for x, m in zip(ks, rates) if x),
+                                                                sum(x * m for x, m in zip(ks, rates)))
         else:
             step = scale * (price([1 + x for x in ks], prefill) - chunk)
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.

@@ -114,7 +114,7 @@ class Speculation:
                 seconds = self.clock.now() - start
                 verifying = [len(s.spec_token_ids) for s in plan.scheduled if s.spec_token_ids]
                 if verifying:
-                    self.verify_cost.observe_verify(seconds, price_0, len(verifying), sum(verifying))
+                    self.verify_cost.observe_verify(seconds, price_0, rows, len(verifying), sum(verifying))
                 else:
                     self.verify_cost.observe_decode(seconds, price_0)
         for s, tokens in zip(plan.scheduled, sampled):

@@ -28,15 +28,42 @@ from sloserve.engine.nnls import nnls
 
 
 @dataclass(slots=True)
+class AddedCost:
+    """Seconds verifying adds to a decode step, fitted from the latest `window` verifications of one batch size class."""
+
+    window: int
+    per_row: float = 0.0  # seconds a verifying row adds
+    per_draft: float = 0.0  # seconds a draft token adds
+    verifications: deque = field(default_factory=deque)  # (verifying rows, draft tokens, seconds added)
+
+    def observe(self, rows: int, drafts: int, seconds: float) -> None:
+        self.verifications.append((rows, drafts, seconds))
+        while len(self.verifications) > self.window:
+            self.verifications.popleft()
+        x = np.array([(r, d) for r, d, _ in self.verifications], float)
+        y = np.array([s for _, _, s in self.verifications], float)
+        # Non-negative: a noisy step that measured under its decode price says verifying is cheap, not that it saves.
+        self.per_row, self.per_draft = (float(c) for c in nnls(x, y))
+
+    def seconds(self, rows: float, drafts: float) -> float:
+        return self.per_row * rows + self.per_draft * drafts
+
+
+def size_class(batch: int) -> int:
+    """Batch sizes by powers of two (1, 2-3, 4-7, ...): a CPU's linear layers leave their memory-bound regime as the
+    batch's tokens grow, so a draft beside 32 decodes costs more than one beside 4, and a fit over both mispriced each
+    (fitted on 16-row verifications, cheap there, adaptive went on verifying at 32 rows at 0.81x of no speculation)."""
+    return max(batch, 1).bit_length()
+
+
+@dataclass(slots=True)
 class VerifyCost:
     explore_every: int = 64
     max_interval: int = 1024
     weight: float = 0.1  # the decode ratio's running average: one step on a loaded machine must not swing the choice
-    window: int = 16  # the latest verifications the per-row and per-draft costs are fitted from
+    window: int = 16  # the latest verifications of a size class its added cost is fitted from
     decode_ratio: float | None = None  # measured / predicted, steps without drafts
-    per_row: float = 0.0  # seconds a verifying row adds (fitted)
-    per_draft: float = 0.0  # seconds a draft token adds (fitted)
-    verifications: deque = field(default_factory=deque)  # (verifying rows, draft tokens, seconds added)
+    added: dict[int, AddedCost] = field(default_factory=dict)  # by the batch's size class
     since_verify: int = 0  # decoding steps since the last verification
     interval: int = 64  # decoding steps without a verification before the next exploration
 
@@ -50,33 +77,31 @@ class VerifyCost:
         self.decode_ratio = ratio if before is None else before + self.weight * (ratio - before)
         self.since_verify += 1
 
-    def observe_verify(self, measured: float, price: float, rows: int, drafts: int) -> None:
-        """A step that verified `drafts` draft tokens over `rows` rows took `measured` seconds; the predictor priced
-        the same rows decoding one token each at `price`."""
+    def observe_verify(self, measured: float, price: float, batch: int, rows: int, drafts: int) -> None:
+        """A step of `batch` decoding rows that verified `drafts` draft tokens over `rows` of them took `measured`
+        seconds; the predictor priced the same rows decoding one token each at `price`."""
         self.since_verify = 0
         if measured <= 0 or price <= 0 or not rows:
             return
-        self.verifications.append((rows, drafts, measured - self.decode_scale * price))
-        while len(self.verifications) > self.window:
-            self.verifications.popleft()
-        x = np.array([(r, d) for r, d, _ in self.verifications], float)
-        y = np.array([s for _, _, s in self.verifications], float)
-        # Non-negative: a noisy step that measured under its decode price says verifying is cheap, not that it saves.
-        self.per_row, self.per_draft = (float(c) for c in nnls(x, y))
-
-    @property
-    def measured(self) -> bool:
-        """Whether a verification has been measured: until then the predictor's own price of one stands."""
-        return bool(self.verifications)
-
-    def added_seconds(self, rows: float, drafts: float) -> float:
-        """Seconds verifying `drafts` draft tokens over `rows` rows adds to a decode step (expected counts welcome)."""
-        return self.per_row * rows + self.per_draft * drafts
+        fit = self.added.setdefault(size_class(batch), AddedCost(self.window))
+        fit.observe(rows, drafts, measured - self.decode_scale * price)
 
     @property
     def decode_scale(self) -> float:
         """Seconds steps without drafts measure per second the predictor prices them at."""
         return self.decode_ratio if self.decode_ratio is not None else 1.0
+
+    @property
+    def measured(self) -> bool:
+        """Whether a verification has been measured: until then the predictor's own price of one stands."""
+        return bool(self.added)
+
+    def added_seconds(self, batch: int, rows: float, drafts: float) -> float:
+        """Seconds verifying `drafts` draft tokens over `rows` of `batch` decoding rows adds to their decode step
+        (expected counts welcome); a size class not measured yet borrows the nearest measured one (the larger on a tie)."""
+        c = size_class(batch)
+        nearest = min(self.added, key=lambda m: (abs(m - c), -m))
+        return self.added[nearest].seconds(rows, drafts)
 
     def chose(self, k: int) -> None:
         """The prices chose k for a step: a verification chosen on its own restarts the exploring at its quickest."""

@@ -118,8 +118,8 @@ def test_a_measured_verification_replaces_a_fit_that_overprices_it():
     args = (4, [4] * 4, [220] * 4, [0.8] * 4, 0, 512, fit, lambda ks, cs: 0.0)
     assert choose_k(*args, cost) == 0
     cost.observe_decode(0.001, 0.001)
-    cost.observe_verify(0.0011, 0.001, rows=4, drafts=16)
-    assert cost.added_seconds(4, 16) == pytest.approx(0.0001)
+    cost.observe_verify(0.0011, 0.001, batch=4, rows=4, drafts=16)
+    assert cost.added_seconds(4, 4, 16) == pytest.approx(0.0001)
     assert choose_k(*args, cost) == 4
 
 
@@ -130,21 +130,34 @@ def test_verify_cost_fits_a_cost_per_verifying_row_and_per_draft():
     assert cost.decode_ratio == pytest.approx(0.002 / 0.001)
     per_row, per_draft = 0.0005, 0.0001
     for rows, drafts in ((4, 16), (8, 8), (2, 4)):
-        cost.observe_verify(0.002 + per_row * rows + per_draft * drafts, 0.001, rows, drafts)
-    assert cost.per_row == pytest.approx(per_row) and cost.per_draft == pytest.approx(per_draft)
-    assert cost.added_seconds(16, 64) == pytest.approx(16 * per_row + 64 * per_draft)
+        cost.observe_verify(0.002 + per_row * rows + per_draft * drafts, 0.001, 8, rows, drafts)
+    fit = cost.added[4]  # batches of 8 to 15 rows
+    assert fit.per_row == pytest.approx(per_row) and fit.per_draft == pytest.approx(per_draft)
+    assert cost.added_seconds(8, 6, 24) == pytest.approx(6 * per_row + 24 * per_draft)
 
 
 def test_verify_cost_keeps_the_latest_verifications_and_never_prices_drafts_below_zero():
     cost = VerifyCost(window=2)
     cost.observe_decode(0.002, 0.002)
-    cost.observe_verify(0.001, 0.002, rows=4, drafts=16)  # measured under its decode price: noise, not a saving
-    assert cost.added_seconds(4, 16) == 0.0
-    cost.observe_verify(0.003, 0.002, rows=4, drafts=16)
-    cost.observe_verify(0.003, 0.002, rows=4, drafts=16)  # the first has left the window
-    assert cost.added_seconds(4, 16) == pytest.approx(0.001)
-    cost.observe_verify(0.0, 0.002, rows=4, drafts=16)  # a step that measured nothing is not evidence
-    assert len(cost.verifications) == 2
+    cost.observe_verify(0.001, 0.002, batch=4, rows=4, drafts=16)  # measured under its decode price: noise, not a saving
+    assert cost.added_seconds(4, 4, 16) == 0.0
+    cost.observe_verify(0.003, 0.002, batch=4, rows=4, drafts=16)
+    cost.observe_verify(0.003, 0.002, batch=4, rows=4, drafts=16)  # the first has left the window
+    assert cost.added_seconds(4, 4, 16) == pytest.approx(0.001)
+    cost.observe_verify(0.0, 0.002, batch=4, rows=4, drafts=16)  # a step that measured nothing is not evidence
+    assert len(cost.added[3].verifications) == 2
+
+
+def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borrows_the_nearest():
+    cost = VerifyCost()
+    cost.observe_decode(0.010, 0.010)
+    cost.observe_verify(0.012, 0.010, batch=16, rows=16, drafts=64)  # beside 16 decodes a draft is cheap
+    cost.observe_verify(0.060, 0.020, batch=32, rows=32, drafts=128)  # beside 32 the CPU is compute-bound
+    assert cost.added_seconds(16, 16, 64) == pytest.approx(0.002)
+    assert cost.added_seconds(32, 32, 128) == pytest.approx(0.040)
+    assert cost.added_seconds(20, 10, 40) == pytest.approx(0.002 * 10 / 16)  # 16..31: the 16-row fit
+    assert cost.added_seconds(64, 32, 128) == pytest.approx(0.040)  # not measured: 32..63's
+    assert cost.added_seconds(2, 2, 8) == pytest.approx(0.002 * 2 / 16)  # not measured: the nearest is 16..31's
 
 
 def test_the_decode_ratio_averages_slowly_and_is_bounded():
@@ -163,7 +176,7 @@ def test_verify_cost_explores_after_enough_steps_without_a_verification():
         assert not cost.explore()
     cost.observe_decode(0.001, 0.001)
     assert cost.explore()
-    cost.observe_verify(0.001, 0.001, rows=1, drafts=3)
+    cost.observe_verify(0.001, 0.001, batch=1, rows=1, drafts=3)
     assert not cost.explore()
 
 
@@ -175,7 +188,7 @@ def test_each_exploration_doubles_the_wait_until_a_verification_is_chosen():
         while not cost.explore():
             cost.observe_decode(0.001, 0.001)
             steps += 1
-        cost.observe_verify(0.001, 0.001, rows=1, drafts=1)
+        cost.observe_verify(0.001, 0.001, batch=1, rows=1, drafts=1)
         waits.append(steps)
     assert waits == [2, 4, 8, 8, 8]
     cost.chose(2)
@@ -251,7 +264,7 @@ def test_adaptive_explores_a_verification_measures_it_cheap_and_speculates():
     # drafts cost: per draft, the fit's choice of the two terms that explain one measurement).
     assert steps[0] == spec.verify_cost.explore_every
     assert steps[1] == steps[2] == steps[3] == 0 and steps[4] > 0
-    assert spec.verify_cost.added_seconds(1, 4) == pytest.approx(4 * 0.00002)
+    assert spec.verify_cost.added_seconds(1, 1, 4) == pytest.approx(4 * 0.00002)
 
 
 def test_adaptive_keeps_k_0_when_the_measured_verification_is_as_dear_as_priced():
