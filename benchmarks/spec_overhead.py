@@ -1,12 +1,12 @@
 """What speculation costs a loaded server on the steps where it does not verify: the engine with adaptive speculation
-held at k = 0 (every choice made, no draft verified) against the engine without speculation, per decode step, in CPU
-time of the stepping thread (torch at one thread, so the forward pass runs on it too and no worker spins).
+held at k = 0 (every choice made, no draft verified) against the engine without speculation, per decode step, in the
+process's CPU time (torch at one thread, so the forward pass runs on the stepping thread and no worker spins).
 
     .venv/bin/python benchmarks/spec_overhead.py [--concurrency 16,32] [--repeats 3] [--workloads copy-own]
 
 Both engines run the same closed loop (benchmarks/spec_decode.py's), interleaved; only steps where every row decodes
 (no prefill chunk) count. "propose" is the speculator's whole call (the k choice and any lookups), "choice" the part
-spent weighing k (adaptive.candidates). On a shared machine the thread's CPU time is the work itself; wall time is
+spent weighing k (adaptive.candidates). On a shared machine the CPU time is the work itself; wall time is
 printed beside it for reference.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,23 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/ beside sloserve/, run as a script
 import sloserve.spec.speculation as speculation_module  # noqa: E402
+from benchmarks.spec_breakdown import Timer  # noqa: E402
 from benchmarks.spec_decode import METHODS, TARGET, closed_loop, configs, workload_prompts  # noqa: E402
 from benchmarks.spec_trace import patched  # noqa: E402
 from sloserve import LLM, SamplingParams  # noqa: E402
-
-
-class CpuTimer:
-    """Wraps a callable: each call's thread CPU seconds and wall seconds."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.calls = fn, []
-
-    def __call__(self, *a, **kw):
-        cpu, wall = time.thread_time(), time.perf_counter()
-        try:
-            return self.fn(*a, **kw)
-        finally:
-            self.calls.append((time.thread_time() - cpu, time.perf_counter() - wall))
 
 
 @contextmanager
@@ -59,9 +45,9 @@ def held_at_zero(llm: LLM):
 def measure(llm: LLM, prompts: list[list[int]], max_tokens: int, c: int) -> dict:
     """Per decode step (all rows decoding): CPU and wall ms of the step, of propose, of the k choice."""
     engine, spec = llm.engine, llm.engine.speculator
-    step = CpuTimer(engine.step)
-    propose = CpuTimer(spec.propose) if spec else None
-    choice = CpuTimer(speculation_module.candidates)
+    step = Timer(engine.step)
+    propose = Timer(spec.propose) if spec else None
+    choice = Timer(speculation_module.candidates)
     shapes = []
     observe = engine.predictor.observe
 
@@ -83,14 +69,15 @@ def measure(llm: LLM, prompts: list[list[int]], max_tokens: int, c: int) -> dict
     decode = [i for i, d in enumerate(shapes) if d]
     n = len(decode)
     pick = lambda calls: [calls[i] for i in decode if i < len(calls)]  # noqa: E731
-    row = {"steps": n, "step_cpu": _ms(pick(ran), 0), "step_wall": _ms(pick(ran), 1),
+    row = {"steps": n, "step_cpu": _ms(pick(ran), 2), "step_wall": _ms(pick(ran), 1),
            "tokens": [o.outputs[0].token_ids for o in outs]}
-    row["propose_cpu"] = _ms(pick(propose.calls), 0) if propose else 0.0
-    row["choice_cpu"] = statistics.fmean(x[0] for x in choice.calls) * 1e3 if choice.calls else 0.0
+    row["propose_cpu"] = _ms(pick(propose.calls), 2) if propose else 0.0
+    row["choice_cpu"] = _ms(choice.calls, 2)
     return row
 
 
-def _ms(calls: list[tuple[float, float]], i: int) -> float:
+def _ms(calls: list[tuple[float, float, float]], i: int) -> float:
+    """Mean milliseconds of the calls' field i (Timer's: 1 wall, 2 process CPU)."""
     return statistics.fmean(x[i] for x in calls) * 1e3 if calls else 0.0
 
 

@@ -38,6 +38,18 @@ class SpecDecodeStats:
         return self.num_emitted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+@dataclass(slots=True)
+class _RanStep:
+    """A decoding step adaptive speculation chose k for, as it ran (see Speculation._measure)."""
+
+    price: float  # the predictor's price of its rows decoding one token each
+    rows: int
+    start: float  # when its target part began (after drafting)
+    verifying: int  # rows that verified drafts
+    drafts: int
+    request_ids: set[str]
+
+
 class Speculation:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int,
                  clock: Clock | None = None) -> None:
@@ -56,9 +68,11 @@ class Speculation:
         self.draft_scale = 1.0
         self.verify_cost = VerifyCost()
         self._pending: tuple[float, int, float] | None = None  # adaptive: price of the rows decoding, rows, target start
+        self._ran: _RanStep | None = None  # a decoding step that ran, measured when the next one starts
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
+        self._measure(running)
         # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
         # token a step: their verification would need a history per draft position.
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not is_active(r.sampling_params)]
@@ -111,12 +125,9 @@ class Speculation:
             # well than decodes, and the fit of what verifying adds would take their error for the drafts'.
             if len(plan.scheduled) == rows and all(s.num_new_tokens == 1 + len(s.spec_token_ids) and s.samples
                                                    for s in plan.scheduled):
-                seconds = self.clock.now() - start
                 verifying = [len(s.spec_token_ids) for s in plan.scheduled if s.spec_token_ids]
-                if verifying:
-                    self.verify_cost.observe_verify(seconds, price_0, rows, len(verifying), sum(verifying))
-                else:
-                    self.verify_cost.observe_decode(seconds, price_0)
+                self._ran = _RanStep(price_0, rows, start, len(verifying), sum(verifying),
+                                     {x.request_id for x in plan.scheduled})
         for s, tokens in zip(plan.scheduled, sampled):
             if not s.spec_token_ids or not tokens:
                 continue
@@ -129,6 +140,19 @@ class Speculation:
             st.num_emitted_tokens += len(tokens)
             for pos in range(accepted):
                 st.accepted_per_pos[pos] += 1
+
+    def _measure(self, running: list[Request]) -> None:
+        """The last decoding step ran until now: its output tokens were processed (detokenized, stop-checked: per
+        token, so a verification's several tokens a row cost more there too) and this step began. Measured only while
+        one of its requests still runs: otherwise the engine may have sat idle in between."""
+        ran, self._ran = self._ran, None
+        if ran is None or not any(r.request_id in ran.request_ids for r in running):
+            return
+        seconds = self.clock.now() - ran.start
+        if ran.verifying:
+            self.verify_cost.observe_verify(seconds, ran.price, ran.rows, ran.verifying, ran.drafts)
+        else:
+            self.verify_cost.observe_decode(seconds, ran.price)
 
     def forget(self, request_ids: list[str]) -> None:
         """Requests that ended or were preempted: their draft state goes (a preempted one restarts it)."""
