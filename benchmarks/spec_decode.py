@@ -19,6 +19,8 @@ on copy-own, 129 of k = 4's 198 decode steps had fewer than 4 rows): that measur
 Configs run interleaved, `--repeats` rounds; "vs off" is each round's tok/s over off's in the same round, the
 median of those ratios (and their min..max). TPOT per request = (last token - first token) / (tokens - 1), p50/p99
 over the requests of the median round; tok/s = output tokens / wall time, median over rounds. Load average per row.
+"vs off (CPU)": off's process CPU time over the config's, median of rounds (the same tokens): on a loaded machine
+the work itself, with `--threads 1` (no intra-op thread spinning while it waits for a core).
 `--trace`: for adaptive rows, the k it chose per step and its predicted vs measured step (benchmarks/spec_trace.py).
 """
 from __future__ import annotations
@@ -101,11 +103,11 @@ def run_once(llm: LLM, prompts: list[list[int]], max_tokens: int, concurrency: i
     k_before = list(spec.stats.steps_per_k) if spec else None
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     with timers(llm) as timed:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outs = closed_loop(engine, prompts, params, concurrency or len(prompts))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     tpots = [(o.outputs[0].token_times[-1] - o.outputs[0].token_times[0]) / (len(o.outputs[0].token_ids) - 1) for o in outs if len(o.outputs[0].token_ids) > 1]
-    row = {"wall": wall, "tokens": [o.outputs[0].token_ids for o in outs], "tpots": tpots,
+    row = {"wall": wall, "cpu": cpu, "tokens": [o.outputs[0].token_ids for o in outs], "tpots": tpots,
            "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
            "draft_s": timed["propose"].seconds_from(0) if spec else 0.0, "target_s": timed["execute"].seconds_from(0)}
     if spec:
@@ -179,8 +181,8 @@ def main() -> None:
         breakdowns(args, chosen)
         return
     print("| workload | method | conc | requests | config | TPOT p50 ms | TPOT p99 ms | tok/s | vs off (median of rounds) | "
-          "min..max | acceptance | mean accepted len | k chosen (steps) | draft s | target s | wall s | load | greedy = off |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "min..max | vs off (CPU) | acceptance | mean accepted len | k chosen (steps) | draft s | target s | wall s | load | greedy = off |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in chosen:
         method = METHODS[workload]
         llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in configs(method).items()}
@@ -204,11 +206,12 @@ def main() -> None:
             rounds = range(args.repeats)
             for name, rs in results.items():
                 ratios = sorted(rs[i]["tok_s"] / results["off"][i]["tok_s"] for i in rounds)
+                cpu_ratio = statistics.median(results["off"][i]["cpu"] / rs[i]["cpu"] for i in rounds)  # same tokens
                 r = sorted(rs, key=lambda x: x["wall"])[len(rs) // 2]  # the median round
                 same = all(x["tokens"] == results["off"][0]["tokens"] for x in rs)
                 print(f"| {workload} | {method} | {c} | {len(prompts)} | {name} | {statistics.median(r['tpots']) * 1e3:.2f} | "
                       f"{pct(r['tpots'], 99) * 1e3:.2f} | {statistics.median(x['tok_s'] for x in rs):.0f} | "
-                      f"{statistics.median(ratios):.3f}x | {ratios[0]:.2f}..{ratios[-1]:.2f} | {r.get('acceptance', 0):.2f} | "
+                      f"{statistics.median(ratios):.3f}x | {ratios[0]:.2f}..{ratios[-1]:.2f} | {cpu_ratio:.3f}x | {r.get('acceptance', 0):.2f} | "
                       f"{r.get('mean_len', 0):.2f} | {k_histogram(r.get('k_steps'))} | {r['draft_s']:.2f} | {r['target_s']:.2f} | "
                       f"{r['wall']:.2f} | {load:.1f} | {'yes' if same else 'NO'} |", flush=True)
             if args.trace:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.features import StepShape
+from sloserve.spec.verify_cost import VerifyCost
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -81,7 +82,6 @@ class Candidate:
     k: int
     seconds: float
     tokens: float
-    price: float  # the predictor's own seconds for the target's step (no draft, no correction): what a measurement checks
 
     @property
     def rate(self) -> float:
@@ -97,37 +97,54 @@ def candidates(
     budget: int,
     target: StepTimeModel,
     draft_seconds: Callable[[list[int], list[int]], float],
-    verify_scales: list[float] | None = None,  # per k: measured over predicted verification cost (VerifyCost.scale)
+    verify: VerifyCost | None = None,  # what verifying adds to a decode step, as measured
     draft_rates: list[float] | None = None,  # per request, how often its proposals find drafts (1: always)
-) -> list[Candidate]:
-    """Each k in 0..max_k: its step's predicted seconds and expected output tokens.
+) -> tuple[list[Candidate], float]:
+    """Each k in 0..max_k: the predicted seconds its drafts and decodes take and the output tokens they are expected
+    to yield; and the predictor's price of the step with every row decoding one token (what a measurement of a
+    step without prefill is compared with).
 
-    Drafts spend the token budget that prefill chunks would otherwise take, so the prefill that fits
-    beside them is part of each candidate's step; its tokens do not count as output.
+    A prefill chunk in the step is work every k does (drafts that take the budget from it defer that prefill, they do
+    not save it), so each k is priced at the margin: its step with the chunk k = 0's would carry, less that chunk's
+    price. Weighing whole steps instead made a verification look nearly free beside a prefill (the chunk's cost, in
+    both, diluted the drafts'), and at 16 concurrent adaptive verified on such steps at a third of no speculation's
+    rate. Once a verification is measured, a k's step is the decode step plus what `verify` says its drafts add
+    (expected verifying rows and draft tokens, so rows whose proposals find nothing add nothing); before, the
+    predictor's own price of the verification stands.
     """
-    out, previous = [], 0.0
     rates = draft_rates or [1.0] * len(limits)
-    for k in range(max_k + 1):
+    rows = len(limits)
+    prefill = min(prefill_tokens, budget - rows)
+
+    def price(new: list[int], chunk: int) -> float:
+        if chunk <= 0:
+            return target.step_seconds(StepShape(new, contexts, [True] * rows))
+        return target.step_seconds(StepShape(new + [chunk], contexts + [0], [True] * rows + [False]))
+
+    price_0 = price([1] * rows, 0)
+    measured = verify is not None and verify.measured
+    chunk = price([1] * rows, prefill) - price_0 if prefill > 0 and not measured else 0.0
+    scale = verify.decode_scale if verify else 1.0  # the predictor's seconds in the seconds steps measure
+    out = [Candidate(0, scale * price_0, float(rows))]
+    for k in range(1, max_k + 1):
         ks = [min(k, limit) for limit in limits]
-        new = [1 + x for x in ks]
-        shape = StepShape(new, list(contexts), [True] * len(new))
-        prefill = min(prefill_tokens, budget - sum(new))
-        if prefill > 0:
-            shape = StepShape(new + [prefill], contexts + [0], shape.samples + [False])
+        if measured:
+            step = scale * price_0 + verify.added_seconds(rows, sum(m for x, m in zip(ks, rates) if x),
+                                                                sum(x * m for x, m in zip(ks, rates)))
+        else:
+            step = scale * (price([1 + x for x in ks], prefill) - chunk)
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
-        price = target.step_seconds(shape)
-        step = price * (verify_scales[k] if verify_scales else 1.0)
-        previous = seconds = max(previous, step + (draft_seconds(ks, contexts) if k else 0.0))
-        out.append(Candidate(k, seconds, sum(expected_row_tokens(a, x, m) for a, x, m in zip(alphas, ks, rates)), price))
-    return out
+        seconds = max(out[-1].seconds, step + draft_seconds(ks, contexts))
+        out.append(Candidate(k, seconds, sum(expected_row_tokens(a, x, m) for a, x, m in zip(alphas, ks, rates))))
+    return out, price_0
 
 
 def choose_k(max_k: int, limits: list[int], contexts: list[int], alphas: list[float], prefill_tokens: int, budget: int,
              target: StepTimeModel, draft_seconds: Callable[[list[int], list[int]], float],
-             verify_scales: list[float] | None = None, draft_rates: list[float] | None = None) -> int:
+             verify: VerifyCost | None = None, draft_rates: list[float] | None = None) -> int:
     """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k)."""
-    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify_scales,
-                             draft_rates))
+    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify,
+                             draft_rates)[0])
 
 
 def best_k(cands: list[Candidate]) -> int:

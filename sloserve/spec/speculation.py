@@ -38,6 +38,18 @@ class SpecDecodeStats:
         return self.num_emitted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+@dataclass(slots=True)
+class _RanStep:
+    """A decoding step adaptive speculation chose k for, as it ran (see Speculation._measure)."""
+
+    price: float  # the predictor's price of its rows decoding one token each
+    rows: int
+    start: float  # when its target part began (after drafting)
+    verifying: int  # rows that verified drafts
+    drafts: int
+    request_ids: set[str]
+
+
 class Speculation:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int,
                  clock: Clock | None = None) -> None:
@@ -55,10 +67,12 @@ class Speculation:
         # also pays for building batches and sampling; this running ratio folds that in.
         self.draft_scale = 1.0
         self.verify_cost = VerifyCost()
-        self._pending: tuple[float, float, float] | None = None  # adaptive: prices (k, 0), when the target part began
+        self._pending: tuple[float, int, float] | None = None  # adaptive: price of the rows decoding, rows, target start
+        self._ran: _RanStep | None = None  # a decoding step that ran, measured when the next one starts
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
+        self._measure(running)
         # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
         # token a step: their verification would need a history per draft position.
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not is_active(r.sampling_params)]
@@ -67,18 +81,19 @@ class Speculation:
                       r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
                       self.max_model_len - r.num_tokens - 1) for r in decoding]
         k = self.config.num_speculative_tokens
-        prices = None  # adaptive: the predictor's price of the chosen k's target step, and of k = 0's
+        price_0 = None  # adaptive: the predictor's price of the step with every decoding row one token, no prefill
         if self.config.k_policy == "adaptive" and decoding:
             prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
             alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
-            cands = candidates(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget, predictor,
-                               self._draft_seconds, [self.verify_cost.scale(x) for x in range(k + 1)],
-                               [self.acceptance.draft_rate(r.request_id) for r in decoding])
+            cands, price_0 = candidates(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget,
+                                        predictor, self._draft_seconds, self.verify_cost,
+                                        [self.acceptance.draft_rate(r.request_id) for r in decoding])
+            if prefill:
+                price_0 = None  # only steps without a prefill chunk are measured (see observe)
             k = best_k(cands)
             self.verify_cost.chose(k)
             if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():
-                k = max(cands[1:], key=lambda c: c.rate).k  # the verification the corrected prices favour
-            prices = (cands[k].price, cands[0].price)
+                k = max(cands[1:], key=lambda c: c.rate).k  # the verification the prices favour
         self.last_k = k
         if decoding:
             self.stats.steps_per_k[k] += 1
@@ -95,7 +110,7 @@ class Speculation:
                 ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
                 self.draft_scale += 0.1 * (ratio - self.draft_scale)
         # The target's part of the step starts now (drafting is priced apart): observe() measures it.
-        self._pending = None if prices is None else (*prices, self.clock.now())
+        self._pending = None if price_0 is None else (price_0, len(decoding), self.clock.now())
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
 
     def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
@@ -103,17 +118,16 @@ class Speculation:
 
     def observe(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
         if self._pending is not None:
-            price, price_0, start = self._pending
+            price_0, rows, start = self._pending
             self._pending = None
-            # Measured against the price the choice used (every row drafting k: rows without a match make the step
-            # cheaper, and that is what choosing k costs); a step where no row found a draft ran as k = 0. Steps
-            # with a prefill chunk are left out: the chunk the scheduler cut is not the one the price assumed.
-            if any(s.num_new_tokens != 1 + len(s.spec_token_ids) or not s.samples for s in plan.scheduled):
-                pass
-            elif any(s.spec_token_ids for s in plan.scheduled):
-                self.verify_cost.observe(self.last_k, self.clock.now() - start, price)
-            else:
-                self.verify_cost.observe(0, self.clock.now() - start, price_0)
+            # Measured against the predictor's price of the same rows decoding one token each. Steps with a prefill
+            # chunk, or other rows than the choice weighed, are left out: the predictor prices prefill chunks less
+            # well than decodes, and the fit of what verifying adds would take their error for the drafts'.
+            if len(plan.scheduled) == rows and all(s.num_new_tokens == 1 + len(s.spec_token_ids) and s.samples
+                                                   for s in plan.scheduled):
+                verifying = [len(s.spec_token_ids) for s in plan.scheduled if s.spec_token_ids]
+                self._ran = _RanStep(price_0, rows, start, len(verifying), sum(verifying),
+                                     {x.request_id for x in plan.scheduled})
         for s, tokens in zip(plan.scheduled, sampled):
             if not s.spec_token_ids or not tokens:
                 continue
@@ -126,6 +140,19 @@ class Speculation:
             st.num_emitted_tokens += len(tokens)
             for pos in range(accepted):
                 st.accepted_per_pos[pos] += 1
+
+    def _measure(self, running: list[Request]) -> None:
+        """The last decoding step ran until now: its output tokens were processed (detokenized, stop-checked: per
+        token, so a verification's several tokens a row cost more there too) and this step began. Measured only while
+        one of its requests still runs: otherwise the engine may have sat idle in between."""
+        ran, self._ran = self._ran, None
+        if ran is None or not any(r.request_id in ran.request_ids for r in running):
+            return
+        seconds = self.clock.now() - ran.start
+        if ran.verifying:
+            self.verify_cost.observe_verify(seconds, ran.price, ran.rows, ran.verifying, ran.drafts)
+        else:
+            self.verify_cost.observe_decode(seconds, ran.price)
 
     def forget(self, request_ids: list[str]) -> None:
         """Requests that ended or were preempted: their draft state goes (a preempted one restarts it)."""

@@ -1,60 +1,107 @@
-"""What verification steps cost against the step-time predictor's price for them, per k, and when to run one to see.
+"""What a verification adds to a decode step, measured, and when to run one to see.
 
-Why: the engine's predictor is one linear fit over every step it has run. A verification row (k + 1 tokens on a
-long context) shares its features with a prefill chunk on cached context, and its batch size (k + 1 tokens a row)
-lands between token-count knots that decode-only steps never reach, so while adaptive speculation chooses k = 0 the
-fit prices verifications from the few prefill steps it saw: on the bundled pair at 4 concurrent it priced a k = 4
-verification at ~9x a decode step against ~1.4x measured, so adaptive kept k = 0, which never showed the fit a
-verification. So per k the measured / predicted seconds of its verification steps, over the same ratio of steps
-without drafts, corrects the price of that k, and after `explore_every` decoding steps without a verification one
-step verifies (the k > 0 the corrected prices favour), so the ratios stay measured. A k not yet measured borrows the
-nearest measured k's ratio. Where verifying truly loses (a loaded server), each exploration doubles the wait for the
-next, up to `max_interval` steps: there one k = 4 verification of 32 rows costs ~5 decode steps, so exploring every
-64 steps would cost ~3% of throughput, every 1024 steps ~0.2%.
+Why measured apart from the engine's step-time predictor: that predictor is one linear fit over every step it has run,
+and a verification row (k + 1 tokens on a long context) shares its features with a prefill chunk on cached context.
+Its coefficients for those features are set by prefill steps, so while adaptive speculation keeps k = 0 the fit prices
+a verification from prefill chunks: on the bundled pair at 4 concurrent a k = 4 verification at ~9x a decode step
+against ~1.4x measured, and the price moves by 5x from one refit to the next (a ratio of measured to predicted, as an
+earlier version kept per k, goes stale with every refit). So the predictor prices only what it measures well, the step
+as if every row decoded one token, and this fit prices what verifying adds on top, from verification steps alone:
+
+    seconds = decode_ratio * price(step as decodes) + per_row * verifying rows + per_draft * draft tokens
+
+(on a CPU each verifying row is its own attention call, per layer: a cost per row; each draft a token through the
+linear layers: a cost per draft). decode_ratio is measured over predicted of steps without drafts, so both parts are
+in the machine's current seconds. After `explore_every` decoding steps without a verification one step verifies (the
+k > 0 the prices favour), so the fit stays measured; where verifying truly loses (a loaded server), each exploration
+doubles the wait for the next, up to `max_interval` steps: there one k = 4 verification of 32 rows costs ~5 decode
+steps, so exploring every 64 steps would cost ~3% of throughput, every 1024 steps ~0.2%.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
-DEADBAND = 0.1
+import numpy as np
+
+from sloserve.engine.nnls import nnls
+
+
+@dataclass(slots=True)
+class AddedCost:
+    """Seconds verifying adds to a decode step, fitted from the latest `window` verifications of one batch size class."""
+
+    window: int
+    per_row: float = 0.0  # seconds a verifying row adds
+    per_draft: float = 0.0  # seconds a draft token adds
+    verifications: deque = field(default_factory=deque)  # (verifying rows, draft tokens, seconds added)
+
+    def observe(self, rows: int, drafts: int, seconds: float) -> None:
+        self.verifications.append((rows, drafts, seconds))
+        while len(self.verifications) > self.window:
+            self.verifications.popleft()
+        x = np.array([(r, d) for r, d, _ in self.verifications], float)
+        y = np.array([s for _, _, s in self.verifications], float)
+        # Non-negative: a noisy step that measured under its decode price says verifying is cheap, not that it saves.
+        self.per_row, self.per_draft = (float(c) for c in nnls(x, y))
+
+    def seconds(self, rows: float, drafts: float) -> float:
+        return self.per_row * rows + self.per_draft * drafts
+
+
+def size_class(batch: int) -> int:
+    """Batch sizes by powers of two (1, 2-3, 4-7, ...): a CPU's linear layers leave their memory-bound regime as the
+    batch's tokens grow, so a draft beside 32 decodes costs more than one beside 4, and a fit over both mispriced each
+    (fitted on 16-row verifications, cheap there, adaptive went on verifying at 32 rows at 0.81x of no speculation)."""
+    return max(batch, 1).bit_length()
 
 
 @dataclass(slots=True)
 class VerifyCost:
     explore_every: int = 64
     max_interval: int = 1024
-    weight: float = 0.1  # running averages: one step on a loaded machine must not swing the choice
+    weight: float = 0.1  # the decode ratio's running average: one step on a loaded machine must not swing the choice
+    window: int = 16  # the latest verifications of a size class its added cost is fitted from
     decode_ratio: float | None = None  # measured / predicted, steps without drafts
-    verify_ratios: dict[int, float] = field(default_factory=dict)  # k -> measured / predicted of its verifications
+    added: dict[int, AddedCost] = field(default_factory=dict)  # by the batch's size class
     since_verify: int = 0  # decoding steps since the last verification
     interval: int = 64  # decoding steps without a verification before the next exploration
 
-    def observe(self, k: int, measured: float, predicted: float) -> None:
-        """A decoding step that verified up to k drafts a request (k = 0: none) took `measured` seconds."""
-        if measured <= 0 or predicted <= 0:
+    def observe_decode(self, measured: float, price: float) -> None:
+        """A decoding step without drafts took `measured` seconds; the predictor priced it at `price`."""
+        if measured <= 0 or price <= 0:
             return
-        # Bounded: a fit that priced a shape near zero (it happens early, or on a noisy machine) is one outlier,
-        # not a 10,000x correction.
-        ratio = min(max(measured / predicted, 0.1), 10.0)
-        if k:
-            before = self.verify_ratios.get(k)
-            self.verify_ratios[k] = ratio if before is None else before + self.weight * (ratio - before)
-            self.since_verify = 0
-        else:
-            before = self.decode_ratio
-            self.decode_ratio = ratio if before is None else before + self.weight * (ratio - before)
-            self.since_verify += 1
+        # Bounded: a fit that priced a shape near zero (it happens early) is one outlier, not a 10,000x correction.
+        ratio = min(max(measured / price, 0.1), 10.0)
+        before = self.decode_ratio
+        self.decode_ratio = ratio if before is None else before + self.weight * (ratio - before)
+        self.since_verify += 1
 
-    def scale(self, k: int) -> float:
-        """Factor on the predictor's price of a k-draft verification step, relative to its price of a step without."""
-        if k == 0 or not self.verify_ratios or self.decode_ratio is None:
-            return 1.0
-        nearest = min(self.verify_ratios, key=lambda m: (abs(m - k), m))
-        scale = self.verify_ratios[nearest] / self.decode_ratio
-        # Within the predictor's own error the price stands: acting on a 0.03% difference flipped a knife-edge
-        # choice into 20 verifications at 5% acceptance (the simulator, where measured = predicted). The
-        # correction is for gross mis-pricing (~6-9x).
-        return 1.0 if abs(scale - 1.0) < DEADBAND else scale
+    def observe_verify(self, measured: float, price: float, batch: int, rows: int, drafts: int) -> None:
+        """A step of `batch` decoding rows that verified `drafts` draft tokens over `rows` of them took `measured`
+        seconds; the predictor priced the same rows decoding one token each at `price`."""
+        self.since_verify = 0
+        if measured <= 0 or price <= 0 or not rows:
+            return
+        fit = self.added.setdefault(size_class(batch), AddedCost(self.window))
+        fit.observe(rows, drafts, measured - self.decode_scale * price)
+
+    @property
+    def decode_scale(self) -> float:
+        """Seconds steps without drafts measure per second the predictor prices them at."""
+        return self.decode_ratio if self.decode_ratio is not None else 1.0
+
+    @property
+    def measured(self) -> bool:
+        """Whether a verification has been measured: until then the predictor's own price of one stands."""
+        return bool(self.added)
+
+    def added_seconds(self, batch: int, rows: float, drafts: float) -> float:
+        """Seconds verifying `drafts` draft tokens over `rows` of `batch` decoding rows adds to their decode step
+        (expected counts welcome); a size class not measured yet borrows the nearest measured one (the larger on a tie)."""
+        c = size_class(batch)
+        nearest = min(self.added, key=lambda m: (abs(m - c), -m))
+        return self.added[nearest].seconds(rows, drafts)
 
     def chose(self, k: int) -> None:
         """The prices chose k for a step: a verification chosen on its own restarts the exploring at its quickest."""
