@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -69,6 +70,24 @@ def wait_for_build_lock(build_dir: Path, max_age: float = STALE_LOCK_SECONDS, po
         sleep(poll_s)
 
 
+def import_built(name: str, build_dir: Path) -> ModuleType | None:
+    """The library this build tag names, imported without PyTorch's builder, or None if there is none yet.
+
+    The builder takes the build lock even to find there is nothing to build, so a process killed in that moment
+    (a timed-out test, a benchmark's server) left every later load waiting on the lock until it went stale; the
+    tag already pins the sources and flags, so a library that exists is the one the builder would return."""
+    library = build_dir / f"{name}.so"
+    if not library.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # a link cut short: the builder redoes it
+        return None
+    return module
+
+
 @functools.cache
 def load_kernels() -> ModuleType | None:
     """The compiled kernels, or None (with a warning) where they cannot be built."""
@@ -84,6 +103,9 @@ def load_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import _get_build_directory, load
 
         build_dir = Path(_get_build_directory(name, verbose=False))
+        built = import_built(name, build_dir)
+        if built is not None:
+            return built
         wait_for_build_lock(build_dir)
         if not any(build_dir.glob("*.so")):  # say so only when the wait is a compile
             logger.info("compiling sloserve's C++ kernels (this machine's first use: ~30-60 s)")

@@ -150,3 +150,20 @@ def test_a_load_waits_out_a_live_build_and_removes_a_lock_that_goes_stale_while_
 
     wait_for_build_lock(tmp_path, max_age=600, sleep=time_passes)
     assert not lock.exists()
+
+
+def test_a_built_library_loads_without_touching_the_build_lock(built_kernels, monkeypatch):
+    # PyTorch's builder takes the lock even when there is nothing to build; a process killed then left every
+    # later load waiting. A library the build tag already names must load without the builder or its lock.
+    from sloserve.model import kernels
+
+    def waited(*args, **kwargs):
+        raise AssertionError("waited on the build lock although the library is built")
+
+    monkeypatch.setattr(kernels, "wait_for_build_lock", waited)
+    kernels.load_kernels.cache_clear()
+    try:
+        fresh = kernels.load_kernels()
+    finally:
+        kernels.load_kernels.cache_clear()
+    assert fresh is not None and hasattr(fresh, "decode_attention")
