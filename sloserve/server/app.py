@@ -110,31 +110,26 @@ def build_app(engine: LLMEngine | None, settings: ServerSettings, replicas=None)
                      "max_tokens": cap, "max_completion_tokens": cap}
                     | ({"role": {"enum": sorted(ctx.tokens.roles)}} if ctx.tokens is not None else {}))
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request):
-        arrived = ctx.serving.now()
-        body = parse_body(await raw.body(), CompletionRequest)
-        ctx.check_model(body.model)
-        prompt = await completion_prompt(body, ctx.tokens)
-        inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
-                               default_max_tokens=OPENAI_DEFAULT_MAX_TOKENS, slo_classes=settings.slo_classes,
-                               slo_class_header=raw.headers.get("x-slo-class"))
-        return await ctx.serving.generate(
-            raw, CompletionFormat(), inputs, body, id_prefix="cmpl", arrival_time=arrived,
-        )
+    def generation_route(body_type, make_prompt, fmt, id_prefix: str, default_max_tokens: int | None):
+        """One handler shape for both generation endpoints: parse, check, tokenize, admit, generate."""
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(raw: Request):
-        arrived = ctx.serving.now()
-        body = parse_body(await raw.body(), ChatCompletionRequest)
-        ctx.check_model(body.model)
-        prompt = await chat_prompt(body, ctx.tokens)
-        inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
-                               default_max_tokens=None, slo_classes=settings.slo_classes,
-                               slo_class_header=raw.headers.get("x-slo-class"))
-        return await ctx.serving.generate(
-            raw, ChatFormat(), inputs, body, id_prefix="chatcmpl", arrival_time=arrived,
-        )
+        async def handler(raw: Request):
+            arrived = ctx.serving.now()
+            body = parse_body(await raw.body(), body_type)
+            ctx.check_model(body.model)
+            prompt = await make_prompt(body, ctx.tokens)
+            inputs = engine_inputs(body, prompt, ctx.limits, requested_max_tokens=body.requested_max_tokens,
+                                   default_max_tokens=default_max_tokens, slo_classes=settings.slo_classes,
+                                   slo_class_header=raw.headers.get("x-slo-class"))
+            return await ctx.serving.generate(raw, fmt, inputs, body, id_prefix=id_prefix, arrival_time=arrived)
+
+        return handler
+
+    # OpenAI gives legacy completions a default of 16 tokens; chat runs to the context's end.
+    app.post("/v1/completions")(generation_route(CompletionRequest, completion_prompt, CompletionFormat(), "cmpl",
+                                                 OPENAI_DEFAULT_MAX_TOKENS))
+    app.post("/v1/chat/completions")(generation_route(ChatCompletionRequest, chat_prompt, ChatFormat(), "chatcmpl",
+                                                      None))
 
     @app.get("/v1/models")
     async def models():
