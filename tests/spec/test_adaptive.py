@@ -273,3 +273,24 @@ def test_adaptive_keeps_k_0_when_the_measured_verification_is_as_dear_as_priced(
     # Explorations only, after 64 and then 128 steps without a verification (the first K, which the fit's prices
     # favour; the second the k the measured cost favours); 300 tokens leave no room for the third (256 steps later).
     assert steps[4] >= 1 and sum(steps[1:]) == 2 and spec.verify_cost.interval == 256
+
+
+def test_the_closed_form_fit_of_what_verifying_adds_is_the_non_negative_least_squares_one():
+    import numpy as np
+
+    from sloserve.engine.nnls import nnls
+    from sloserve.spec.verify_cost import nonnegative_fit
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 17))
+        if trial % 3 == 0:  # one request: every verification one row (drafts vary, or not)
+            rows = np.ones(n, int)
+            drafts = rng.integers(1, 5, n) if trial % 2 else np.full(n, 4)
+        else:
+            rows = rng.integers(1, 33, n)
+            drafts = rows * rng.integers(1, 5, n) if trial % 5 == 0 else rng.integers(1, 129, n)
+        seconds = 1e-4 * rows * rng.uniform(-1, 2) + 1e-5 * drafts * rng.uniform(-1, 2) + rng.normal(0, 1e-4, n)
+        points = list(zip(rows.tolist(), drafts.tolist(), seconds.tolist()))
+        expected = nnls(np.array([(r, d) for r, d, _ in points], float), seconds)
+        assert nonnegative_fit(points) == pytest.approx(tuple(expected), rel=1e-6, abs=1e-12)
