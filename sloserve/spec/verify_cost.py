@@ -130,9 +130,19 @@ class VerifyCost:
         if k:
             self.interval = self.explore_every
 
+    def held(self) -> None:
+        """A decoding step ran k = 0 without weighing it (adaptive.ZeroHold) nor measuring it: it counts towards
+        the next exploration as a measured one does."""
+        self.since_verify += 1
+
+    @property
+    def due(self) -> bool:
+        """Whether the next k = 0 choice would explore instead (`explore` without its doubling)."""
+        return self.since_verify >= self.interval
+
     def explore(self) -> bool:
         """Whether this decoding step (the prices chose k = 0) should verify: none did for `interval` steps."""
-        if self.since_verify < self.interval:
+        if not self.due:
             return False
         self.interval = min(2 * self.interval, self.max_interval)
         return True
