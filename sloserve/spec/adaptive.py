@@ -143,7 +143,7 @@ def candidates(
         return target.step_seconds(StepShape(new + [chunk], contexts + [0], [True] * rows + [False]))
 
     price_0 = price([1] * rows, 0)
-    measured = verify is not None and verify.measured
+    measured = verify is not None and verify.measured(rows)
     chunk = price([1] * rows, prefill) - price_0 if prefill > 0 and not measured else 0.0
     scale = verify.decode_scale if verify else 1.0  # the predictor's seconds in the seconds steps measure
     tokens, verifying, drafts = totals_by_k(max_k, limits, alphas, rates)

@@ -113,17 +113,20 @@ class VerifyCost:
         """Seconds steps without drafts measure per second the predictor prices them at."""
         return self.decode_ratio if self.decode_ratio is not None else 1.0
 
-    @property
-    def measured(self) -> bool:
-        """Whether a verification has been measured: until then the predictor's own price of one stands."""
-        return bool(self.added)
+    def measured(self, batch: int) -> bool:
+        """Whether a verification beside `batch` decoding rows, or more, has been measured: until then the predictor's
+        own price of one stands. A smaller batch's cost is no guide: beside more rows a CPU's linear layers leave their
+        memory-bound regime and each draft costs more (borrowed from one row, going from 1 to 32 concurrent kept k = 4
+        at 0.52x of no speculation, where a closed loop's every step carried a new prompt's prefill and was never
+        measured)."""
+        c = size_class(batch)
+        return any(m >= c for m in self.added)
 
     def added_seconds(self, batch: int, rows: float, drafts: float) -> float:
         """Seconds verifying `drafts` draft tokens over `rows` of `batch` decoding rows adds to their decode step
-        (expected counts welcome); a size class not measured yet borrows the nearest measured one (the larger on a tie)."""
+        (expected counts welcome); a size class not measured yet borrows the nearest larger measured one (`measured`)."""
         c = size_class(batch)
-        nearest = min(self.added, key=lambda m: (abs(m - c), -m))
-        return self.added[nearest].seconds(rows, drafts)
+        return self.added[min(m for m in self.added if m >= c)].seconds(rows, drafts)
 
     def chose(self, k: int) -> None:
         """The prices chose k for a step: a verification chosen on its own restarts the exploring at its quickest."""

@@ -159,7 +159,7 @@ def test_verify_cost_keeps_the_latest_verifications_and_never_prices_drafts_belo
     assert len(cost.added[3].verifications) == 2
 
 
-def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borrows_the_nearest():
+def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borrows_the_nearest_larger():
     cost = VerifyCost()
     cost.observe_decode(0.010, 0.010)
     cost.observe_verify(0.012, 0.010, batch=16, rows=16, drafts=64)  # beside 16 decodes a draft is cheap
@@ -167,8 +167,18 @@ def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borr
     assert cost.added_seconds(16, 16, 64) == pytest.approx(0.002)
     assert cost.added_seconds(32, 32, 128) == pytest.approx(0.040)
     assert cost.added_seconds(20, 10, 40) == pytest.approx(0.002 * 10 / 16)  # 16..31: the 16-row fit
-    assert cost.added_seconds(64, 32, 128) == pytest.approx(0.040)  # not measured: 32..63's
-    assert cost.added_seconds(2, 2, 8) == pytest.approx(0.002 * 2 / 16)  # not measured: the nearest is 16..31's
+    assert cost.added_seconds(2, 2, 8) == pytest.approx(0.002 * 2 / 16)  # not measured: the nearest larger is 16..31's
+    assert cost.measured(2) and cost.measured(63)
+    assert not cost.measured(64)  # only smaller batches measured: no guide, the predictor's price stands
+
+
+def test_a_batch_larger_than_any_measured_verification_is_priced_by_the_predictor_not_a_smaller_batch_s_fit():
+    cost = VerifyCost()
+    cost.observe_decode(0.001, 0.001)
+    cost.observe_verify(0.0011, 0.001, batch=1, rows=1, drafts=4)  # beside one row, 4 drafts add 0.1 ms
+    assert choose_k(4, [4], [220], [0.8], 0, 512, OverpricedVerification(), lambda ks, cs: 0.0, cost) == 4
+    # 32 rows: the fit priced them like a prefill chunk (9x a decode step); the one-row fit does not say otherwise.
+    assert choose_k(4, [4] * 32, [220] * 32, [0.8] * 32, 0, 512, OverpricedVerification(), lambda ks, cs: 0.0, cost) == 0
 
 
 def test_the_decode_ratio_averages_slowly_and_is_bounded():
