@@ -30,16 +30,19 @@ from sloserve import LLM, SamplingParams  # noqa: E402
 
 @contextmanager
 def held_at_zero(llm: LLM):
-    """Adaptive speculation that weighs every k as usual and then verifies nothing (nor explores)."""
+    """Adaptive speculation that weighs k as usual and then verifies nothing (nor explores); each k = 0 counts as
+    clear (as under heavy load, where k = 0 wins by far), so it is held between weighings as such a choice is."""
     spec = llm.engine.speculator
     best_k = speculation_module.best_k
     speculation_module.best_k = lambda cands: (best_k(cands), 0)[1]  # the choice is still made
     interval, spec.verify_cost.interval = spec.verify_cost.interval, 1 << 60  # no step explores a verification
+    margin, spec.hold.margin = spec.hold.margin, 0.0
     try:
         yield
     finally:
         speculation_module.best_k = best_k
         spec.verify_cost.interval = interval
+        spec.hold.margin = margin
 
 
 def measure(llm: LLM, prompts: list[list[int]], max_tokens: int, c: int) -> dict:

@@ -18,10 +18,31 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def expected_row_tokens(alpha: float, k: int, draft_rate: float) -> float:
-    """A row's expected tokens when it is asked for k drafts but finds some only with probability `draft_rate`
-    (an n-gram proposer finds no match for some rows): without drafts it yields the target's one token."""
-    return draft_rate * expected_tokens(alpha, k) + (1.0 - draft_rate) if k else 1.0
+def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates: list[float]
+                ) -> tuple[list[float], list[float], list[float]]:
+    """For each k in 0..max_k, over the rows: expected output tokens, expected verifying rows and expected draft tokens.
+
+    A row asked for k drafts drafts min(k, its limit), and finds them only with probability `draft_rate` (an n-gram
+    proposer finds no match for some rows): then it yields expected_tokens(alpha, that many), else the target's one
+    token. One pass over the rows, each row's geometric sum built term by term (the choice runs every step, over
+    every row: a call per row and k cost ~100 us at 32 rows)."""
+    tokens, rows, drafts = [0.0] * (max_k + 1), [0.0] * (max_k + 1), [0.0] * (max_k + 1)
+    for alpha, limit, rate in zip(alphas, limits, draft_rates):
+        tokens[0] += 1.0
+        total = term = 1.0  # expected_tokens(alpha, x) for x drafts so far
+        x = 0
+        for k in range(1, max_k + 1):
+            if x < limit:
+                x += 1
+                term *= alpha
+                total += term
+            if x:
+                tokens[k] += rate * total + (1.0 - rate)
+                rows[k] += rate
+                drafts[k] += rate * x
+            else:
+                tokens[k] += 1.0
+    return tokens, rows, drafts
 
 
 @dataclass(slots=True)
@@ -122,20 +143,20 @@ def candidates(
         return target.step_seconds(StepShape(new + [chunk], contexts + [0], [True] * rows + [False]))
 
     price_0 = price([1] * rows, 0)
-    measured = verify is not None and verify.measured
+    measured = verify is not None and verify.measured(rows)
     chunk = price([1] * rows, prefill) - price_0 if prefill > 0 and not measured else 0.0
     scale = verify.decode_scale if verify else 1.0  # the predictor's seconds in the seconds steps measure
-    out = [Candidate(0, scale * price_0, float(rows))]
+    tokens, verifying, drafts = totals_by_k(max_k, limits, alphas, rates)
+    out = [Candidate(0, scale * price_0, tokens[0])]
     for k in range(1, max_k + 1):
         ks = [min(k, limit) for limit in limits]
         if measured:
-            step = scale * price_0 + verify.added_seconds(rows, sum(m for x, m in zip(ks, rates) if x),
-                                                                sum(x * m for x, m in zip(ks, rates)))
+            step = scale * price_0 + verify.added_seconds(rows, verifying[k], drafts[k])
         else:
             step = scale * (price([1 + x for x in ks], prefill) - chunk)
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
         seconds = max(out[-1].seconds, step + draft_seconds(ks, contexts))
-        out.append(Candidate(k, seconds, sum(expected_row_tokens(a, x, m) for a, x, m in zip(alphas, ks, rates))))
+        out.append(Candidate(k, seconds, tokens[k]))
     return out, price_0
 
 
@@ -153,3 +174,32 @@ def best_k(cands: list[Candidate]) -> int:
         if best is None or c.rate > best.rate * 1.02:  # a k must win clearly: a prediction error should not buy speculation
             best = c
     return best.k
+
+
+@dataclass(slots=True)
+class ZeroHold:
+    """A k = 0 choice that won clearly, kept for the next few decoding steps without weighing every k again.
+
+    Under heavy load k = 0 wins step after step, and weighing it (an acceptance estimate per row, each k's price) cost
+    ~1.7% of a 32-row step. What could turn the choice is re-weighed soon: anything within `steps` steps (a refitted
+    predictor, new requests' acceptance), at once when a quarter of the rows left (verifying is cheaper beside fewer
+    rows) or an exploration is due (the caller asks VerifyCost first)."""
+
+    margin: float = 1.1  # k = 0's rate over the best k > 0's for the choice to count as clear
+    steps: int = 8
+    rows: int = 0  # decoding rows the held choice was weighed for
+    left: int = 0  # steps it is still held for
+
+    def weighed(self, cands: list[Candidate], k: int, rows: int) -> None:
+        """The prices were weighed for `rows` decoding rows and the step runs k."""
+        others = max((c.rate for c in cands[1:]), default=0.0)
+        clear = k == 0 and cands[0].rate >= self.margin * others
+        self.rows, self.left = rows, self.steps if clear else 0
+
+    def keeps(self, rows: int) -> bool:
+        """Whether this step, with `rows` decoding rows, runs k = 0 without weighing (one held step spent)."""
+        if self.left <= 0 or 4 * rows < 3 * self.rows:
+            self.left = 0
+            return False
+        self.left -= 1
+        return True

@@ -8,7 +8,7 @@ from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.logits_processors import is_active
 from sloserve.request import Request
-from sloserve.spec.adaptive import AcceptanceEstimator, best_k, candidates
+from sloserve.spec.adaptive import AcceptanceEstimator, ZeroHold, best_k, candidates
 from sloserve.spec.config import SpeculativeConfig
 from sloserve.spec.proposer import DraftRequest, Proposer
 from sloserve.spec.verify_cost import VerifyCost
@@ -67,6 +67,7 @@ class Speculation:
         # also pays for building batches and sampling; this running ratio folds that in.
         self.draft_scale = 1.0
         self.verify_cost = VerifyCost()
+        self.hold = ZeroHold()  # adaptive: a clear k = 0 kept for a few steps without weighing it again
         self._pending: tuple[float, int, float] | None = None  # adaptive: price of the rows decoding, rows, target start
         self._ran: _RanStep | None = None  # a decoding step that ran, measured when the next one starts
 
@@ -76,29 +77,23 @@ class Speculation:
         # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
         # token a step: their verification would need a history per draft position.
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not is_active(r.sampling_params)]
-        # A verification emits up to k + 1 tokens: never draft past max_tokens or the model's length.
-        limits = [min(self.config.num_speculative_tokens,
-                      r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
-                      self.max_model_len - r.num_tokens - 1) for r in decoding]
         k = self.config.num_speculative_tokens
+        limits = None
         price_0 = None  # adaptive: the predictor's price of the step with every decoding row one token, no prefill
         if self.config.k_policy == "adaptive" and decoding:
-            prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
-            alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
-            cands, price_0 = candidates(k, limits, [r.num_tokens for r in decoding], alphas, prefill, self.budget,
-                                        predictor, self._draft_seconds, self.verify_cost,
-                                        [self.acceptance.draft_rate(r.request_id) for r in decoding])
-            if prefill:
-                price_0 = None  # only steps without a prefill chunk are measured (see observe)
-            k = best_k(cands)
-            self.verify_cost.chose(k)
-            if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():
-                k = max(cands[1:], key=lambda c: c.rate).k  # the verification the prices favour
+            if not self.verify_cost.due and self.hold.keeps(len(decoding)):
+                k = 0
+                self.verify_cost.held()
+            else:
+                limits = self._limits(decoding)
+                k, price_0 = self._choose(decoding, limits, waiting, predictor)
         self.last_k = k
         if decoding:
             self.stats.steps_per_k[k] += 1
-        batch = [DraftRequest(r.request_id, r.all_token_ids, min(k, limit), r.sampling_params)
-                 for r, limit in zip(decoding, limits) if min(k, limit) > 0]
+        batch = []
+        if k:  # k = 0 asks the proposer nothing
+            batch = [DraftRequest(r.request_id, r.all_token_ids, min(k, limit), r.sampling_params)
+                     for r, limit in zip(decoding, limits or self._limits(decoding)) if min(k, limit) > 0]
         drafts = []
         if batch:
             predicted = self.proposer.predict_seconds([r.k for r in batch], [len(r.token_ids) for r in batch])
@@ -112,6 +107,30 @@ class Speculation:
         # The target's part of the step starts now (drafting is priced apart): observe() measures it.
         self._pending = None if price_0 is None else (price_0, len(decoding), self.clock.now())
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
+
+    def _limits(self, decoding: list[Request]) -> list[int]:
+        """Per request, the most drafts it can use: a verification emits up to k + 1 tokens, never past max_tokens or
+        the model's length."""
+        return [min(self.config.num_speculative_tokens,
+                    r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
+                    self.max_model_len - r.num_tokens - 1) for r in decoding]
+
+    def _choose(self, decoding: list[Request], limits: list[int], waiting: list[Request],
+                predictor: StepTimeModel) -> tuple[int, float | None]:
+        """Adaptive: the k whose step yields the most expected tokens per predicted second (or, now and then, a
+        verification to measure), and the price of the rows decoding one token each where the step will be measured."""
+        prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+        alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
+        cands, price_0 = candidates(self.config.num_speculative_tokens, limits, [r.num_tokens for r in decoding], alphas,
+                                    prefill, self.budget, predictor, self._draft_seconds, self.verify_cost,
+                                    [self.acceptance.draft_rate(r.request_id) for r in decoding])
+        k = best_k(cands)
+        self.verify_cost.chose(k)
+        if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():
+            k = max(cands[1:], key=lambda c: c.rate).k  # the verification the prices favour
+        self.hold.weighed(cands, k, len(decoding))
+        # Only steps without a prefill chunk are measured (see observe).
+        return k, None if prefill else price_0
 
     def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
         return self.draft_scale * self.proposer.predict_seconds(ks, contexts)

@@ -22,10 +22,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from sloserve.engine.nnls import nnls
-
 
 @dataclass(slots=True)
 class AddedCost:
@@ -40,13 +36,39 @@ class AddedCost:
         self.verifications.append((rows, drafts, seconds))
         while len(self.verifications) > self.window:
             self.verifications.popleft()
-        x = np.array([(r, d) for r, d, _ in self.verifications], float)
-        y = np.array([s for _, _, s in self.verifications], float)
         # Non-negative: a noisy step that measured under its decode price says verifying is cheap, not that it saves.
-        self.per_row, self.per_draft = (float(c) for c in nnls(x, y))
+        self.per_row, self.per_draft = nonnegative_fit(self.verifications)
 
     def seconds(self, rows: float, drafts: float) -> float:
         return self.per_row * rows + self.per_draft * drafts
+
+
+def nonnegative_fit(points) -> tuple[float, float]:
+    """argmin over a, b >= 0 of sum (a * rows + b * drafts - seconds)^2 over (rows, drafts, seconds) points: the
+    non-negative least squares of two columns, in closed form. Refitted after every verification, which at one request
+    is every step: a general solver (numpy's lstsq in an active-set loop) cost ~3% of such a step.
+
+    The squared error is strictly convex unless the columns are proportional, so its one minimum is the best of the
+    feasible candidates: both coefficients free, either alone, none. Proportional columns (one request: every
+    verification one row) fit equally well with either alone; like the active-set method, the column that correlates
+    more with the seconds (drafts, where they outnumber rows) takes it all."""
+    rr = rd = dd = rs = ds = 0.0
+    for r, d, s in points:
+        rr += r * r
+        rd += r * d
+        dd += d * d
+        rs += r * s
+        ds += d * s
+    row_only = (rs / rr, 0.0) if rr > 0 and rs > 0 else (0.0, 0.0)
+    draft_only = (0.0, ds / dd) if dd > 0 and ds > 0 else (0.0, 0.0)
+    det = rr * dd - rd * rd  # exact: rows and drafts are integers
+    if det <= 0:
+        return draft_only if ds > rs else row_only
+    both = ((dd * rs - rd * ds) / det, (rr * ds - rd * rs) / det)
+    # Squared error less the sum of seconds squared (the same for every candidate).
+    error = lambda a, b: a * a * rr + 2 * a * b * rd + b * b * dd - 2 * (a * rs + b * ds)  # noqa: E731
+    feasible = [c for c in (both, row_only, draft_only, (0.0, 0.0)) if c[0] >= 0 and c[1] >= 0]
+    return min(feasible, key=lambda c: error(*c))
 
 
 def size_class(batch: int) -> int:
@@ -91,26 +113,39 @@ class VerifyCost:
         """Seconds steps without drafts measure per second the predictor prices them at."""
         return self.decode_ratio if self.decode_ratio is not None else 1.0
 
-    @property
-    def measured(self) -> bool:
-        """Whether a verification has been measured: until then the predictor's own price of one stands."""
-        return bool(self.added)
+    def measured(self, batch: int) -> bool:
+        """Whether a verification beside `batch` decoding rows, or more, has been measured: until then the predictor's
+        own price of one stands. A smaller batch's cost is no guide: beside more rows a CPU's linear layers leave their
+        memory-bound regime and each draft costs more (borrowed from one row, going from 1 to 32 concurrent kept k = 4
+        at 0.52x of no speculation, where a closed loop's every step carried a new prompt's prefill and was never
+        measured)."""
+        c = size_class(batch)
+        return any(m >= c for m in self.added)
 
     def added_seconds(self, batch: int, rows: float, drafts: float) -> float:
         """Seconds verifying `drafts` draft tokens over `rows` of `batch` decoding rows adds to their decode step
-        (expected counts welcome); a size class not measured yet borrows the nearest measured one (the larger on a tie)."""
+        (expected counts welcome); a size class not measured yet borrows the nearest larger measured one (`measured`)."""
         c = size_class(batch)
-        nearest = min(self.added, key=lambda m: (abs(m - c), -m))
-        return self.added[nearest].seconds(rows, drafts)
+        return self.added[min(m for m in self.added if m >= c)].seconds(rows, drafts)
 
     def chose(self, k: int) -> None:
         """The prices chose k for a step: a verification chosen on its own restarts the exploring at its quickest."""
         if k:
             self.interval = self.explore_every
 
+    def held(self) -> None:
+        """A decoding step ran k = 0 without weighing it (adaptive.ZeroHold) nor measuring it: it counts towards
+        the next exploration as a measured one does."""
+        self.since_verify += 1
+
+    @property
+    def due(self) -> bool:
+        """Whether the next k = 0 choice would explore instead (`explore` without its doubling)."""
+        return self.since_verify >= self.interval
+
     def explore(self) -> bool:
         """Whether this decoding step (the prices chose k = 0) should verify: none did for `interval` steps."""
-        if self.since_verify < self.interval:
+        if not self.due:
             return False
         self.interval = min(2 * self.interval, self.max_interval)
         return True

@@ -6,7 +6,7 @@ from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerConfig
 from sloserve.request import SamplingParams
-from sloserve.spec.adaptive import AcceptanceEstimator, choose_k, expected_tokens
+from sloserve.spec.adaptive import AcceptanceEstimator, choose_k, expected_tokens, totals_by_k
 from sloserve.spec.config import SpeculativeConfig
 from sloserve.spec.speculation import Speculation
 from sloserve.spec.verify_cost import VerifyCost
@@ -34,6 +34,17 @@ def test_expected_tokens():
     assert expected_tokens(0.0, 4) == 1.0
     assert expected_tokens(1.0, 4) == 5.0
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_totals_by_k_sum_each_rows_expected_tokens_up_to_its_limit():
+    alphas, limits, rates = [0.5, 0.9, 1.0, 0.7], [4, 2, 3, 0], [1.0, 0.5, 1.0, 1.0]
+    tokens, rows, drafts = totals_by_k(4, limits, alphas, rates)
+    for k in range(5):
+        xs = [min(k, limit) for limit in limits]
+        assert tokens[k] == pytest.approx(sum(m * expected_tokens(a, x) + 1 - m if x else 1.0
+                                              for a, x, m in zip(alphas, xs, rates)))
+        assert rows[k] == pytest.approx(sum(m for x, m in zip(xs, rates) if x))
+        assert drafts[k] == pytest.approx(sum(m * x for x, m in zip(xs, rates)))
 
 
 def test_light_load_and_good_drafts_speculate_fully():
@@ -148,7 +159,7 @@ def test_verify_cost_keeps_the_latest_verifications_and_never_prices_drafts_belo
     assert len(cost.added[3].verifications) == 2
 
 
-def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borrows_the_nearest():
+def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borrows_the_nearest_larger():
     cost = VerifyCost()
     cost.observe_decode(0.010, 0.010)
     cost.observe_verify(0.012, 0.010, batch=16, rows=16, drafts=64)  # beside 16 decodes a draft is cheap
@@ -156,8 +167,18 @@ def test_verify_cost_is_fitted_per_batch_size_class_and_an_unmeasured_class_borr
     assert cost.added_seconds(16, 16, 64) == pytest.approx(0.002)
     assert cost.added_seconds(32, 32, 128) == pytest.approx(0.040)
     assert cost.added_seconds(20, 10, 40) == pytest.approx(0.002 * 10 / 16)  # 16..31: the 16-row fit
-    assert cost.added_seconds(64, 32, 128) == pytest.approx(0.040)  # not measured: 32..63's
-    assert cost.added_seconds(2, 2, 8) == pytest.approx(0.002 * 2 / 16)  # not measured: the nearest is 16..31's
+    assert cost.added_seconds(2, 2, 8) == pytest.approx(0.002 * 2 / 16)  # not measured: the nearest larger is 16..31's
+    assert cost.measured(2) and cost.measured(63)
+    assert not cost.measured(64)  # only smaller batches measured: no guide, the predictor's price stands
+
+
+def test_a_batch_larger_than_any_measured_verification_is_priced_by_the_predictor_not_a_smaller_batch_s_fit():
+    cost = VerifyCost()
+    cost.observe_decode(0.001, 0.001)
+    cost.observe_verify(0.0011, 0.001, batch=1, rows=1, drafts=4)  # beside one row, 4 drafts add 0.1 ms
+    assert choose_k(4, [4], [220], [0.8], 0, 512, OverpricedVerification(), lambda ks, cs: 0.0, cost) == 4
+    # 32 rows: the fit priced them like a prefill chunk (9x a decode step); the one-row fit does not say otherwise.
+    assert choose_k(4, [4] * 32, [220] * 32, [0.8] * 32, 0, 512, OverpricedVerification(), lambda ks, cs: 0.0, cost) == 0
 
 
 def test_the_decode_ratio_averages_slowly_and_is_bounded():
@@ -243,9 +264,18 @@ class RightDrafts:
         return 0.0
 
 
+class CountedDrafts(RightDrafts):
+    def __init__(self) -> None:
+        self.batches = []
+
+    def propose(self, batch):
+        self.batches.append([r.k for r in batch])
+        return super().propose(batch)
+
+
 def adaptive_run(per_extra_token: float, max_tokens: int = 300):
     clock = ShapeClock(per_extra_token)
-    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=4, k_policy="adaptive"), RightDrafts(),
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=4, k_policy="adaptive"), CountedDrafts(),
                        max_model_len=1000, max_num_batched_tokens=512, clock=clock)
     engine = LLMEngine(TimedVerifier(clock), SchedulerConfig(max_num_batched_tokens=512, block_size=4), max_model_len=1000,
                        vocab_size=100000, clock=clock, speculator=spec, predictor=OverpricedVerification())
@@ -273,3 +303,76 @@ def test_adaptive_keeps_k_0_when_the_measured_verification_is_as_dear_as_priced(
     # Explorations only, after 64 and then 128 steps without a verification (the first K, which the fit's prices
     # favour; the second the k the measured cost favours); 300 tokens leave no room for the third (256 steps later).
     assert steps[4] >= 1 and sum(steps[1:]) == 2 and spec.verify_cost.interval == 256
+    # The proposer was asked for drafts on those two steps only, never while k was 0.
+    assert len(spec.proposer.batches) == 2 and all(ks and min(ks) > 0 for ks in spec.proposer.batches)
+
+
+class LoadClock(ShapeClock):
+    """Verifying is cheap beside one or two rows and dear beside more (a CPU's linear layers saturate)."""
+
+    def run(self, plan) -> None:
+        extra = sum(s.num_new_tokens - 1 for s in plan.scheduled)
+        self.t += 0.001 + (0.00002 if len(plan.scheduled) <= 2 else 0.002) * extra
+
+
+def test_a_clear_k_0_is_held_without_weighing_and_k_returns_when_the_load_drops(monkeypatch):
+    import sloserve.spec.speculation as speculation_module
+
+    weighed = []
+    original = speculation_module.candidates
+    monkeypatch.setattr(speculation_module, "candidates", lambda *a: weighed.append(len(a[1])) or original(*a))
+    clock = LoadClock(0.0)
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=4, k_policy="adaptive"), CountedDrafts(),
+                       max_model_len=2000, max_num_batched_tokens=512, clock=clock)
+    engine = LLMEngine(TimedVerifier(clock), SchedulerConfig(max_num_batched_tokens=512, block_size=32), max_model_len=2000,
+                       vocab_size=100000, clock=clock, speculator=spec, predictor=OverpricedVerification())
+    params = lambda n: SamplingParams(max_tokens=n)  # noqa: E731
+    engine.add_request("long", [10, 11], params(1000))
+    trace = []  # (requests running into the step, its k) per step
+
+    def run(steps=None):
+        while engine.has_unfinished_requests() and (steps is None or steps > 0):
+            rows = len(engine.scheduler.running)
+            engine.step()
+            trace.append((rows, spec.last_k))
+            steps = None if steps is None else steps - 1
+
+    run(100)  # alone: one exploration measures verifying cheap, then every step verifies 4 drafts
+    assert trace[-1] == (1, 4)
+    for i in range(8):
+        engine.add_request(f"short{i}", [1000 * (i + 1)], params(300))
+    before = len(weighed)
+    run(120)  # 9 rows: verifying measured dear there; k = 0, clearly, mostly held without weighing
+    loaded = trace[100:]
+    assert loaded[-1] == (9, 0)
+    zeros = sum(1 for rows, k in loaded if rows == 9 and k == 0)
+    assert zeros > 60 and len(weighed) - before < zeros / 4
+    proposals = len(spec.proposer.batches)
+    run(40)  # still loaded: the proposer is asked for drafts on the steps that verify, never while k is 0
+    assert all(rows == 9 for rows, _ in trace[220:])
+    assert len(spec.proposer.batches) - proposals == sum(1 for _, k in trace[220:] if k)
+    run()  # the short requests finish: alone again, the long one speculates at once
+    alone = [k for rows, k in trace[260:] if rows == 1]
+    assert alone[:-1] == [4] * (len(alone) - 1)  # the last: one token left, no room for a draft
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_the_closed_form_fit_of_what_verifying_adds_is_the_non_negative_least_squares_one():
+    import numpy as np
+
+    from sloserve.engine.nnls import nnls
+    from sloserve.spec.verify_cost import nonnegative_fit
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 17))
+        if trial % 3 == 0:  # one request: every verification one row (drafts vary, or not)
+            rows = np.ones(n, int)
+            drafts = rng.integers(1, 5, n) if trial % 2 else np.full(n, 4)
+        else:
+            rows = rng.integers(1, 33, n)
+            drafts = rows * rng.integers(1, 5, n) if trial % 5 == 0 else rng.integers(1, 129, n)
+        seconds = 1e-4 * rows * rng.uniform(-1, 2) + 1e-5 * drafts * rng.uniform(-1, 2) + rng.normal(0, 1e-4, n)
+        points = list(zip(rows.tolist(), drafts.tolist(), seconds.tolist()))
+        expected = nnls(np.array([(r, d) for r, d, _ in points], float), seconds)
+        assert nonnegative_fit(points) == pytest.approx(tuple(expected), rel=1e-6, abs=1e-12)

@@ -53,6 +53,23 @@ def test_a_continuation_running_into_the_suffix_is_cut_at_the_context_end():
 
 
 @pytest.mark.parametrize("vocab", [3, 50])
+def test_a_request_s_index_kept_between_steps_gives_the_brute_force_drafts_as_its_tokens_grow(vocab):
+    rng = random.Random(vocab)
+    proposer = NgramProposer(2, 4)
+    params = Params(max_tokens=8)
+    tokens = {"a": [], "b": []}
+    for _ in range(150):
+        for request_id, seq in tokens.items():
+            seq.extend(rng.randrange(vocab) for _ in range(rng.randrange(1, 6)))  # a step's accepted tokens
+        batch = [DraftRequest(i, list(seq), 3, params) for i, seq in tokens.items()]
+        assert proposer.propose(batch) == [scan(seq, 3, 2, 4) for seq in tokens.values()]
+    proposer.forget(["a"])
+    assert set(proposer._indexes) == {"b"}
+    tokens["b"] = tokens["b"][:10]  # not the tokens its index was built from (a preempted request restarts)
+    assert proposer.propose([DraftRequest("b", tokens["b"], 3, params)]) == [scan(tokens["b"], 3, 2, 4)]
+
+
+@pytest.mark.parametrize("vocab", [3, 50])
 def test_lookup_equals_the_brute_force_definition(vocab):
     rng = random.Random(vocab)
     for _ in range(400):
