@@ -13,8 +13,9 @@ RUNNABLE = [name for name, (_, needs) in ISAS.items() if needs <= cpu_flags()]
 # (model dtype, quantization)
 VARIANTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 # Ragged contexts across blocks; 16 rows is more than every x tile of the matmul and splits attention
-# by whole requests instead of by KV head.
-BATCHES = {"one": [1], "ragged": [1, 7, 33, 16, 50], "sixteen": [3 + 5 * i for i in range(16)]}
+# by whole requests instead of by KV head (threads then take runs of equal context, not of equal count).
+BATCHES = {"one": [1], "ragged": [1, 7, 33, 16, 50], "sixteen": [3 + 5 * i for i in range(16)],
+           "sixteen_shuffled": [(37 * i) % 61 + 1 for i in range(16)]}
 
 
 def load(model_dir, dtype, quantization):

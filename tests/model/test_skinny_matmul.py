@@ -58,6 +58,22 @@ def test_matches_pytorch_on_ragged_shapes(kernels, isa, weight_dtype, x_dtype, w
         torch.testing.assert_close(got, want, **TOLERANCE[x_dtype], msg=lambda e: f"{(m, n, k)}: {e}")
 
 
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("weight_dtype, x_dtype", PAIRS.values(), ids=PAIRS.keys())
+def test_a_rows_result_does_not_depend_on_its_batch(kernels, isa, weight_dtype, x_dtype):
+    """Batch invariance: a row gives the same bits alone, in any tile position, in any batch up to the
+    row limit. Speculative verification computes a token among k + 1 rows per request where plain
+    decoding computed it among others; greedy identity between the two rests on this."""
+    limit = MAX_ROWS[torch.int8 if weight_dtype == "int8" else x_dtype]
+    x, w = rand(limit, 100).to(x_dtype), rand(45, 100, seed=1)
+    w, scales = quantize_int8(w) if weight_dtype == "int8" else (w.to(x_dtype), None)
+    full = kernels.skinny_matmul(x, w, scales, None, ISAS[isa][0])
+    for m in (1, 2, 5, 7, 13, 16, 17, 31, limit):
+        for first in {0, limit - m}:  # the same rows at the front and at the back of the x tiles
+            got = kernels.skinny_matmul(x[first : first + m], w, scales, None, ISAS[isa][0])
+            assert torch.equal(got, full[first : first + m]), f"{m} rows from row {first}"
+
+
 @pytest.mark.parametrize("k", [65535, 70000], ids=["longest_vnni_row", "longer"])
 def test_int8_rows_past_the_integer_path_stay_correct(kernels, k):
     """Rows too long for exact int32 sums in the VNNI body take the float32 one instead."""

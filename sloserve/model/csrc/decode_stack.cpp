@@ -57,6 +57,25 @@ void split(TeamBarrier& barrier, int64_t n, const F& f) {
   barrier.wait();
 }
 
+// As split, but each thread's run of [0, n) holds about an equal share of cost(i): a batch's attention
+// items differ as much as its contexts do (a 512-token prompt beside a 32-token one), and an even count
+// of items left one thread waiting at the barrier for the other's long requests.
+template <typename C, typename F>
+void split_by_cost(TeamBarrier& barrier, int64_t n, const C& cost, const F& f) {
+  const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += cost(i);
+  // Thread t starts at the first item whose preceding cost reaches t/threads of the total.
+  int64_t begin = -1, end = n, before = 0;
+  for (int64_t i = 0; i < n && end == n; ++i) {
+    if (begin < 0 && before * threads >= total * me) begin = i;
+    if (before * threads >= total * (me + 1)) end = i;
+    before += cost(i);
+  }
+  if (begin >= 0 && begin < end) f(begin, end);
+  barrier.wait();
+}
+
 // y = x W^T by the team: one thread stages x, then the output-row blocks are split.
 void matmul(TeamBarrier& barrier, SkinnyMatmul& mm, const Projection& w, const void* x, int64_t x_stride,
             at::ScalarType dtype, void* y, int64_t rows) {
@@ -162,7 +181,8 @@ class DecodeStack {
                                      context_lens, block_tables.size(1), rows, num_heads_, num_kv_heads_, hd,
                                      block_size, scale};
         attention.split_for(threads);
-        split(barrier, attention.items(), [&](int64_t begin, int64_t end) { attention.run_items(begin, end); });
+        split_by_cost(barrier, attention.items(), [&](int64_t item) { return attention.item_cost(item); },
+                      [&](int64_t begin, int64_t end) { attention.run_items(begin, end); });
         matmul(barrier, mm, layer.o_proj, attn, q_size, dtype_, h, rows);
         const T* post_norm = ptr<T>(layer.post_norm);
         split(barrier, rows, [&](int64_t begin, int64_t end) {

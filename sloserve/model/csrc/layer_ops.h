@@ -135,6 +135,8 @@ struct DecodeAttention {
 
   void split_for(int64_t threads) { kv_per_item = requests >= 2 * threads ? num_kv_heads : 1; }
   int64_t items() const { return requests * (num_kv_heads / kv_per_item); }
+  // An item's work, in cached tokens read (plus a fixed share for its setup): items of one request cost alike.
+  int64_t item_cost(int64_t item) const { return context_lens[item / (num_kv_heads / kv_per_item)] + 16; }
   int64_t multiply_adds() const {
     int64_t total_context = 0;
     for (int64_t r = 0; r < requests; ++r) total_context += context_lens[r];
