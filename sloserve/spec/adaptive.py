@@ -18,14 +18,16 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates: list[float]
-                ) -> tuple[list[float], list[float], list[float]]:
+def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates: list[float],
+                position_factors: list[float] | None = None) -> tuple[list[float], list[float], list[float]]:
     """For each k in 0..max_k, over the rows: expected output tokens, expected verifying rows and expected draft tokens.
 
     A row asked for k drafts drafts min(k, its limit), and finds them only with probability `draft_rate` (an n-gram
     proposer finds no match for some rows): then it yields expected_tokens(alpha, that many), else the target's one
-    token. One pass over the rows, each row's geometric sum built term by term (the choice runs every step, over
-    every row: a call per row and k cost ~100 us at 32 rows)."""
+    token. `position_factors` (AcceptanceEstimator.position_factors) scale a row's acceptance draft position by draft
+    position, where acceptance is not geometric. One pass over the rows, each row's sum built term by term (the choice
+    runs every step, over every row: a call per row and k cost ~100 us at 32 rows)."""
+    factors = position_factors or [1.0] * max_k
     tokens, rows, drafts = [0.0] * (max_k + 1), [0.0] * (max_k + 1), [0.0] * (max_k + 1)
     for alpha, limit, rate in zip(alphas, limits, draft_rates):
         tokens[0] += 1.0
@@ -33,8 +35,8 @@ def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates:
         x = 0
         for k in range(1, max_k + 1):
             if x < limit:
+                term *= min(alpha * factors[x], 1.0)
                 x += 1
-                term *= alpha
                 total += term
             if x:
                 tokens[k] += rate * total + (1.0 - rate)
@@ -61,6 +63,9 @@ class AcceptanceEstimator:
         self.prior_weight = prior_weight
         self.total = _Counts()
         self._requests: dict[str, _Counts] = {}
+        # Over all requests, per draft position: verifications that reached it, and those that accepted it.
+        self._reached: list[int] = []
+        self._accepted_at: list[int] = []
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         trials = num_accepted + (num_accepted < num_drafts)
@@ -68,6 +73,27 @@ class AcceptanceEstimator:
         for c in (counts, self.total):
             c.accepted += num_accepted
             c.trials += trials
+        if len(self._reached) < num_drafts:
+            grow = num_drafts - len(self._reached)
+            self._reached += [0] * grow
+            self._accepted_at += [0] * grow
+        for position in range(trials):
+            self._reached[position] += 1
+            self._accepted_at[position] += position < num_accepted
+
+    def position_factors(self, k: int, weight: float = 8.0) -> list[float]:
+        """Per draft position 0..k-1, its acceptance (given the drafts before it were accepted) over the per-token
+        rate: 1 everywhere where acceptance is geometric. It is not: drafts tend to stand or fall together (on a
+        copy-heavy workload the first draft was accepted 0.76 of the time, later ones 0.87-0.93 given the first), so
+        one rate overvalued short drafts, and adaptive chose k < K on half its steps where K yielded more. Each
+        position is shrunk towards the overall rate (`weight` verifications' worth) until it has been reached often."""
+        overall = (self.total.accepted + 1) / (self.total.trials + 2)
+        factors = []
+        for position in range(k):
+            reached = self._reached[position] if position < len(self._reached) else 0
+            accepted = self._accepted_at[position] if position < len(self._reached) else 0
+            factors.append((accepted + weight * overall) / (reached + weight) / overall)
+        return factors
 
     def alpha(self, request_id: str) -> float:
         overall = (self.total.accepted + 1) / (self.total.trials + 2)  # a weak start at 0.5 until verifications are seen
@@ -120,6 +146,7 @@ def candidates(
     draft_seconds: Callable[[list[int], list[int]], float],
     verify: VerifyCost | None = None,  # what verifying adds to a decode step, as measured
     draft_rates: list[float] | None = None,  # per request, how often its proposals find drafts (1: always)
+    position_factors: list[float] | None = None,  # acceptance by draft position over the per-token rate (1: geometric)
 ) -> tuple[list[Candidate], float]:
     """Each k in 0..max_k: the predicted seconds its drafts and decodes take and the output tokens they are expected
     to yield; and the predictor's price of the step with every row decoding one token (what a measurement of a
@@ -146,7 +173,7 @@ def candidates(
     measured = verify is not None and verify.measured(rows)
     chunk = price([1] * rows, prefill) - price_0 if prefill > 0 and not measured else 0.0
     scale = verify.decode_scale if verify else 1.0  # the predictor's seconds in the seconds steps measure
-    tokens, verifying, drafts = totals_by_k(max_k, limits, alphas, rates)
+    tokens, verifying, drafts = totals_by_k(max_k, limits, alphas, rates, position_factors)
     out = [Candidate(0, scale * price_0, tokens[0])]
     for k in range(1, max_k + 1):
         ks = [min(k, limit) for limit in limits]

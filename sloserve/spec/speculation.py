@@ -123,7 +123,8 @@ class Speculation:
         alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
         cands, price_0 = candidates(self.config.num_speculative_tokens, limits, [r.num_tokens for r in decoding], alphas,
                                     prefill, self.budget, predictor, self._draft_seconds, self.verify_cost,
-                                    [self.acceptance.draft_rate(r.request_id) for r in decoding])
+                                    [self.acceptance.draft_rate(r.request_id) for r in decoding],
+                                    self.acceptance.position_factors(self.config.num_speculative_tokens))
         k = best_k(cands)
         self.verify_cost.chose(k)
         if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():

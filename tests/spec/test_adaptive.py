@@ -376,3 +376,36 @@ def test_the_closed_form_fit_of_what_verifying_adds_is_the_non_negative_least_sq
         points = list(zip(rows.tolist(), drafts.tolist(), seconds.tolist()))
         expected = nnls(np.array([(r, d) for r, d, _ in points], float), seconds)
         assert nonnegative_fit(points) == pytest.approx(tuple(expected), rel=1e-6, abs=1e-12)
+
+
+def test_acceptance_by_draft_position_prices_each_k_as_verifications_yielded():
+    # Drafts that stand or fall together (a copy-heavy workload): the first draft is accepted 3 times in 4, each
+    # later one about 19 times in 20 given those before. One per-token rate misprices the k's; the estimate by
+    # position yields, for every k, the tokens the same verifications would have emitted at that k.
+    est = AcceptanceEstimator()
+    outcomes = []
+    for i in range(400):
+        accepted = 0 if i % 4 == 0 else next((j for j in (1, 2, 3) if (i * 7 + j) % 20 == 0), 4)
+        est.observe(f"r{i % 8}", 4, accepted)
+        outcomes.append(accepted)
+    factors = est.position_factors(4)
+    overall = est.alpha("new")
+    geometric_errors = []
+    for k in range(1, 5):
+        emitted = sum(min(a, k) + 1 for a in outcomes) / len(outcomes)
+        assert totals_by_k(4, [k], [overall], [1.0], factors)[0][k] == pytest.approx(emitted, rel=0.005)
+        geometric_errors.append(abs(totals_by_k(4, [k], [overall], [1.0])[0][k] / emitted - 1))
+    assert max(geometric_errors) > 0.05
+
+
+def test_position_factors_are_one_before_any_verification_and_for_geometric_acceptance():
+    est = AcceptanceEstimator()
+    assert est.position_factors(4) == [pytest.approx(1.0)] * 4
+    # Each draft accepted with probability 0.8 whatever came before (the geometric model's world).
+    import random
+
+    rng = random.Random(0)
+    for i in range(4000):
+        accepted = next((j for j in range(4) if rng.random() >= 0.8), 4)
+        est.observe(str(i % 4), 4, accepted)
+    assert est.position_factors(4) == [pytest.approx(1.0, abs=0.04)] * 4
