@@ -90,8 +90,8 @@ class AcceptanceEstimator:
         overall = (self.total.accepted + 1) / (self.total.trials + 2)
         factors = []
         for position in range(k):
-            reached = self._reached[position] if position < len(self._reached) else 0
-            accepted = self._accepted_at[position] if position < len(self._reached) else 0
+            seen = position < len(self._reached)
+            reached, accepted = (self._reached[position], self._accepted_at[position]) if seen else (0, 0)
             factors.append((accepted + weight * overall) / (reached + weight) / overall)
         return factors
 
