@@ -103,6 +103,29 @@ def test_caller_cancelled_before_the_engine_took_it(llm_engine):
     assert _run(llm_engine, body)[0] == 0
 
 
+def test_adds_and_aborts_while_stepping_never_stop_the_step_loop(llm_engine):
+    """Arrivals and aborts are taken by the step thread between its steps: the step loop runs on (one run on the
+    worker from the first request until the engine is idle) and nothing waits for the event loop between steps."""
+    async def body(front):
+        runs = []
+        submit = front._worker.submit
+        front._worker.submit = lambda fn, *args: runs.append(fn) or submit(fn, *args)
+        long = await front.add_request("long", [3, 4, 5], _params(400))
+        await long.__anext__()
+        streams = [await front.add_request(f"a{i}", [6 + i, 7], _params(3 + i)) for i in range(5)]
+        outs = await asyncio.gather(*(_collect(s) for s in streams))
+        front.abort("long")
+        last = await _collect(long)
+        await front.wait_until_idle()
+        return runs, outs, last
+
+    (runs, outs, last), finished = _run(llm_engine, body)
+    assert len(runs) == 1
+    assert [len(o.token_ids) for o in outs] == [3, 4, 5, 6, 7]
+    assert last.output.outputs[0].finish_reason == "abort" and len(last.token_ids) < 400
+    assert sorted(f[0] for f in finished) == ["abort"] + ["length"] * 5
+
+
 def test_failing_step_fails_in_flight_requests_then_serves_on(llm_engine, monkeypatch):
     real_step = llm_engine.step
     calls = {"n": 0, "raised": False}
