@@ -328,28 +328,33 @@ class AsyncLLMEngine:
         with self._lock:
             adds, self._pending_adds = self._pending_adds, {}
             aborts, self._pending_aborts = self._pending_aborts, set()
-            for p in adds.values():
-                if p.future.done():  # its caller was cancelled and has not run its cleanup yet
-                    continue
-                try:
-                    request = self.engine.add_request(
-                        p.request_id, p.prompt_token_ids, p.params,
-                        priority=p.priority, slo=p.slo, arrival_time=p.arrival_time,
-                    )
-                except Exception as error:  # noqa: BLE001 - ValueError is bad input; anything else still fails only this request
-                    accepted.append((p, error))
-                    continue
-                stream = RequestStream(p.request_id)
-                self._tracked[p.request_id] = _Tracked(request, stream)
-                accepted.append((p, stream))
-            for request_id in aborts:
-                tracked = self._tracked.pop(request_id, None)
-                if tracked is not None:
-                    self.engine.abort_request(request_id)
-                    ended.append(tracked)
-            # In the same hold: a reader never counts an add twice (queued and in the engine) or not at all.
-            self._snapshot_stats()
-        loop.call_soon_threadsafe(self._hand_over, accepted, ended)
+            try:
+                for p in adds.values():
+                    if p.future.done():  # its caller was cancelled and has not run its cleanup yet
+                        continue
+                    try:
+                        request = self.engine.add_request(
+                            p.request_id, p.prompt_token_ids, p.params,
+                            priority=p.priority, slo=p.slo, arrival_time=p.arrival_time,
+                        )
+                    except Exception as error:  # noqa: BLE001 - ValueError is bad input; anything else still fails only this request
+                        accepted.append((p, error))
+                        continue
+                    stream = RequestStream(p.request_id)
+                    self._tracked[p.request_id] = _Tracked(request, stream)
+                    accepted.append((p, stream))
+                for request_id in aborts:
+                    tracked = self._tracked.pop(request_id, None)
+                    if tracked is not None:
+                        self.engine.abort_request(request_id)
+                        ended.append(tracked)
+                # In the same hold: a reader never counts an add twice (queued and in the engine) or not at all.
+                self._snapshot_stats()
+            finally:  # even when this bookkeeping fails (and the loop dies), every caller taken here hears back
+                answered = {p.request_id for p, _ in accepted}
+                accepted += [(p, EngineStoppedError("the engine stopped before taking this request"))
+                             for p in adds.values() if p.request_id not in answered]
+                loop.call_soon_threadsafe(self._hand_over, accepted, ended)
 
     def _hand_over(self, accepted: list[tuple[_PendingAdd, RequestStream | BaseException]], ended: list[_Tracked]) -> None:
         """On the loop: give each caller its stream (or error) and end the aborted requests' streams."""

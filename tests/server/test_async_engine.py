@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -124,6 +125,27 @@ def test_adds_and_aborts_while_stepping_never_stop_the_step_loop(llm_engine):
     assert [len(o.token_ids) for o in outs] == [3, 4, 5, 6, 7]
     assert last.output.outputs[0].finish_reason == "abort" and len(last.token_ids) < 400
     assert sorted(f[0] for f in finished) == ["abort"] + ["length"] * 5
+
+
+def test_a_fault_while_the_worker_takes_adds_still_answers_their_callers(llm_engine):
+    """The front's own bookkeeping fails on the worker after it took a request: the loop dies, and the caller
+    hears of it (its stream ends with the loop's error) instead of waiting for ever."""
+    async def body(front):
+        main, snapshot = threading.current_thread(), front._snapshot_stats
+
+        def broken() -> None:
+            if threading.current_thread() is not main:
+                raise RuntimeError("bookkeeping fault")
+            snapshot()
+
+        front._snapshot_stats = broken
+        with pytest.raises(EngineStoppedError, match="loop died"):
+            stream = await asyncio.wait_for(front.add_request("x", [3, 4], _params()), 10)
+            await asyncio.wait_for(_collect(stream), 10)
+        return front.dead_error
+
+    dead, finished = _run(llm_engine, body)
+    assert "bookkeeping fault" in repr(dead) and [f[1] is not None for f in finished] == [True]
 
 
 def test_failing_step_fails_in_flight_requests_then_serves_on(llm_engine, monkeypatch):
