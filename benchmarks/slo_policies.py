@@ -1,7 +1,7 @@
 """SLO policies under a mixed load: per-class attainment, p99 TTFT/TPOT and goodput of fcfs, priority, slo and
 slo+admission at 0.5-2x capacity, from the simulator and (with --real) from the real server, in one table."""
 
-# Run: python benchmarks/slo_policies.py [--profile P] [--requests 400] [--loads 0.5,0.8,1.0,1.3,2.0]
+# Run: python benchmarks/slo_policies.py [--profile P] [--requests 400] [--loads 0.5,0.8,1.0,1.3,2.0] [--sim-slowdowns 1.1,1.2]
 #      [--real --real-requests 400 --real-loads 0.8,1.3,2.0 --real-rounds 3] [--threads 1]
 # The workload: ~70% interactive / ~30% batch requests, prompt and reply lengths from the bundled ShareGPT sample
 # (prompts cut to 384 tokens, interactive replies to 48, batch replies to 256: batch replies are longer), Poisson
@@ -33,6 +33,7 @@ from sloserve.bench.records import RequestRecord
 from sloserve.bench.sharegpt import ShareGPTSource
 from sloserve.bench.workload import RequestSpec
 from sloserve.cli_args import default_model_dir
+from sloserve.engine.cost import StepCostModel
 from sloserve.request import SLO
 from sloserve.sim.clock import VirtualClock
 from sloserve.sim.profile import Profile, describe_machine
@@ -60,9 +61,13 @@ def mixed_specs(n: int, rate: float, seed: int, vocab: int) -> tuple[list[Reques
     return specs, classes
 
 
-def simulated(prof: Profile, knobs: EngineKnobs, specs, classes, policy: str, admission: bool):
+def simulated(prof: Profile, knobs: EngineKnobs, specs, classes, policy: str, admission: bool, slowdown: float = 1.0):
+    """`slowdown` > 1: the machine runs that much slower than its profile, and the engine's predictor calibrates
+    to it online (as the server's does), so the row shows what a slower day costs each policy."""
     clock = VirtualClock()
-    engine = build_sim_engine(prof.step_model, knobs, policy, clock,
+    model = prof.step_model
+    machine = None if slowdown == 1.0 else StepCostModel(model.knots, [slowdown * c for c in model.coefficients])
+    engine = build_sim_engine(model, knobs, policy, clock, machine=machine,
                               seconds_per_waiting=prof.rank_seconds_per_waiting.get(policy, 0.0))
     out = simulate(engine, clock, specs, slo=lambda s: CLASSES[classes[s.index]],
                    priority=lambda s: 0 if classes[s.index] == "interactive" else 1, admission=admission)
@@ -152,6 +157,9 @@ def main() -> None:
                    "profile it now with `sloserve profile --quick`)")
     p.add_argument("--requests", type=int, default=400, help="simulated requests per load level")
     p.add_argument("--loads", default="0.5,0.8,1.0,1.3,2.0")
+    p.add_argument("--sim-slowdowns", default="", help="also simulate a machine this much slower than its profile "
+                   "(e.g. 1.1,1.2): a real server under other load runs slower than its calibration, and the policies "
+                   "that hold the 2x row at the edge of the machine lose the most (their rows are 'sim xF')")
     p.add_argument("--real", action="store_true", help="also measure the real server")
     p.add_argument("--real-requests", type=int, default=400,
                    help="requests per real row: enough that an overload reaches its steady state (a queue that "
@@ -190,11 +198,14 @@ def main() -> None:
     print(f"capacity (simulated FCFS on a burst of {len(records)}): {capacity:.3g} req/s")
 
     rows = []
-    for load in (float(x) for x in args.loads.split(",")):
-        specs, classes = mixed_specs(args.requests, load * capacity, args.seed, knobs.vocab_size)
-        for label, policy, admission in POLICIES:
-            records, duration = simulated(prof, knobs, specs, classes, policy, admission)
-            rows.append(("sim", load, label, summarize(records, classes, duration)))
+    slowdowns = [1.0] + [float(x) for x in args.sim_slowdowns.split(",") if x]
+    for slowdown in slowdowns:
+        src = "sim" if slowdown == 1.0 else f"sim x{slowdown:g}"
+        for load in (float(x) for x in args.loads.split(",")):
+            specs, classes = mixed_specs(args.requests, load * capacity, args.seed, knobs.vocab_size)
+            for label, policy, admission in POLICIES:
+                records, duration = simulated(prof, knobs, specs, classes, policy, admission, slowdown)
+                rows.append((src, load, label, summarize(records, classes, duration)))
     if args.real:
         print(f"capacity (real server, FCFS, burst of {args.real_requests}): {real_capacity:.3g} req/s; the real rows "
               f"and their simulated twins (sim@real) run at multiples of it", flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ class EngineStepError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine loop has stopped (shutdown, or a fault in the loop itself)."""
+
+
+class _HandOverFault(Exception):
+    """Taking queued adds and aborts failed outside any one request's handling: the front's own machinery is
+    broken (not a step), so the loop dies rather than fail the running requests and try again."""
 
 
 @dataclass(slots=True)
@@ -129,9 +135,11 @@ FinishedHook = Callable[[RequestOutput, BaseException | None], None]
 class AsyncLLMEngine:
     """Drives an LLMEngine from one background task; handlers only queue adds and aborts.
 
-    The blocking `engine.step()` runs on a dedicated worker thread, step after step while nothing is
-    pending; adds and aborts are applied on the loop between those runs, so the engine is never touched
-    by two threads at once. A step's outputs are delivered on the loop while the next step runs.
+    The blocking `engine.step()` runs on a dedicated worker thread, step after step while there is work.
+    The worker itself takes the queued adds and aborts between its steps (under `_lock`, which guards the
+    queues and `_tracked`), so arrivals never stop the step loop; the loop touches the engine only while the
+    worker is idle, so the engine is never used by two threads at once. A step's outputs, and the streams of
+    requests the worker took, are handed to the loop as callbacks (in order) while the next step runs.
     """
 
     def __init__(self, engine: LLMEngine, on_finished: FinishedHook | None = None) -> None:
@@ -141,6 +149,7 @@ class AsyncLLMEngine:
         self._pending_adds: dict[str, _PendingAdd] = {}
         self._pending_aborts: set[str] = set()
         self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sloserve-step")
@@ -169,7 +178,8 @@ class AsyncLLMEngine:
 
     def has_request(self, request_id: str) -> bool:
         """Accepted and not yet ended."""
-        return request_id in self._pending_adds or request_id in self._tracked
+        with self._lock:
+            return request_id in self._pending_adds or request_id in self._tracked
 
     @property
     def is_running(self) -> bool:
@@ -185,16 +195,19 @@ class AsyncLLMEngine:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._pending_adds) + len(self._tracked)
+        with self._lock:
+            return len(self._pending_adds) + len(self._tracked)
 
     @property
     def num_waiting(self) -> int:
         """Requests queued in the engine plus those accepted but not yet handed to it."""
-        return self.stats.num_waiting + len(self._pending_adds)
+        with self._lock:  # the worker moves adds into the engine and refreshes `stats` in one hold
+            return self.stats.num_waiting + len(self._pending_adds)
 
     @property
     def num_waiting_tokens(self) -> int:
-        return self.stats.num_waiting_tokens + sum(len(p.prompt_token_ids) for p in self._pending_adds.values())
+        with self._lock:
+            return self.stats.num_waiting_tokens + sum(len(p.prompt_token_ids) for p in self._pending_adds.values())
 
     @property
     def num_free_slots(self) -> int:
@@ -211,14 +224,15 @@ class AsyncLLMEngine:
         """
         if not self.is_running:
             raise EngineStoppedError("the engine is not running")
-        if request_id in self._pending_adds or request_id in self._tracked:
-            raise ValueError(f"request id {request_id!r} is already in use")
         future = asyncio.get_running_loop().create_future()
         # Arrival is not when the loop gets to it: queueing behind a step is part of TTFT.
         arrived = self.engine.clock.now() if arrival_time is None else arrival_time
-        self._pending_adds[request_id] = _PendingAdd(
-            request_id, list(prompt_token_ids), params, priority, slo, arrived, future
-        )
+        with self._lock:
+            if request_id in self._pending_adds or request_id in self._tracked:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._pending_adds[request_id] = _PendingAdd(
+                request_id, list(prompt_token_ids), params, priority, slo, arrived, future
+            )
         self._wakeup.set()
         try:
             return await future
@@ -228,16 +242,19 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         """End a request; its stream yields a final 'abort' output and its blocks are freed after this step."""
-        pending = self._pending_adds.pop(request_id, None)
+        with self._lock:
+            pending = self._pending_adds.pop(request_id, None)
+            if pending is None and request_id in self._tracked:
+                self._pending_aborts.add(request_id)
         if pending is not None:
             pending.future.cancel()
-            return
-        if request_id in self._tracked:
-            self._pending_aborts.add(request_id)
+        else:
             self._wakeup.set()
 
     def abort_all(self) -> None:
-        for request_id in list(self._pending_adds) + list(self._tracked):
+        with self._lock:
+            ids = list(self._pending_adds) + list(self._tracked)
+        for request_id in ids:
             self.abort(request_id)
 
     async def wait_until_idle(self, poll_s: float = 0.05) -> None:
@@ -248,14 +265,16 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         try:
             while not self._stopping:
-                self._apply_pending()
-                self._snapshot_stats()
-                if not self.engine.has_unfinished_requests():
+                # Only this task starts the worker, and it is idle here: the engine may be read.
+                if not (self._pending_adds or self._pending_aborts or self.engine.has_unfinished_requests()):
+                    self._snapshot_stats()
                     await self._wakeup.wait()
                     self._wakeup.clear()
                     continue
                 try:
                     await loop.run_in_executor(self._worker, self._step_until_interrupted, loop)
+                except _HandOverFault:
+                    raise
                 except Exception as error:  # noqa: BLE001 - any fault in a step must end its requests
                     logger.exception("engine step failed; failing %d in-flight requests", len(self._tracked))
                     self._end_all(EngineStepError(f"the engine failed while running this request: {error!r}"))
@@ -266,7 +285,8 @@ class AsyncLLMEngine:
             raise
         finally:
             self._stopping = True
-            adds, self._pending_adds = self._pending_adds, {}
+            with self._lock:
+                adds, self._pending_adds = self._pending_adds, {}
             for p in adds.values():
                 if not p.future.done():
                     p.future.set_exception(EngineStoppedError("the engine stopped before taking this request"))
@@ -274,13 +294,21 @@ class AsyncLLMEngine:
             self._snapshot_stats()
 
     def _step_until_interrupted(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the worker thread: step while there is work and nothing for the loop to apply (adds, aborts, stop).
+        """On the worker thread: take what the loop queued (adds, aborts), step, and again, until there is no
+        work or the front stops.
 
-        Each step's outputs go to the loop as a callback, and the next step starts at once: waiting for
-        the loop to deliver them first would leave the engine idle while it wakes every streaming handler.
-        Token counts are taken here, before the next step grows the token lists.
+        Arrivals are taken here, between steps: handing them to the loop would stop the step loop at every
+        arrival, and the next step would wait while the loop wakes every streaming handler of the last one.
+        Each step's outputs go to the loop as a callback and the next step starts at once; token counts are
+        taken here, before the next step grows the token lists.
         """
         while True:
+            try:
+                self._take_pending(loop)
+            except Exception as error:
+                raise _HandOverFault(repr(error)) from error
+            if self._stopping or not self.engine.has_unfinished_requests():
+                return
             self._step_started = self.engine.clock.now()
             try:
                 outputs = self.engine.step()
@@ -289,42 +317,67 @@ class AsyncLLMEngine:
             ready = [StreamOutput.of(out) for out in outputs]
             self._snapshot_stats()
             loop.call_soon_threadsafe(self._dispatch, ready)
-            if (self._stopping or self._pending_adds or self._pending_aborts
-                    or not self.engine.has_unfinished_requests()):
-                return
 
-    def _apply_pending(self) -> None:
-        adds, self._pending_adds = self._pending_adds, {}
-        for p in adds.values():
-            if p.future.done():  # its caller was cancelled and has not run its cleanup yet
-                continue
+    def _take_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker, between steps: hand the queued adds to the engine and end the queued aborts; their
+        streams and endings reach the loop as one callback, queued before any of their steps' outputs."""
+        if not (self._pending_adds or self._pending_aborts):
+            return
+        accepted: list[tuple[_PendingAdd, RequestStream | BaseException]] = []
+        ended: list[_Tracked] = []
+        with self._lock:
+            adds, self._pending_adds = self._pending_adds, {}
+            aborts, self._pending_aborts = self._pending_aborts, set()
             try:
-                request = self.engine.add_request(
-                    p.request_id, p.prompt_token_ids, p.params,
-                    priority=p.priority, slo=p.slo, arrival_time=p.arrival_time,
-                )
-            except Exception as error:  # noqa: BLE001 - ValueError is bad input; anything else still fails only this request
-                p.future.set_exception(error)
-                continue
-            stream = RequestStream(p.request_id)
-            self._tracked[p.request_id] = _Tracked(request, stream)
-            p.future.set_result(stream)
-        aborts, self._pending_aborts = self._pending_aborts, set()
-        for request_id in aborts:
-            tracked = self._tracked.pop(request_id, None)
-            if tracked is not None:
-                self.engine.abort_request(request_id)
-                self._end(tracked, None)
+                for p in adds.values():
+                    if p.future.done():  # its caller was cancelled and has not run its cleanup yet
+                        continue
+                    try:
+                        request = self.engine.add_request(
+                            p.request_id, p.prompt_token_ids, p.params,
+                            priority=p.priority, slo=p.slo, arrival_time=p.arrival_time,
+                        )
+                    except Exception as error:  # noqa: BLE001 - ValueError is bad input; anything else still fails only this request
+                        accepted.append((p, error))
+                        continue
+                    stream = RequestStream(p.request_id)
+                    self._tracked[p.request_id] = _Tracked(request, stream)
+                    accepted.append((p, stream))
+                for request_id in aborts:
+                    tracked = self._tracked.pop(request_id, None)
+                    if tracked is not None:
+                        self.engine.abort_request(request_id)
+                        ended.append(tracked)
+                # In the same hold: a reader never counts an add twice (queued and in the engine) or not at all.
+                self._snapshot_stats()
+            finally:  # even when this bookkeeping fails (and the loop dies), every caller taken here hears back
+                answered = {p.request_id for p, _ in accepted}
+                accepted += [(p, EngineStoppedError("the engine stopped before taking this request"))
+                             for p in adds.values() if p.request_id not in answered]
+                loop.call_soon_threadsafe(self._hand_over, accepted, ended)
+
+    def _hand_over(self, accepted: list[tuple[_PendingAdd, RequestStream | BaseException]], ended: list[_Tracked]) -> None:
+        """On the loop: give each caller its stream (or error) and end the aborted requests' streams."""
+        for p, result in accepted:
+            if isinstance(result, BaseException):
+                if not p.future.done():
+                    p.future.set_exception(result)
+            elif p.future.done():  # its caller left while the worker took it: nobody reads the stream
+                self.abort(p.request_id)
+            else:
+                p.future.set_result(result)
+        for tracked in ended:
+            self._end(tracked, None)
 
     def _dispatch(self, ready: list[StreamOutput]) -> None:
         for item in ready:
             out = item.output
-            tracked = self._tracked.get(out.request_id)
+            with self._lock:
+                tracked = self._tracked.pop(out.request_id, None) if out.finished else self._tracked.get(out.request_id)
             if tracked is None:  # aborted since its step (its stream has ended)
                 continue
             tracked.stream.put(item)
             if out.finished:
-                del self._tracked[out.request_id]
                 self._notify(out, None)
 
     def _end(self, tracked: _Tracked, error: BaseException | None) -> None:
@@ -337,7 +390,8 @@ class AsyncLLMEngine:
 
     def _end_all(self, error: BaseException | None) -> None:
         """End every tracked request, aborted (error None) or failed, freeing its blocks."""
-        tracked, self._tracked = self._tracked, {}
+        with self._lock:
+            tracked, self._tracked = self._tracked, {}
         for request_id, t in tracked.items():
             try:
                 self.engine.abort_request(request_id)

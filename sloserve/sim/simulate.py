@@ -76,20 +76,24 @@ def arrivals(token_times: list[float]) -> tuple[list[float], list[int]]:
 
 
 def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, clock: VirtualClock, *,
-                     seconds_per_waiting: float = 0.0, speculation: SimSpeculation | None = None) -> LLMEngine:
+                     seconds_per_waiting: float = 0.0, speculation: SimSpeculation | None = None,
+                     machine: StepCostModel | None = None) -> LLMEngine:
     """The real LLMEngine (Scheduler, BlockManager, policy) over a SimulatedExecutor on a virtual clock.
 
     The executor's step times and the engine's predictor are the same model, so policies and
     admission predict the simulated world exactly; it is not recalibrated (it is the ground truth here).
     `seconds_per_waiting`: the policy's ranking cost per waiting request a step (Profile.rank_seconds_per_waiting),
     charged on top, as the real engine pays it.
+    `machine`: step times that differ from the profile (a machine slower than when it was profiled); the
+    executor takes them, and the engine's predictor starts from `model` and calibrates online, as a server's does.
     """
-    predictor = StepPredictor(model, calibrate=False)
+    predictor = StepPredictor(model, calibrate=machine is not None)
+    steps = predictor if machine is None else StepPredictor(machine, calibrate=False)
     if speculation is None:
-        executor = SimulatedExecutor(predictor, clock, knobs.num_kv_blocks, seconds_per_waiting=seconds_per_waiting)
+        executor = SimulatedExecutor(steps, clock, knobs.num_kv_blocks, seconds_per_waiting=seconds_per_waiting)
         speculator = None
     else:
-        executor = speculation.executor(predictor, clock, knobs.num_kv_blocks, seconds_per_waiting)
+        executor = speculation.executor(steps, clock, knobs.num_kv_blocks, seconds_per_waiting)
         speculator = speculation.speculator(clock, knobs.max_model_len, knobs.max_num_batched_tokens)
     return LLMEngine(
         executor, knobs.scheduler_config(policy), max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size,

@@ -114,6 +114,29 @@ def test_where_decodes_alone_take_the_tpot_the_limit_yields_to_first_token_deadl
     assert rate(120) >= 300 / (0.2 - 0.0484) > rate(119)
 
 
+def test_slo_seats_no_more_decodes_than_a_step_with_a_minimum_prefill_chunk_can_carry_within_the_tpot():
+    """Every seat adds a decode to every later step: past the batch whose steps (its decodes and the smallest prefill
+    chunk) fit the tightest TPOT, a new request waits for a seat to free, though seats and blocks are free."""
+    # 10 ms + 1 ms a token: 25 decodes and a 16-token chunk take 51 ms, over the 50 ms TPOT; 24 and 16 take 50.
+    def seated(scheduler, clock):
+        for i in range(25):
+            scheduler.add(request(f"r{i}", 4, 0.0, INTERACTIVE))
+        apply(scheduler, scheduler.schedule(), clock, 0.02)  # all prefilled, first tokens at 20 ms: on time
+        scheduler.add(request("more", 4, 0.02, INTERACTIVE))
+        return [s.request_id for s in scheduler.schedule().scheduled]
+
+    clock = ManualClock(0.0)
+    scheduler = slo_scheduler(clock, seqs=64)
+    assert seated(scheduler, clock) == [f"r{i}" for i in range(25)]
+    assert [r.request_id for r in scheduler.waiting] == ["more"] and len(scheduler.running) == 25
+    scheduler.finish(scheduler.running[-1], RequestStatus.FINISHED_LENGTH)  # 24 decodes + 16 tokens: 50 ms
+    assert [s.request_id for s in scheduler.schedule().scheduled][-1] == "more"
+    # FCFS sets no step time limit: it seats the request at once.
+    fcfs_clock = ManualClock(0.0)
+    fcfs = Scheduler(BlockManager(200, 16), FCFS(), SchedulerConfig(512, 64), LinearSteps())
+    assert seated(fcfs, fcfs_clock)[-1] == "more"
+
+
 def test_blocked_high_priority_request_preempts_lower_priority_running_ones():
     blocks = BlockManager(4, 4)  # 16 token slots
     scheduler = Scheduler(blocks, PriorityPolicy(), SchedulerConfig(64, 8))

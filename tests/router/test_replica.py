@@ -93,11 +93,15 @@ def test_a_replica_whose_step_loop_dies_fails_its_requests_and_ends_its_process_
         outputs = replica.outputs()
         await anext(outputs)  # tokens flow
 
-        def broken() -> None:
-            raise RuntimeError("loop machinery fault")
+        take = replica.engine._take_pending
 
-        # The loop's own bookkeeping fails when it next takes new work: the loop dies.
-        replica.engine._apply_pending = broken
+        def broken(loop) -> None:
+            if replica.engine._pending_adds:
+                raise RuntimeError("loop machinery fault")
+            take(loop)
+
+        # The front's own bookkeeping fails when it next takes new work: the loop dies.
+        replica.engine._take_pending = broken
         with pytest.raises(EngineStoppedError, match="before taking this request"):
             await replica.add("b", [5, 6, 7], SamplingParams(max_tokens=4))
         assert replica.engine.dead_error is not None

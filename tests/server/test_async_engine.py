@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import httpx
 import pytest
@@ -101,6 +102,50 @@ def test_caller_cancelled_before_the_engine_took_it(llm_engine):
         return front.num_unfinished
 
     assert _run(llm_engine, body)[0] == 0
+
+
+def test_adds_and_aborts_while_stepping_never_stop_the_step_loop(llm_engine):
+    """Arrivals and aborts are taken by the step thread between its steps: the step loop runs on (one run on the
+    worker from the first request until the engine is idle) and nothing waits for the event loop between steps."""
+    async def body(front):
+        runs = []
+        submit = front._worker.submit
+        front._worker.submit = lambda fn, *args: runs.append(fn) or submit(fn, *args)
+        long = await front.add_request("long", [3, 4, 5], _params(400))
+        await long.__anext__()
+        streams = [await front.add_request(f"a{i}", [6 + i, 7], _params(3 + i)) for i in range(5)]
+        outs = await asyncio.gather(*(_collect(s) for s in streams))
+        front.abort("long")
+        last = await _collect(long)
+        await front.wait_until_idle()
+        return runs, outs, last
+
+    (runs, outs, last), finished = _run(llm_engine, body)
+    assert len(runs) == 1
+    assert [len(o.token_ids) for o in outs] == [3, 4, 5, 6, 7]
+    assert last.output.outputs[0].finish_reason == "abort" and len(last.token_ids) < 400
+    assert sorted(f[0] for f in finished) == ["abort"] + ["length"] * 5
+
+
+def test_a_fault_while_the_worker_takes_adds_still_answers_their_callers(llm_engine):
+    """The front's own bookkeeping fails on the worker after it took a request: the loop dies, and the caller
+    hears of it (its stream ends with the loop's error) instead of waiting for ever."""
+    async def body(front):
+        main, snapshot = threading.current_thread(), front._snapshot_stats
+
+        def broken() -> None:
+            if threading.current_thread() is not main:
+                raise RuntimeError("bookkeeping fault")
+            snapshot()
+
+        front._snapshot_stats = broken
+        with pytest.raises(EngineStoppedError, match="loop died"):
+            stream = await asyncio.wait_for(front.add_request("x", [3, 4], _params()), 10)
+            await asyncio.wait_for(_collect(stream), 10)
+        return front.dead_error
+
+    dead, finished = _run(llm_engine, body)
+    assert "bookkeeping fault" in repr(dead) and [f[1] is not None for f in finished] == [True]
 
 
 def test_failing_step_fails_in_flight_requests_then_serves_on(llm_engine, monkeypatch):

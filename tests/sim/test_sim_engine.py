@@ -5,6 +5,7 @@ from conftest import known_profile
 from sloserve.bench.metrics import request_metrics
 from sloserve.bench.workload import RequestSpec
 from sloserve.config import EngineConfig
+from sloserve.engine.cost import StepCostModel
 from sloserve.engine.engine import LLMEngine
 from sloserve.engine.scheduler import Scheduler, SchedulerOutput
 from sloserve.llm import build_engine
@@ -58,6 +59,25 @@ def test_token_times_come_from_the_step_time_model():
     decode = [profile.step_seconds(_shape([1], [c])) for c in (20, 21)]
     assert r.token_times_s == pytest.approx([prefill, prefill + decode[0], prefill + sum(decode)])
     assert request_metrics(r).ttft_s == pytest.approx(prefill)
+
+
+def test_a_machine_slower_than_its_profile_stretches_every_step_and_the_predictor_learns_it():
+    """`machine` prices the executor's steps; the engine's predictor starts from the profile and calibrates
+    online, as a server's does: the same plans take twice as long, and its prices follow the machine."""
+    profile = known_profile()
+    slow = StepCostModel(profile.step_model.knots, [2 * c for c in profile.step_model.coefficients])
+    workload = specs(40)  # a burst: the plans cannot depend on when arrivals fall between steps
+    outcomes = {}
+    for name, machine in (("profiled", None), ("slow", slow)):
+        clock = VirtualClock()
+        engine = build_sim_engine(profile.step_model, KNOBS, "fcfs", clock, machine=machine)
+        outcomes[name] = simulate(engine, clock, workload)
+        assert engine.block_manager.num_used_blocks == 0
+    assert outcomes["slow"].num_steps == outcomes["profiled"].num_steps  # FCFS plans do not depend on prices
+    assert outcomes["slow"].busy_s == pytest.approx(2 * outcomes["profiled"].busy_s)
+    assert engine.predictor.num_refits > 0
+    decode = _shape([1, 1], [40, 60])
+    assert engine.predictor.step_seconds(decode) == pytest.approx(slow.step_seconds(decode), rel=0.05)
 
 
 def _shape(new, ctx):
