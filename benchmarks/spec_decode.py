@@ -7,9 +7,11 @@ greedy outputs must agree in every row.
     .venv/bin/python benchmarks/spec_decode.py --breakdown [--workloads copy,copy-own]  # one request: where time goes
     .venv/bin/python benchmarks/spec_decode.py --sim-check [--profile P] [--sim-concurrency 1,16]  # simulated vs measured
 
-float32 by default: in the checkpoint's bfloat16 a verification (k + 1 rows through the chunk attention path and
-larger matmuls) rounds differently from a one-row decode, and at batch 32 two of 32 greedy outputs flipped on a
-near-tie; in float32 every row matched.
+float32 by default. In the checkpoint's bfloat16 a verification's rows now round exactly as plain decodes of their
+positions (decode attention, the batch-invariant matmul), and at 4 concurrent every row matched; at 32 some greedy
+outputs still flip on near-ties, because a prompt's rows are not: speculation's k + 1 tokens per request change how
+the token budget cuts prompts into chunks, and which prompt blocks the prefix cache still holds, and SDPA/oneDNN
+round a prompt row by the shape of its chunk. In float32 every row matched.
 
 Offline engine (LLM's engine), closed loop as `vllm bench serve --max-concurrency c`: `c` requests in flight, each
 one that finishes replaced by the next, as many requests as a row needs to emit at least `--row-tokens` tokens (and 4 x c at least) (a row

@@ -43,9 +43,13 @@ CONFIGS = {
 }
 
 
-def save_tiny_model(kind: str, path: Path, seed: int = 0) -> Path:
+def save_tiny_model(kind: str, path: Path, seed: int = 0, initializer_range: float | None = None) -> Path:
+    """initializer_range: smaller than TINY's for logits with near ties (tests of exact arithmetic)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[kind](), dtype=torch.float32)
+    config = CONFIGS[kind]()
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
     return path
 

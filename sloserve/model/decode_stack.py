@@ -3,8 +3,8 @@
 Run layer by layer, op by op, a decode token of a small model spends about as long in Python, the
 dispatcher and ~300 OpenMP fork/joins as in streaming its weights. The fused stack runs the same
 kernel bodies in one parallel region and returns exactly the same numbers, so it takes every step
-the kernels would take op by op anyway: decodes only (no prompt chunk or verification, which need
-prefill attention) and few enough rows for the skinny matmul (larger batches go to oneDNN).
+whose rows are all decode rows, which the kernels would take op by op anyway: decodes and speculative
+verifications, however many (no prompt chunk, which needs prefill attention and oneDNN's matmul).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from sloserve.model.skinny import ISAS
 class DecodeStack:
     def __init__(self, kernels, layers) -> None:
         self.kernels, self.layers = kernels, layers
-        self.max_rows = min(p.skinny.max_rows for layer in layers for p in _projections(layer))
         self._stack = None  # built at the first decode step: see _built
 
     @staticmethod
@@ -26,8 +25,7 @@ class DecodeStack:
         return all(p.skinny is not None for layer in layers for p in _projections(layer))
 
     def runs(self, meta, tokens: int) -> bool:
-        return (isinstance(meta, AttentionMetadata) and meta.num_decodes == tokens and not meta.prefills
-                and 0 < tokens <= self.max_rows)
+        return isinstance(meta, AttentionMetadata) and 0 < meta.num_decodes == tokens and not meta.prefills
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, meta: AttentionMetadata,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

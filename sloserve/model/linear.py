@@ -1,4 +1,4 @@
-"""Linear layers: sloserve's weight-streaming kernel for decode-sized batches, oneDNN/MKL for the rest."""
+"""Linear layers: sloserve's weight-streaming kernel for decode rows and small batches, oneDNN/MKL for the rest."""
 from __future__ import annotations
 
 import torch
@@ -31,9 +31,15 @@ class Linear(nn.Module):
         if kernels is not None and self.weight.device.type == "cpu":
             self.skinny = SkinnyMatmul(kernels, isa, MAX_ROWS[self.weight.dtype])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny is not None and x.shape[0] <= self.skinny.max_rows:
-            return self.skinny(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.scales, self.bias)
+    def forward(self, x: torch.Tensor, decode_rows: int = 0) -> torch.Tensor:
+        """decode_rows: how many of x's first rows are decode positions. Those always take the kernel, whose
+        rows do not depend on one another (oneDNN rounds differently, and by batch size), so a position's
+        numbers never depend on what else its step holds; the rest go to oneDNN once they are too many."""
+        skinny = self.skinny
+        if skinny is not None and x.shape[0] - decode_rows <= skinny.max_rows:
+            return skinny(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.scales, self.bias)
+        if skinny is not None and decode_rows:
+            return torch.cat((self.forward(x[:decode_rows], decode_rows), self.forward(x[decode_rows:])))
         if self.scales is not None:  # prefill-sized: widen this layer's int8 weight for oneDNN, then drop it
             return F.linear(x, dequantize_int8(self.weight, self.scales, x.dtype), self.bias)
         return F.linear(x, self.weight, self.bias)

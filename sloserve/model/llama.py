@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sloserve.model.attention import AttentionBackend
+from sloserve.model.attention.cpu import AttentionMetadata
 from sloserve.model.decode_stack import DecodeStack
 from sloserve.model.linear import Linear
 from sloserve.model.ops import Ops
@@ -61,15 +62,16 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(s.hidden_size, 2 * s.intermediate_size, bias=False)
         self.down_proj = Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
-        """x: the last layer's output, not yet added to `residual` (None before the first layer)."""
-        ops, t = self.ops, x.shape[0]
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache, decode_rows: int = 0):
+        """x: the last layer's output, not yet added to `residual` (None before the first layer);
+        decode_rows: its first rows that are decode positions (Linear.forward)."""
+        ops, t, d = self.ops, x.shape[0], decode_rows
         norm = self.input_layernorm
         if residual is None:
             residual, h = x, ops.rms_norm(x, norm.weight, norm.eps)
         else:
             h = ops.add_rms_norm_(x, residual, norm.weight, norm.eps)
-        qkv = self.qkv_proj(h)
+        qkv = self.qkv_proj(h, d)
         if self.q_norm is not None:
             self._qk_norm_(qkv)
         ops.rope_and_cache_(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
@@ -77,8 +79,8 @@ class DecoderLayer(nn.Module):
         q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         attn = self.attention.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         norm = self.post_attention_layernorm
-        h = ops.add_rms_norm_(self.o_proj(attn.reshape(t, self.q_size)), residual, norm.weight, norm.eps)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h))), residual
+        h = ops.add_rms_norm_(self.o_proj(attn.reshape(t, self.q_size), d), residual, norm.weight, norm.eps)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(h, d)), d), residual
 
     def _qk_norm_(self, qkv: torch.Tensor) -> None:
         """Qwen3: RMSNorm over each query and key head, before RoPE, in place."""
@@ -131,12 +133,15 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos = self.cos_table[positions].to(x.dtype)
         sin = self.signed_sin_table[positions].to(x.dtype)
+        # The CPU backend's decode rows come first; each is computed as a plain decode of its position.
+        decode_rows = meta.num_decodes if isinstance(meta, AttentionMetadata) else 0
         if self.decode_stack is not None and self.decode_stack.runs(meta, x.shape[0]):
             x, residual = self.decode_stack(x, cos, sin, meta, kv_caches)  # the same numbers, one call
         else:
             residual = None
             for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
-        # Only sampled rows need the vocabulary projection: a prefill chunk needs one row, not all.
+                x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache, decode_rows)
+        # Only sampled rows need the vocabulary projection: a prefill chunk needs one row, not all. Every
+        # decode row is sampled, and they lead sample_rows.
         x, residual = x.index_select(0, sample_rows), residual.index_select(0, sample_rows)
-        return self.lm_head(self.ops.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps)).float()
+        return self.lm_head(self.ops.add_rms_norm_(x, residual, self.norm.weight, self.norm.eps), decode_rows).float()

@@ -116,9 +116,10 @@ class ModelExecutor:
         self.sampler.forget(plan.finished_request_ids)
         self.prompt_scorer.forget(plan.finished_request_ids)
         self.histories.record(plan)
-        # Decode rows (one new token) first, then prefill chunks and verifications: the CPU backend batches the former.
-        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
-        ordered = decodes + [s for s in plan.scheduled if s.num_new_tokens > 1]
+        # Decode rows (one new token, or a verification's k + 1) first, then prompt chunks: the CPU backend
+        # computes the former with decode arithmetic, so a position's numbers never depend on the step.
+        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1 or s.spec_token_ids]
+        ordered = decodes + [s for s in plan.scheduled if not (s.num_new_tokens == 1 or s.spec_token_ids)]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -133,7 +134,7 @@ class ModelExecutor:
             input_ids += s.token_ids
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            rows.append(SequenceRows(start, s.num_new_tokens, table))
+            rows.append(SequenceRows(start, s.num_new_tokens, table, verifies=bool(s.spec_token_ids)))
             num_sampled = len(s.spec_token_ids) + 1 if s.samples else 0
             if s.samples:
                 sample_rows += range(len(positions) - num_sampled, len(positions))
@@ -143,7 +144,7 @@ class ModelExecutor:
                 prompt_parts.append((s, s.num_new_tokens - num_sampled))
         # CUDA graphs cover steps of one new token per request only; verifications take the eager path.
         wanted = sample_rows + prompt_rows
-        if self.graphs is not None and len(decodes) == len(ordered) and self.graphs.fits(len(rows)):
+        if self.graphs is not None and len(positions) == len(rows) and self.graphs.fits(len(rows)):
             logits = self.graphs.run(rows, input_ids, positions, slots)[wanted]  # one row per request
         else:
             meta = self.model.attention.prepare(rows, self._tensor(slots))

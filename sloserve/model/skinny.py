@@ -19,17 +19,18 @@ ISAS: dict[str, tuple[int, frozenset[str]]] = {
 # Forces a slower body (CI runs the fallbacks on a CPU that has them all): portable | avx2 | avx512.
 ISA_ENV = "SLOSERVE_CPU_ISA"
 
-# Up to how many rows of x the kernel runs a matmul; larger batches go to oneDNN/MKL (F.linear).
+# Up to how many rows of x the kernel runs a matmul of prompt rows; larger batches go to oneDNN/MKL
+# (F.linear). Decode rows always take the kernel, whatever their number (Linear.forward): its rows do not
+# depend on one another, so a position decoded alone, among others or in a speculative verification gets
+# the same bits; oneDNN rounds differently, and a near-tie in bfloat16 would flip a greedy token.
 # Measured with benchmarks/skinny_crossover.py on SmolLM2-135M's shapes (AMD EPYC, AVX512-BF16, a
 # shared machine: fastest of 5-7 interleaved reps): float32 won at every row count up to 128 (MKL
 # takes no fast path on AMD); int8 won up to 128 (widening the int8 weight for oneDNN pays off only at
 # prefill sizes); bfloat16 (6-row x tiles; --threads 1 --cpu-time, as the machine was loaded) won
-# 2.1-2.3x up to 8 rows, 1.76x at 16, 1.14x at 32, even at 40 and lost from 48 (0.93x; oneDNN's
-# packed-weight AVX512-BF16 GEMM does more multiply-adds per load there). bfloat16 still stops at 16:
-# with the limit at 32, the bundled pair's adaptive speculative decoding (tests/spec/test_greedy_exact.py)
-# lost greedy identity with plain decoding. The kernel and oneDNN round differently, so whichever steps
-# cross the limit decide which tokens a near-tie flips.
-MAX_ROWS = {torch.float32: 128, torch.bfloat16: 16, torch.int8: 128}
+# 2.1-2.3x up to 8 rows, 1.5-1.76x at 16, 1.15x at 32, 1.10x at 40, 0.93-1.06x at 48, 0.99x at 64 and
+# lost beyond (0.92x at 96, 0.86x at 160: oneDNN's packed-weight AVX512-BF16 GEMM does more
+# multiply-adds per load there).
+MAX_ROWS = {torch.float32: 128, torch.bfloat16: 40, torch.int8: 128}
 
 
 def best_isa(flags: frozenset[str]) -> str:
@@ -51,7 +52,7 @@ def select_isa(flags: frozenset[str] | None = None, forced: str | None = None) -
 
 @dataclass(slots=True)
 class SkinnyMatmul:
-    """y = x W^T (+ b) by the compiled kernel, for batches of at most `max_rows` rows."""
+    """y = x W^T (+ b) by the compiled kernel, for decode rows and for at most `max_rows` prompt rows."""
 
     kernels: object  # the compiled extension module
     isa: str

@@ -14,8 +14,11 @@ RUNNABLE = [name for name, (_, needs) in ISAS.items() if needs <= cpu_flags()]
 VARIANTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 # Ragged contexts across blocks; 16 rows is more than every x tile of the matmul and splits attention
 # by whole requests instead of by KV head (threads then take runs of equal context, not of equal count).
+# A (context, rows) pair is a speculative verification of rows - 1 drafts; 40 decodes are more rows than
+# oneDNN's smallest batch.
 BATCHES = {"one": [1], "ragged": [1, 7, 33, 16, 50], "sixteen": [3 + 5 * i for i in range(16)],
-           "sixteen_shuffled": [(37 * i) % 61 + 1 for i in range(16)]}
+           "sixteen_shuffled": [(37 * i) % 61 + 1 for i in range(16)], "verifications": [9, (30, 5), 2, (4, 3)],
+           "forty": [(11 * i) % 45 + 1 for i in range(40)]}
 
 
 def load(model_dir, dtype, quantization):
@@ -28,28 +31,31 @@ def decode_step(model, contexts, seed=0):
     """Inputs of one decode step: each request's context in shuffled blocks of a random-filled cache."""
     g = torch.Generator().manual_seed(seed)
     s, dtype, block = model.shape, model.embed_tokens.weight.dtype, model.attention.block_size
-    blocks_each = [-(-(n + 1) // block) for n in contexts]
+    contexts = [c if isinstance(c, tuple) else (c, 1) for c in contexts]
+    blocks_each = [-(-(n + new) // block) for n, new in contexts]
     order = torch.randperm(sum(blocks_each), generator=g).tolist()
     rows, first = [], 0
-    for n, count in zip(contexts, blocks_each):
-        rows.append(SequenceRows(n, 1, order[first : first + count]))
+    for (n, new), count in zip(contexts, blocks_each):
+        rows.append(SequenceRows(n, new, order[first : first + count], verifies=new > 1))
         first += count
-    slots = torch.tensor([r.block_table[r.start // block] * block + r.start % block for r in rows])
+    positions = torch.tensor([p for r in rows for p in range(r.start, r.start + r.num_new)])
+    slots = torch.tensor([r.block_table[p // block] * block + p % block for r in rows
+                          for p in range(r.start, r.start + r.num_new)])
     caches = [tuple(torch.randn(len(order) * block, s.num_kv_heads, s.head_dim, generator=g).to(dtype) for _ in "kv")
               for _ in range(s.num_layers)]
-    ids = torch.randint(2, s.vocab_size, (len(contexts),), generator=g)
-    return rows, slots, ids, torch.tensor(contexts), caches
+    ids = torch.randint(2, s.vocab_size, (len(positions),), generator=g)
+    return rows, slots, ids, positions, caches
 
 
 def forward(model, step, fused: bool):
     rows, slots, ids, positions, caches = step
     caches = [(k.clone(), v.clone()) for k, v in caches]
     meta = model.attention.prepare(rows, slots)
-    assert model.decode_stack.runs(meta, len(rows))
+    assert model.decode_stack.runs(meta, len(ids))
     stack, model.decode_stack = model.decode_stack, model.decode_stack if fused else None
     try:
         with torch.inference_mode():
-            logits = model(ids, positions, meta, caches, torch.arange(len(rows)))
+            logits = model(ids, positions, meta, caches, torch.arange(len(ids)))
     finally:
         model.decode_stack = stack
     return logits, caches
@@ -72,15 +78,19 @@ def test_fused_stack_equals_the_layers(kind, variant, isa, tiny_model_dir, monke
         assert not torch.equal(fused_caches[0][0], step[4][0][0])  # the step wrote its keys
 
 
-def test_only_decode_steps_that_fit_the_kernel_are_fused(tiny_model_dir, built_kernels):
+def test_steps_of_decode_rows_only_are_fused(tiny_model_dir, built_kernels):
     model = load(tiny_model_dir("smollm"), "bfloat16", None)
     stack = model.decode_stack
-    decodes = [SequenceRows(5, 1, [0, 1])] * stack.max_rows
-    assert stack.runs(model.attention.prepare(decodes, torch.zeros(len(decodes), dtype=torch.long)), len(decodes))
-    too_many = decodes + decodes[:1]  # oneDNN's batch size
-    assert not stack.runs(model.attention.prepare(too_many, torch.zeros(len(too_many), dtype=torch.long)), len(too_many))
-    with_prompt = decodes[:2] + [SequenceRows(0, 3, [2])]  # a prompt chunk needs prefill attention
-    assert not stack.runs(model.attention.prepare(with_prompt, torch.zeros(5, dtype=torch.long)), 5)
+
+    def fused(rows):
+        tokens = sum(r.num_new for r in rows)
+        return stack.runs(model.attention.prepare(rows, torch.zeros(tokens, dtype=torch.long)), tokens)
+
+    decodes = [SequenceRows(5, 1, [0, 1])] * 40  # however many: decode rows always take the skinny kernel
+    assert fused(decodes)
+    assert fused(decodes[:3] + [SequenceRows(5, 4, [0, 1, 2], verifies=True)])  # a verification's rows are decode rows
+    assert not fused(decodes[:2] + [SequenceRows(0, 3, [2])])  # a prompt chunk needs prefill attention
+    assert not fused(decodes[:2] + [SequenceRows(5, 3, [0, 1, 2])])  # so does one with cached context
 
 
 def test_no_fused_stack_without_the_kernels(tiny_model_dir):

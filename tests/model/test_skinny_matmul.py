@@ -147,6 +147,23 @@ def test_linear_agrees_across_the_kernel_and_onednn(kernels, quantization, dtype
         torch.testing.assert_close(layer(x), want, **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_rows_take_the_kernel_in_a_batch_of_any_size(kernels, quantization, dtype):
+    """A step's decode rows (the first decode_rows) are the kernel's however many rows the step holds, so each
+    has the bits of its plain decode alone; only the prompt rows past the limit go to oneDNN."""
+    layer = Linear(72, 40, bias=True)
+    layer.weight.data, layer.bias.data = rand(40, 72, seed=3).to(dtype), rand(40, seed=4).to(dtype)
+    layer.prepare(kernels, best_isa(cpu_flags()), quantization)
+    limit = MAX_ROWS[layer.weight.dtype]
+    x = rand(3 * limit, 72, seed=5).to(dtype)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+    for decode_rows in (limit + 1, 2 * limit - 1, 3 * limit):
+        got = layer(x, decode_rows)
+        assert torch.equal(got[:decode_rows], alone[:decode_rows]), f"{decode_rows} decode rows"
+        assert torch.equal(got[decode_rows:], layer(x[decode_rows:])), f"{decode_rows} decode rows: prompt rows"
+
+
 def test_int8_lm_head_leaves_a_tied_embedding_alone(kernels):
     embedding = torch.nn.Embedding(50, 16)
     head = Linear(16, 50, bias=False)

@@ -19,11 +19,19 @@ class SequenceRows:
     start: int  # tokens already in the KV cache
     num_new: int
     block_table: list[int]
+    verifies: bool = False  # the rows are a speculative verification: the last token sampled and k drafts
+
+    @property
+    def decodes(self) -> bool:
+        """Whether every row is a decode position (one new token, or a verification's k + 1), which the CPU
+        backend computes exactly as a plain decode of that position, whatever else the step holds: so
+        speculation and batching change no number."""
+        return self.num_new == 1 or self.verifies
 
 
 class AttentionBackend(Protocol):
     def prepare(self, seqs: list[SequenceRows], slot_mapping: torch.Tensor) -> Any:
-        """Per-step metadata shared by every layer. `seqs` are in batch-row order, decodes first;
+        """Per-step metadata shared by every layer. `seqs` are in batch-row order, decodes (`decodes`) first;
         the metadata carries `slot_mapping` (each new token's cache slot) for the cache write."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -1,5 +1,5 @@
-"""CPU attention: decodes batched (C++ kernel through the block tables, or PyTorch ops), prefill chunks
-through SDPA over the cached context gathered by slot."""
+"""CPU attention: decode rows batched (C++ kernel through the block tables, or PyTorch ops), a speculative
+verification's rows among them one by one, prefill chunks through SDPA over the cached context gathered by slot."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,9 +30,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [tokens]: cache slot that each new token's key/value goes to
     block_size: int
-    num_decodes: int = 0
-    block_tables: torch.Tensor | None = None  # [decodes, blocks of the longest context]
-    context_lens: torch.Tensor | None = None  # [decodes]: cached tokens including the new one
+    num_decodes: int = 0  # decode rows: a decode's one, a verification's k + 1 (see SequenceRows.decodes)
+    block_tables: torch.Tensor | None = None  # [decode rows, blocks of the longest context]
+    context_lens: torch.Tensor | None = None  # [decode rows]: cached tokens up to and including the row's own
     max_context: int = 0
     prefills: list[PrefillSpan] = field(default_factory=list)
     _padded: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -61,17 +61,20 @@ class CpuAttention:
 
     def prepare(self, seqs: list[SequenceRows], slot_mapping: torch.Tensor) -> AttentionMetadata:
         meta = AttentionMetadata(slot_mapping=slot_mapping, block_size=self.block_size)
-        decodes = [s for s in seqs if s.num_new == 1]
+        decodes = [s for s in seqs if s.decodes]
         if decodes:
-            contexts = [s.start + 1 for s in decodes]
+            # A verification's row i attends as the plain decode of its position would, to the context
+            # start + i + 1: every row of the step wrote its key and value into the cache before attention.
+            contexts = [s.start + i + 1 for s in decodes for i in range(s.num_new)]
             num_blocks = -(-max(contexts) // self.block_size)
-            meta.num_decodes = len(decodes)
+            meta.num_decodes = len(contexts)
             meta.max_context = max(contexts)
             meta.context_lens = self._tensor(contexts)
             meta.block_tables = self._tensor(
-                [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table)) for s in decodes]
+                [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table)) for s in decodes
+                 for _ in range(s.num_new)]
             )
-        row = len(decodes)
+        row = meta.num_decodes
         for s in seqs[len(decodes):]:
             meta.prefills.append(self._prefill_span(row, s))
             row += s.num_new
