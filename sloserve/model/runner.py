@@ -118,8 +118,7 @@ class ModelExecutor:
         self.histories.record(plan)
         # Decode rows (one new token, or a verification's k + 1) first, then prompt chunks: the CPU backend
         # computes the former with decode arithmetic, so a position's numbers never depend on the step.
-        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1 or s.spec_token_ids]
-        ordered = decodes + [s for s in plan.scheduled if not (s.num_new_tokens == 1 or s.spec_token_ids)]
+        ordered = sorted(plan.scheduled, key=lambda s: s.num_new_tokens > 1 and not s.spec_token_ids)  # stable
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
