@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from sloserve.engine.cost import StepTimeModel, prefill_chunk
 from sloserve.engine.features import StepShape
 from sloserve.engine.kv_cache import PrefixCacheIndex
-from sloserve.engine.policy import Policy, needed_rate, prefill_start
+from sloserve.engine.policy import make_policy, needed_rate, prefill_start
 from sloserve.engine.scheduler import Scheduler
 from sloserve.request import Request
 
@@ -26,10 +26,12 @@ class LoadSnapshot:
     steps_to_free: list[int] = field(default_factory=list)
     # A copy of the prefix cache's index: a candidate's prefill starts after its cached prefix.
     prefix_cache: PrefixCacheIndex | None = None
+    # The engine clock's time when taken: the `now` the waiting requests' policy ranks were computed at.
+    taken_at: float = 0.0
 
     @classmethod
-    def of(cls, scheduler: Scheduler) -> LoadSnapshot:
-        snap = cls(step_time_limit=scheduler.policy.step_time_limit(scheduler.running),
+    def of(cls, scheduler: Scheduler, now: float) -> LoadSnapshot:
+        snap = cls(taken_at=now, step_time_limit=scheduler.policy.step_time_limit(scheduler.running),
                    prefill_rate=scheduler.policy.prefill_rate(scheduler.running, scheduler.waiting),
                    free_seats=scheduler.config.max_num_seqs - len(scheduler.running))
         snap.steps_to_free = sorted(r.sampling_params.max_tokens - len(r.output_token_ids) for r in scheduler.running)
@@ -52,6 +54,17 @@ class Verdict:
     retry_after_s: int = 0
 
 
+class _SnapshotClock:
+    """Stopped at a snapshot's `taken_at`: the candidate is ranked by the engine's policy at the instant the waiting
+    requests' ranks were taken, so the ranks compare (a slack-based rank moves with the clock)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
 class TTFTAdmission:
     """Predicts a new request's TTFT: the prefill of every request its policy serves first, then its own,
     and no sooner than a seat frees for it (max_num_seqs) if the requests ahead fill them.
@@ -65,14 +78,17 @@ class TTFTAdmission:
     objective is always admitted.
     """
 
-    def __init__(self, predictor: StepTimeModel, policy: Policy, max_num_batched_tokens: int, min_chunk: int = 16) -> None:
+    def __init__(self, predictor: StepTimeModel, policy: str, max_num_batched_tokens: int, min_chunk: int = 16) -> None:
+        """`policy`: the name of the engine's scheduling policy (its own instance here, on the snapshots' clock)."""
         self.predictor = predictor
-        self.policy = policy
+        self._clock = _SnapshotClock()
+        self.policy = make_policy(policy, self._clock, predictor, max_num_batched_tokens)
         self.budget = max_num_batched_tokens
         self.min_chunk = min_chunk
 
     def predict(self, snapshot: LoadSnapshot, request: Request, extra_tokens_ahead: int = 0) -> tuple[float, int]:
         """(predicted TTFT in seconds from now, prompt tokens computed before its first token)."""
+        self._clock.t = snapshot.taken_at
         if snapshot.prefix_cache is not None and request.sampling_params.prompt_logprobs is None:
             request.num_cached_tokens = snapshot.prefix_cache.num_cached_tokens(request.all_token_ids)
         rank = self.policy.rank(request)

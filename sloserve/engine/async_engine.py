@@ -420,4 +420,4 @@ class AsyncLLMEngine:
             prefix_cache_hits=blocks.stats.hits,
         )
         if self.track_load:
-            self.load = LoadSnapshot.of(scheduler)
+            self.load = LoadSnapshot.of(scheduler, self.engine.clock.now())

@@ -26,6 +26,7 @@ class ReplicaLoad:
     snapshot: LoadSnapshot = field(default_factory=LoadSnapshot)  # what TTFT prediction needs of its queue
     # Seconds until the step in progress ends, as of the report (0 between steps): nothing new starts sooner.
     busy_s: float = 0.0
+    policy: str = "fcfs"  # the replica's scheduling policy: the router ranks a new request as it would
 
     stats: EngineStats = field(default_factory=EngineStats)  # for /metrics, per replica
     spec_decode: SpecDecodeStats | None = None  # its spec-decode counters (None: it does not speculate)
@@ -41,14 +42,14 @@ class ReplicaLoad:
         spec = getattr(engine.engine.speculator, "stats", None)
         return cls(replica, engine.is_running, stats.num_running, engine.num_waiting, engine.num_waiting_tokens,
                    num_received, config.max_num_batched_tokens, config.block_size, tuple(model.knots),
-                   tuple(model.coefficients), engine.load, engine.step_seconds_left(), stats,
+                   tuple(model.coefficients), engine.load, engine.step_seconds_left(), config.policy, stats,
                    None if spec is None else wire_copy(spec))
 
     @classmethod
     def of_engine(cls, replica: int, engine: LLMEngine, num_received: int, busy_s: float = 0.0) -> ReplicaLoad:
         """Straight from an engine no other thread steps (the simulator's; `busy_s` from its virtual clock)."""
         scheduler, config, model = engine.scheduler, engine.config, engine.predictor.model
-        snapshot = LoadSnapshot.of(scheduler)
+        snapshot = LoadSnapshot.of(scheduler, engine.clock.now())
         return cls(replica, True, len(scheduler.running), len(scheduler.waiting), sum(t for _, t in snapshot.waiting),
                    num_received, config.max_num_batched_tokens, config.block_size, tuple(model.knots),
-                   tuple(model.coefficients), snapshot, busy_s)
+                   tuple(model.coefficients), snapshot, busy_s, config.policy)

@@ -135,7 +135,8 @@ class ReplicaSet:
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
         try:
-            route = self.router.route(list(prompt_token_ids), slo, params=params, now=self.engine.clock.now())
+            route = self.router.route(list(prompt_token_ids), slo, params=params, priority=priority,
+                                      now=self.engine.clock.now())
         except NoReplicaError:
             raise EngineStoppedError("no replica is ready") from None
         if route.replica is None:
@@ -196,7 +197,7 @@ class ReplicaSet:
                 self._fire(self.actors[flight.replica].abort.remote(flight.request_id))
                 try:
                     flight.replica = self.router.route(flight.prompt_token_ids, None, params=flight.params,
-                                                       now=self.engine.clock.now(), exclude=frozenset(tried)).replica
+                                                       priority=flight.priority, now=self.engine.clock.now(), exclude=frozenset(tried)).replica
                 except NoReplicaError:
                     raise EngineStoppedError("every replica is down") from None
                 logger.warning("retrying %s on replica %d", flight.request_id, flight.replica)

@@ -35,14 +35,6 @@ class RouteRefused(Exception):
         self.route = route
 
 
-class _BehindAll:
-    """Ranks a candidate behind every request a replica already has: the router cannot know the
-    replica's policy ranks (they move with its clock), and a new arrival is last under FCFS."""
-
-    def rank(self, request: Request) -> tuple:
-        return (math.inf,)
-
-
 class Router:
     def __init__(self, policy: RoutingPolicy, num_replicas: int, *, admission: bool = False,
                  prefix: PrefixTracker | None = None) -> None:
@@ -52,7 +44,7 @@ class Router:
         self.loads = {i: ReplicaLoad(i, ready=False) for i in range(num_replicas)}
         self._sent = [0] * num_replicas  # requests routed since the replica (re)started
         self._unreported: list[deque[int]] = [deque() for _ in range(num_replicas)]  # their prompt tokens
-        self._models: dict[int, tuple[tuple[float, ...], TTFTAdmission]] = {}
+        self._models: dict[int, tuple[tuple, TTFTAdmission]] = {}
         self._reported_at = [0.0] * num_replicas  # when each report arrived (the `now` of `route`)
 
     def update(self, load: ReplicaLoad, now: float = 0.0) -> None:
@@ -79,10 +71,10 @@ class Router:
         return [i for i, load in self.loads.items() if load.ready]
 
     def route(self, prompt_token_ids: list[int], slo: SLO | None = None, *, params: SamplingParams | None = None,
-              now: float = 0.0, exclude: frozenset[int] = frozenset()) -> Route:
+              priority: int = 0, now: float = 0.0, exclude: frozenset[int] = frozenset()) -> Route:
         """Choose a replica for the request and count it as sent there (call `sent` only on a retry)."""
-        candidates = [self._candidate(load, prompt_token_ids, params, now) for i, load in self.loads.items()
-                      if load.ready and i not in exclude]
+        candidates = [self._candidate(load, prompt_token_ids, params, priority, slo, now)
+                      for i, load in self.loads.items() if load.ready and i not in exclude]
         if not candidates:
             raise NoReplicaError("no replica is ready")
         ttft = slo.ttft if slo is not None else None
@@ -103,26 +95,32 @@ class Router:
         self._unreported[replica].append(len(prompt_token_ids))
         self.prefix.record(replica, chain_hashes(prompt_token_ids, self.loads[replica].block_size))
 
-    def _candidate(self, load: ReplicaLoad, prompt: list[int], params: SamplingParams | None, now: float) -> Candidate:
+    def _candidate(self, load: ReplicaLoad, prompt: list[int], params: SamplingParams | None, priority: int,
+                   slo: SLO | None, now: float) -> Candidate:
         pending = self._unreported[load.replica]
         c = Candidate(load, len(pending), sum(pending))
         c.cached_tokens = self.prefix.matched_blocks(load.replica, chain_hashes(prompt, load.block_size)) * load.block_size
+        age = max(0.0, now - self._reported_at[load.replica])
         predictor = self._predictor(load)
         if predictor is not None:
-            request = Request("routing-candidate", prompt, params or SamplingParams(), now)
+            # It arrives `age` after the snapshot, on the replica's clock (which need not be the front's).
+            request = Request("routing-candidate", prompt, params or SamplingParams(), load.snapshot.taken_at + age,
+                              priority, slo)
             request.num_computed_tokens = min(c.cached_tokens, max(0, len(prompt) - 1))
             c.predicted_ttft, _ = predictor.predict(load.snapshot, request, c.pending_tokens)
         # The queue is predicted from the next step on; the step in progress holds the replica until it ends.
         # With short prompts that one step is most of a request's TTFT, and it differs between replicas.
-        c.predicted_ttft += max(0.0, load.busy_s - max(0.0, now - self._reported_at[load.replica]))
+        c.predicted_ttft += max(0.0, load.busy_s - age)
         return c
 
     def _predictor(self, load: ReplicaLoad) -> TTFTAdmission | None:
+        """The replica's TTFT prediction: its step-time model, and its policy to rank a new request among its queue."""
         if not load.coefficients:
             return None
+        key = (load.coefficients, load.policy)
         known = self._models.get(load.replica)
-        if known is None or known[0] != load.coefficients:
+        if known is None or known[0] != key:
             model = StepCostModel(load.knots, list(load.coefficients))
-            known = (load.coefficients, TTFTAdmission(model, _BehindAll(), load.max_num_batched_tokens))
+            known = (key, TTFTAdmission(model, load.policy, load.max_num_batched_tokens))
             self._models[load.replica] = known
         return known[1]

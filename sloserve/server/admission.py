@@ -38,7 +38,7 @@ class Admission:
         self.ttft: TTFTAdmission | None = None
         if limits.mode == "slo":
             core = engine.engine
-            self.ttft = TTFTAdmission(core.predictor, core.scheduler.policy, core.config.max_num_batched_tokens)
+            self.ttft = TTFTAdmission(core.predictor, core.config.policy, core.config.max_num_batched_tokens)
             engine.track_load = True
 
     def check(self, num_prompt_tokens: int) -> None:

@@ -111,7 +111,7 @@ def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *
     request predicted to miss its TTFT objective is refused as the server's `--admission slo`
     does (recorded as a 429).
     """
-    gate = TTFTAdmission(engine.predictor, engine.scheduler.policy, engine.config.max_num_batched_tokens) if admission else None
+    gate = TTFTAdmission(engine.predictor, engine.config.policy, engine.config.max_num_batched_tokens) if admission else None
     pending = deque(sorted(specs, key=lambda s: s.arrival_s))
     queued: deque[RequestSpec] = deque()
     # When each free --max-concurrency slot became free; requests take the earliest (FIFO, as a semaphore).
@@ -137,7 +137,7 @@ def simulate(engine: LLMEngine, clock: VirtualClock, specs: list[RequestSpec], *
             refused = None
             if gate is not None:
                 candidate = Request(str(spec.index), prompt, params, send_s, request_priority, request_slo)
-                refused = gate.check(LoadSnapshot.of(engine.scheduler), candidate).reject
+                refused = gate.check(LoadSnapshot.of(engine.scheduler, clock.now()), candidate).reject
             if refused is not None:
                 record.status, record.error_kind, record.error, record.end_s = 429, "http_429", refused, send_s
             else:

@@ -17,7 +17,7 @@ def request(rid, prompt_len, slo, arrival=0.0) -> Request:
 def test_fcfs_admission_refuses_exactly_the_requests_predicted_late():
     steps = LinearSteps(fixed=0.010, per_token=0.001)  # a full 100-token chunk: 110 ms
     scheduler = Scheduler(BlockManager(100, 16), FCFS(), SchedulerConfig(100, 8), steps)
-    gate = TTFTAdmission(steps, scheduler.policy, 100)
+    gate = TTFTAdmission(steps, "fcfs", 100)
     arrivals = [  # (id, prompt tokens, TTFT SLO, predicted TTFT worked out by hand: everything waiting is ahead)
         ("r0", 50, 0.3, 0.060),  # 50 tokens: one 50-token step
         ("r1", 80, 0.3, 0.150),  # 130: a full chunk (110 ms) + 30 tokens (40 ms)
@@ -30,7 +30,7 @@ def test_fcfs_admission_refuses_exactly_the_requests_predicted_late():
     refused = []
     for rid, n, ttft, expected in arrivals:
         candidate = request(rid, n, SLO(ttft=ttft) if ttft else None)
-        verdict = gate.check(LoadSnapshot.of(scheduler), candidate)
+        verdict = gate.check(LoadSnapshot.of(scheduler, 0.0), candidate)
         assert verdict.predicted_ttft == pytest.approx(expected), rid
         if verdict.reject:
             refused.append(rid)
@@ -50,22 +50,22 @@ def test_running_decodes_share_every_step_and_the_slo_policy_counts_only_request
     scheduler.update_from_output(plan, [[7]])
     running.token_times.append(0.0)
     scheduler.add(request("batch", 300, SLO(ttft=30.0)))  # waiting, but with far more slack
-    gate = TTFTAdmission(steps, scheduler.policy, 100)
-    snapshot = LoadSnapshot.of(scheduler)
+    gate = TTFTAdmission(steps, "slo", 100)
+    snapshot = LoadSnapshot.of(scheduler, clock.now())
     assert snapshot.decode_contexts == [4] and snapshot.step_time_limit == 0.05
     # One decode per step; the 50 ms TPOT leaves 10 + (1 + k) ms <= 50 ms: chunks of 39 tokens.
     verdict = gate.check(snapshot, request("chat", 60, SLO(ttft=0.2)))
     assert verdict.tokens_ahead == 0  # the batch request ranks behind it
     assert verdict.predicted_ttft == pytest.approx(0.050 + (0.010 + 0.022)) and verdict.reject is None
     # Under FCFS the same batch request would be ahead: 360 tokens at 99 a step.
-    fcfs = TTFTAdmission(steps, FCFS(), 100)
+    fcfs = TTFTAdmission(steps, "fcfs", 100)
     assert fcfs.check(LoadSnapshot(decode_contexts=[4], waiting=[((0.0,), 300)]), request("chat", 60, SLO(ttft=0.2))
                       ).reject is not None
 
 
 def test_admission_predicts_the_chunks_the_scheduler_cuts_where_the_tpot_limit_yields():
     steps = LinearSteps(fixed=0.048, per_token=0.0001)  # four decodes: 48.4 ms, next to the 50 ms TPOT
-    gate = TTFTAdmission(steps, FCFS(), 512)
+    gate = TTFTAdmission(steps, "fcfs", 512)
     snapshot = LoadSnapshot(decode_contexts=[4] * 4, step_time_limit=0.05)
     # The limit would leave 16-token chunks (19 steps for 300 tokens: ~0.95 s, over the 200 ms objective).
     # Queued, the request makes the limit yield to the rate its deadline needs, as the scheduler would (see
@@ -93,9 +93,9 @@ def test_a_cached_prefix_is_not_predicted_as_prefill_work():
     assert waiting in scheduler.waiting and waiting.num_cached_tokens == 80
     # The SLO policy's slack counts the 40 tokens it computes: 1.0 - (10 + 40) ms.
     assert scheduler.policy.rank(waiting)[2] == pytest.approx(1.0 - 0.050)
-    snapshot = LoadSnapshot.of(scheduler)
+    snapshot = LoadSnapshot.of(scheduler, clock.now())
     assert snapshot.waiting[0][1] == 40
-    gate = TTFTAdmission(steps, scheduler.policy, 100)
+    gate = TTFTAdmission(steps, "slo", 100)
     # A candidate sharing 64 tokens (4 blocks) is predicted as its 36 other tokens, behind the 40 waiting
     # (no TTFT objective: it ranks after the waiting request).
     cached = Request("c", list(range(1, 65)) + list(range(700, 736)), SamplingParams(max_tokens=8), 0.0, 0, None)
@@ -105,3 +105,18 @@ def test_a_cached_prefix_is_not_predicted_as_prefill_work():
     assert ahead == 40 and predicted == pytest.approx(gate.predict(snapshot, fresh)[0])
     assert predicted < gate.predict(snapshot, uncached)[0]
     assert scheduler.block_manager.num_used_blocks == 7  # looking up allocated nothing: `first`'s 7 blocks
+
+
+def test_the_candidate_is_ranked_at_the_snapshots_instant_not_at_its_arrival():
+    # Slack shrinks as the clock runs: ranked later than the waiting requests were, a candidate would look more
+    # urgent than it is. Here its deadline is 50 ms after the waiting request's: it is served after it.
+    steps = LinearSteps(fixed=0.010, per_token=0.001)
+    clock = ManualClock(0.0)
+    scheduler = Scheduler(BlockManager(100, 16), SLOPolicy(clock, steps, 100), SchedulerConfig(100, 8), steps)
+    scheduler.add(request("waiting", 40, SLO(ttft=1.0)))  # deadline 1.0 s
+    snapshot = LoadSnapshot.of(scheduler, clock.now())
+    clock.t = 0.3  # the snapshot is 300 ms old when the candidate arrives
+    gate = TTFTAdmission(steps, "slo", 100)
+    verdict = gate.check(snapshot, request("later", 40, SLO(ttft=0.75), arrival=0.3))  # deadline 1.05 s
+    assert verdict.tokens_ahead == 40
+    assert gate.check(snapshot, request("sooner", 40, SLO(ttft=0.65), arrival=0.3)).tokens_ahead == 0  # 0.95 s

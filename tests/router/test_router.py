@@ -145,3 +145,33 @@ def test_slo_counts_the_step_in_progress_less_the_age_of_the_report():
     # Two replicas alike but for the step replica 0 is in the middle of: replica 1 gets the request.
     r = router("slo", [dataclasses.replace(load(0), busy_s=0.03), load(1)])
     assert r.route(prompt).replica == 1
+
+
+@pytest.mark.parametrize("policy", ["priority", "slo"])
+def test_admission_ranks_the_candidate_as_the_replicas_policy_would(policy):
+    # A replica serving a queue of batch requests (loose TTFT, lower priority) by priority or slo: an interactive
+    # request goes ahead of them there, so it can meet its 250 ms where FCFS would make it wait for the queue.
+    from sloserve.engine.policy import make_policy
+    from sloserve.engine.scheduler import Scheduler, SchedulerConfig
+    from sloserve.request import Request, SamplingParams
+
+    from tests.engine.scripted import ManualClock
+
+    clock = ManualClock()
+    clock.t = 100.0
+    scheduler = Scheduler(BlockManager(256, 16), make_policy(policy, clock, MODEL, BUDGET), SchedulerConfig(BUDGET, 64),
+                          MODEL)
+    for i in range(8):
+        scheduler.add(Request(f"batch{i}", [3] * 500, SamplingParams(max_tokens=8), 99.0 + i / 10, 1, SLO(ttft=5.0)))
+    snapshot = LoadSnapshot.of(scheduler, clock.now())
+    assert snapshot.taken_at == 100.0
+    state = ReplicaLoad(0, True, 0, 8, 4000, 8, BUDGET, 16, MODEL.knots, tuple(MODEL.coefficients), snapshot,
+                        policy=policy)
+    interactive = SLO(ttft=0.25)
+    served_first = router("round_robin", [state], admission=True).route([3] * 50, interactive, priority=0)
+    assert served_first.replica == 0 and served_first.predicted_ttft < 0.25
+    # The same queue on an FCFS replica: everything waiting is ahead of it.
+    behind = router("round_robin", [dataclasses.replace(state, policy="fcfs")], admission=True)
+    assert behind.route([3] * 50, interactive, priority=0).replica is None
+    # A request of the queue's own class is ranked behind the queue by either policy: 4000 tokens ahead, over 5 s.
+    assert router("round_robin", [state], admission=True).route([3] * 50, SLO(ttft=5.0), priority=1).replica is None
