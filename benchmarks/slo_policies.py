@@ -7,9 +7,12 @@ slo+admission at 0.5-2x capacity, from the simulator and (with --real) from the 
 # (prompts cut to 384 tokens, interactive replies to 48, batch replies to 256: batch replies are longer), Poisson
 # arrivals at multiples of the capacity FCFS reaches on a burst. Model: the bundled demo model (11M parameters),
 # --max-num-batched-tokens 256 --max-num-seqs 32 --num-kv-blocks 512; SLOs scaled to its speed on a CPU core.
-# Real-server rows serve each policy (`sloserve serve`, four servers up at once, each load played to the four in
-# turn) and replay the same requests with the bench client, the class named per request (slo_class) and the
-# priority set (interactive 0, batch 1), at multiples of the real server's own burst capacity; each real row has a simulated twin (sim@real) of the very same requests and arrivals.
+# Real-server rows serve each policy (`sloserve serve`, four servers up at once, started afresh for each load and
+# played to in turn) and replay the same requests with the bench client, the class named per request (slo_class)
+# and the priority set (interactive 0, batch 1), at multiples of the real server's own burst capacity. Each real row
+# has two simulated twins of the very same requests and arrivals: sim@real with the step-time model calibrated
+# before the rows (a prediction), sim@row with the model that row's server calibrated during it (the machine's
+# speed in that minute: what is left is the simulator's scheduling, not its speed model).
 
 from __future__ import annotations
 
@@ -209,29 +212,38 @@ def main() -> None:
     if args.real:
         print(f"capacity (real server, FCFS, burst of {args.real_requests}): {real_capacity:.3g} req/s; the real rows "
               f"and their simulated twins (sim@real) run at multiples of it", flush=True)
-        # One server per policy, all up at once, and each load played to the four in turn: other work on the
-        # machine drifts over minutes, so the policies are compared within minutes of each other (interleaved).
-        base_port = 8700 + os.getpid() % 200
-        servers = {}
-        try:
-            for k, (label, policy, admission) in enumerate(POLICIES):
-                servers[label] = (serve(model_dir, profile, policy, admission, base_port + k, env), base_port + k)
-            for rnd in range(args.real_rounds):
-                tag = f"#{rnd}" if args.real_rounds > 1 else ""  # every round its own rows, checked on its own
-                for load in (float(x) for x in args.real_loads.split(",")):
-                    specs, classes = mixed_specs(args.real_requests, load * real_capacity, args.seed + rnd,
-                                                 knobs.vocab_size)
-                    for label, policy, admission in POLICIES:
-                        url = f"http://127.0.0.1:{servers[label][1]}"
-                        records, duration = asyncio.run(replay(url, model_dir.name, specs, classes))
-                        rows.append(("real" + tag, load, label, summarize(records, classes, duration)))
-                        sim_records, sim_duration = simulated(prof, knobs, specs, classes, policy, admission)
-                        rows.append(("sim@real" + tag, load, label, summarize(sim_records, classes, sim_duration)))
-                        print(f"  real{tag} {label} at {load:g}x done; load average {os.getloadavg()[0]:.1f}",
-                              flush=True)
-        finally:
-            stop_servers(server for server, _ in servers.values())
+        for rnd in range(args.real_rounds):
+            tag = f"#{rnd}" if args.real_rounds > 1 else ""  # every round its own rows, checked on its own
+            for load in (float(x) for x in args.real_loads.split(",")):
+                specs, classes = mixed_specs(args.real_requests, load * real_capacity, args.seed + rnd, knobs.vocab_size)
+                for label, (records, duration, served) in real_row(model_dir, profile, env, out, specs, classes).items():
+                    policy, admission = next((p, a) for name, p, a in POLICIES if name == label)
+                    rows.append(("real" + tag, load, label, summarize(records, classes, duration)))
+                    for twin, model in (("sim@real", prof), ("sim@row", served)):
+                        sim_records, sim_duration = simulated(model, knobs, specs, classes, policy, admission)
+                        rows.append((twin + tag, load, label, summarize(sim_records, classes, sim_duration)))
+                print(f"  real{tag} at {load:g}x done; load average {os.getloadavg()[0]:.1f}", flush=True)
     print_table(rows, capacity)
+
+
+def real_row(model_dir: Path, profile: str, env: dict, out: Path, specs, classes) -> dict:
+    """One load played to each policy's server in turn (other work on the machine drifts over minutes, so the
+    policies are compared within a minute of each other). The servers are started for the row, from the
+    calibration's model, and save the model they calibrated online during it: the row's own machine speed,
+    which the sim@row twin takes (sim@real takes the calibration's, a prediction made before the row)."""
+    base_port = 8700 + os.getpid() % 200
+    servers, saved = {}, {label: out / f"served-{label}.json" for label, _, _ in POLICIES}
+    measured = {}
+    try:
+        for k, (label, policy, admission) in enumerate(POLICIES):
+            saved[label].unlink(missing_ok=True)
+            servers[label] = (serve(model_dir, profile, policy, admission, base_port + k, env, saved[label]),
+                              base_port + k)
+        for label, (_, port) in servers.items():
+            measured[label] = asyncio.run(replay(f"http://127.0.0.1:{port}", model_dir.name, specs, classes))
+    finally:
+        stop_servers(server for server, _ in servers.values())
+    return {label: (*measured[label], Profile.load(str(saved[label]))) for label in measured}
 
 
 def print_table(rows, capacity: float) -> None:
@@ -272,8 +284,8 @@ def check_targets(rows) -> None:
             print(f"[{src}] interactive p99 TTFT within its SLO up to 1.0x under slo: {'met' if all(ok) else 'NOT met'}")
         starved = [k for k, r in by.items() if k[0] == src and not r["batch"]["all_admitted_done"]]
         print(f"[{src}] every admitted batch request completed: {'met' if not starved else f'NOT met {starved}'}")
-    for src in sorted({s for s, *_ in rows if s.startswith("real")}):
-        twin = "sim@" + src
+    for src, twin in sorted({(s, t + s[len("real"):]) for s, *_ in rows if s.startswith("real")
+                             for t in ("sim@real", "sim@row")}):
         real = [(load, label) for s, load, label, _ in rows if s == src]
         errors = [by[(twin, *k)]["goodput"] / by[(src, *k)]["goodput"] - 1 for k in real]
         worst = max(abs(e) for e in errors)
