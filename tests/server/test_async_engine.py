@@ -211,3 +211,17 @@ def test_http_step_failure_gives_500_and_stream_error(chat_model_dir, start_serv
     fail["on"] = False
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
     assert server.engine.block_manager.num_used_blocks == 0
+
+
+def test_the_stats_carry_the_predictors_running_error_refreshed_every_few_steps(llm_engine):
+    from sloserve.engine import async_engine
+
+    async def body(front):
+        await _collect(await front.add_request("e", [5, 6, 7], _params(async_engine._ERROR_EVERY + 8)))
+        return front.stats.step_time_error, front._step_time_error[0]
+
+    (error, at), _ = _run(llm_engine, body)
+    predictor = llm_engine.predictor
+    # Recomputed at most _ERROR_EVERY steps ago, at a step count that was current then.
+    assert 0 <= predictor.num_observed - at < async_engine._ERROR_EVERY
+    assert error == error and error >= 0  # a number (not NaN) once steps were measured
