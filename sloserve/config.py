@@ -1,7 +1,8 @@
 """Engine configuration: the model to load and the knobs of scheduling and the KV cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +43,10 @@ class EngineConfig:
     quantization: str | None = None  # "int8": weight-only, per-output-channel scales (vLLM's --quantization)
     # vLLM's speculative_config: a dict (or its JSON text) such as {"method": "ngram", "num_speculative_tokens": 3}.
     speculative_config: SpeculativeConfig | dict | str | None = None
+    # Every position computed as a plain decode of it (prompt rows too: decode attention, the row-independent
+    # matmul kernel), so no number depends on what else a step holds or how a prompt was chunked; prefill is
+    # slower. Default: vLLM's VLLM_BATCH_INVARIANT=1 environment variable. CPU kernels only.
+    batch_invariant: bool = field(default_factory=lambda: os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1")
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -139,6 +139,9 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         model.load_state_dict(read_hf_weights(model_dir, shape, device), strict=True)
     model.to(dtype).eval().requires_grad_(False)
     kernels = ops.kernels if isinstance(ops, KernelOps) else None
+    if cfg.batch_invariant and kernels is None:
+        raise ValueError("batch-invariant mode needs sloserve's CPU kernels (a CPU device, float32 or bfloat16, "
+                         "kernels on and built): other matmuls and attention round by the shape of the batch")
     model.prepare_weights(kernels, select_isa() if kernels is not None else "portable", cfg.quantization)
     move_weights_to_huge_pages(model)  # CPU weights only; decode streams them at memory speed there
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg, model_dir)

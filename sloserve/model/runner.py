@@ -19,6 +19,7 @@ class ModelExecutor:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.model = loaded.model
         self.block_size = config.block_size
+        self.batch_invariant = config.batch_invariant  # prompt rows computed as decodes too (EngineConfig)
         self.device = torch.device(config.device)
         shape = self.model.shape
         self.num_kv_blocks = kv_cache_blocks(self.model, config, loaded.dtype)
@@ -118,7 +119,8 @@ class ModelExecutor:
         self.histories.record(plan)
         # Decode rows (one new token, or a verification's k + 1) first, then prompt chunks: the CPU backend
         # computes the former with decode arithmetic, so a position's numbers never depend on the step.
-        ordered = sorted(plan.scheduled, key=lambda s: s.num_new_tokens > 1 and not s.spec_token_ids)  # stable
+        as_decodes = lambda s: s.num_new_tokens == 1 or bool(s.spec_token_ids) or self.batch_invariant  # noqa: E731
+        ordered = sorted(plan.scheduled, key=lambda s: not as_decodes(s))  # stable
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -133,7 +135,7 @@ class ModelExecutor:
             input_ids += s.token_ids
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            rows.append(SequenceRows(start, s.num_new_tokens, table, verifies=bool(s.spec_token_ids)))
+            rows.append(SequenceRows(start, s.num_new_tokens, table, verifies=as_decodes(s)))
             num_sampled = len(s.spec_token_ids) + 1 if s.samples else 0
             if s.samples:
                 sample_rows += range(len(positions) - num_sampled, len(positions))

@@ -19,11 +19,14 @@ class SequenceRows:
     start: int  # tokens already in the KV cache
     num_new: int
     block_table: list[int]
-    verifies: bool = False  # the rows are a speculative verification: the last token sampled and k drafts
+    # The rows are computed as decodes of their positions: a speculative verification (the last token sampled and
+    # k drafts), or any span in batch-invariant mode.
+    verifies: bool = False
 
     @property
     def decodes(self) -> bool:
-        """Whether every row is a decode position (one new token, or a verification's k + 1), which the CPU
+        """Whether every row is a decode position (one new token, a verification's k + 1, or any span in
+        batch-invariant mode), which the CPU
         backend computes exactly as a plain decode of that position, whatever else the step holds: so
         speculation and batching change no number."""
         return self.num_new == 1 or self.verifies
