@@ -11,7 +11,8 @@ float32 by default. In the checkpoint's bfloat16 a verification's rows now round
 positions (decode attention, the batch-invariant matmul), and at 4 concurrent every row matched; at 32 some greedy
 outputs still flip on near-ties, because a prompt's rows are not: speculation's k + 1 tokens per request change how
 the token budget cuts prompts into chunks, and which prompt blocks the prefix cache still holds, and SDPA/oneDNN
-round a prompt row by the shape of its chunk. In float32 every row matched.
+round a prompt row by the shape of its chunk. In float32 every row matched. With VLLM_BATCH_INVARIANT=1 prompt
+rows are computed as decodes too, and every bfloat16 row matched (chats, 32 concurrent: off, k=2, k=4, adaptive).
 
 Offline engine (LLM's engine), closed loop as `vllm bench serve --max-concurrency c`: `c` requests in flight, each
 one that finishes replaced by the next, as many requests as a row needs to emit at least `--row-tokens` tokens (and 4 x c at least) (a row
