@@ -46,6 +46,7 @@ CLASSES = {"interactive": SLO(ttft=0.25, tpot=0.025), "batch": SLO(ttft=5.0, tpo
 SHARE_INTERACTIVE = 0.7
 POLICIES = (("fcfs", "fcfs", False), ("priority", "priority", False), ("slo", "slo", False),
             ("slo+admission", "slo", True))
+WARM_UP_REQUESTS = 32  # a fresh server's unrecorded burst before a row
 KNOBS = ["--max-num-batched-tokens", "256", "--max-num-seqs", "32", "--num-kv-blocks", "512"]
 
 
@@ -230,7 +231,9 @@ def real_row(model_dir: Path, profile: str, env: dict, out: Path, specs, classes
     """One load played to each policy's server in turn (other work on the machine drifts over minutes, so the
     policies are compared within a minute of each other). The servers are started for the row, from the
     calibration's model, and save the model they calibrated online during it: the row's own machine speed,
-    which the sim@row twin takes (sim@real takes the calibration's, a prediction made before the row)."""
+    which the sim@row twin takes (sim@real takes the calibration's, a prediction made before the row). Each fresh
+    server first serves an unrecorded burst of the mix: a cold one is slower in its first second (allocations,
+    oneDNN primitives for new shapes), which would land on the row's first arrivals."""
     base_port = 8700 + os.getpid() % 200
     servers, saved = {}, {label: out / f"served-{label}.json" for label, _, _ in POLICIES}
     measured = {}
@@ -239,6 +242,9 @@ def real_row(model_dir: Path, profile: str, env: dict, out: Path, specs, classes
             saved[label].unlink(missing_ok=True)
             servers[label] = (serve(model_dir, profile, policy, admission, base_port + k, env, saved[label]),
                               base_port + k)
+        warm, warm_classes = mixed_specs(WARM_UP_REQUESTS, math.inf, 99_999, Profile.load(profile).engine["vocab_size"])
+        for _, port in servers.values():
+            asyncio.run(replay(f"http://127.0.0.1:{port}", model_dir.name, warm, warm_classes))
         for label, (_, port) in servers.items():
             measured[label] = asyncio.run(replay(f"http://127.0.0.1:{port}", model_dir.name, specs, classes))
     finally:
