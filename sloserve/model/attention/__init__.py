@@ -26,9 +26,8 @@ class SequenceRows:
     @property
     def decodes(self) -> bool:
         """Whether every row is a decode position (one new token, a verification's k + 1, or any span in
-        batch-invariant mode), which the CPU
-        backend computes exactly as a plain decode of that position, whatever else the step holds: so
-        speculation and batching change no number."""
+        batch-invariant mode), which the CPU backend computes exactly as a plain decode of that position,
+        whatever else the step holds: so speculation and batching change no number."""
         return self.num_new == 1 or self.verifies
 
 
