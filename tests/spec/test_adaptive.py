@@ -409,3 +409,28 @@ def test_position_factors_are_one_before_any_verification_and_for_geometric_acce
         accepted = next((j for j in range(4) if rng.random() >= 0.8), 4)
         est.observe(str(i % 4), 4, accepted)
     assert est.position_factors(4) == [pytest.approx(1.0, abs=0.04)] * 4
+
+
+def test_a_shift_in_acceptance_moves_the_estimates_within_a_window():
+    # A long-running server: a workload whose drafts were nearly all accepted turns into one whose drafts are
+    # rejected. Counts that never decay would weigh the thousands of old verifications for ever.
+    est = AcceptanceEstimator()
+    for i in range(3000):
+        est.observe(f"old{i % 16}", 4, 4 if i % 10 else 1)
+    assert est.alpha("new") > 0.9 and est.position_factors(4)[0] > 0.9
+    for i in range(3000):  # new requests: the first draft accepted 1 time in 5, the rest rejected
+        est.observe(f"now{i % 16}", 4, 1 if i % 5 == 0 else 0)
+    shifted = 1 / 6  # five verifications: one accepted draft in six trials
+    assert est.alpha("new") == pytest.approx(shifted, abs=0.05)
+    assert est.measured() == pytest.approx(shifted, abs=0.05)
+    # One long request's own estimate follows its own shift within a window of its own verifications.
+    for _ in range(200):
+        est.observe("long", 4, 4)
+    assert est.alpha("long") > 0.95
+    for _ in range(3 * 64):  # three of its windows (64 trials)
+        est.observe("long", 4, 0)
+    assert est.alpha("long") < 0.15
+    # And the proposals that find drafts: a row's draft rate follows a shift too.
+    for found in [True] * 500 + [False] * 3 * 64:
+        est.asked("copy", found)
+    assert est.draft_rate("copy") < 0.2
