@@ -11,13 +11,9 @@ from sloserve.engine.kv_cache import BlockManager
 from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from sloserve.model.runner import ModelExecutor
 from sloserve.model.sampler import Sampler
-from sloserve.request import SamplingParams
 from sloserve.spec.draft_cost import draft_model_seconds
 from sloserve.spec.greedy_draft import GreedyRow, draft_greedy
 from sloserve.spec.proposer import DraftRequest
-
-_GREEDY = SamplingParams(temperature=0.0)
-
 
 class DraftModelProposer:
     def __init__(self, executor: ModelExecutor, block_size: int, max_num_batched_tokens: int,
@@ -56,13 +52,10 @@ class DraftModelProposer:
             ready.append(i)
         greedy = [i for i in ready if batch[i].sampling_params.greedy]
         if greedy:
-            drafted = draft_greedy(self.executor, [GreedyRow(computed[i], pending[i],
-                                                             self.blocks.block_tables[batch[i].request_id], batch[i].k)
-                                                   for i in greedy], self.clock)
-            for i, tokens in zip(greedy, drafted.tokens):
-                drafts[i] = tokens
-            for shape, seconds in drafted.observations:
-                self.predictor.observe(shape, seconds)
+            tokens = self._draft_greedy([GreedyRow(computed[i], pending[i], self.blocks.block_tables[batch[i].request_id],
+                                                   batch[i].k) for i in greedy])
+            for i, t in zip(greedy, tokens):
+                drafts[i] = t
         sampled = [i for i in ready if not batch[i].sampling_params.greedy]
         if sampled:
             self._propose_sampled(batch, sampled, computed, pending, drafts)
@@ -70,6 +63,12 @@ class DraftModelProposer:
             if drafts[i]:
                 self.cached[r.request_id] = r.token_ids + drafts[i][:-1]
         return drafts
+
+    def _draft_greedy(self, rows: list[GreedyRow]) -> list[list[int]]:
+        drafted = draft_greedy(self.executor, rows, self.clock)
+        for shape, seconds in drafted.observations:
+            self.predictor.observe(shape, seconds)
+        return drafted.tokens
 
     def _propose_sampled(self, batch: list[DraftRequest], rows: list[int], computed: list[int],
                          pending: list[list[int]], drafts: list[list[int]]) -> None:
@@ -104,20 +103,16 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def calibrate(self, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), repeats: int = 3) -> None:
-        """Time a few draft steps on scratch blocks so the first adaptive choice knows the draft's cost."""
-        context = 64
+        """Time a few greedy proposals on scratch blocks (the path proposals take: a two-token feed, then a draft
+        step) so the first adaptive choice knows the draft's cost."""
+        context, feed, k = 64, 2, 2
         for b in batch_sizes:
             ids = [f"__calibrate{j}" for j in range(b)]
-            if not all(self.blocks.allocate_slots(i, context + 2) for i in ids):
+            if not all(self.blocks.allocate_slots(i, context + feed + k - 1) for i in ids):
                 self.forget(ids)
                 break
-            for new in (1, 2):
-                plan = SchedulerOutput([ScheduledRequest(i, [0] * new, context, new, True, self.blocks.block_tables[i], _GREEDY)
-                                        for i in ids])
-                for _ in range(repeats):
-                    start = self.clock.now()
-                    self.executor.forward(plan)
-                    self.predictor.observe(StepShape.of(plan), self.clock.now() - start)
+            for _ in range(repeats):
+                self._draft_greedy([GreedyRow(context, [0] * feed, self.blocks.block_tables[i], k) for i in ids])
             self.forget(ids)
         self.predictor.refit()
 
