@@ -84,3 +84,27 @@ def test_a_token_the_draft_did_not_propose_replaces_its_cached_drafts(draft):
     assert expected != ours
     proposer.forget(["r", "fresh"])
     assert proposer.blocks.num_free_blocks == proposer.blocks.num_blocks
+
+
+def test_greedy_and_sampled_requests_draft_in_one_batch(tiny_model_dir):
+    """Greedy rows take the straight path and sampled rows the per-step one, in the same proposals: greedy outputs stay
+    those of speculation off, sampled rows are verified against the distributions they were drawn from (a seeded
+    request repeats itself), and both caches are emptied."""
+    model_dir = tiny_model_dir("llama")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 384, (n,), generator=g).tolist() for n in (5, 23, 12, 30)]
+    params = [SamplingParams(max_tokens=20, temperature=0) if i % 2 == 0 else
+              SamplingParams(max_tokens=20, temperature=0.8, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    off = LLM(str(model_dir), dtype="float32").generate(prompt_token_ids=prompts[::2], sampling_params=params[::2])
+    spec = {"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": 3}
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(model_dir), dtype="float32", speculative_config=spec)
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+        assert outs[::2] == [o.outputs[0].token_ids for o in off]
+        runs.append(outs[1::2])
+        assert llm.engine.speculator.stats.num_accepted_tokens > 0
+        proposer = llm.engine.speculator.proposer
+        assert proposer.blocks.num_free_blocks == proposer.blocks.num_blocks
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert runs[0] == runs[1]
