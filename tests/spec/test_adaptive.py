@@ -434,3 +434,37 @@ def test_a_shift_in_acceptance_moves_the_estimates_within_a_window():
     for found in [True] * 500 + [False] * 3 * 64:
         est.asked("copy", found)
     assert est.draft_rate("copy") < 0.2
+
+
+class PromptFeedingDrafts(RightDrafts):
+    """A draft model's timing: its prediction prices the tokens the target accepted since the last proposal, 1 ms; a
+    request's first proposal also feeds the draft its prompt, 10 ms."""
+
+    def __init__(self, clock: ShapeClock) -> None:
+        self.clock, self.seen = clock, set()
+
+    def propose(self, batch):
+        for r in batch:
+            self.clock.t += 0.001 if r.request_id in self.seen else 0.010
+            self.seen.add(r.request_id)
+        return super().propose(batch)
+
+    def forget(self, request_ids):
+        self.seen.difference_update(request_ids)
+
+    def predict_seconds(self, ks, contexts):
+        return 0.001 * len(ks)
+
+
+def test_a_request_s_first_proposal_feeding_its_prompt_does_not_inflate_the_draft_s_price():
+    # The measured-over-predicted ratio scales every later price of drafting: a prompt's prefill in the draft, which
+    # the per-step prediction never meant to price, once per request, doubled it and turned adaptive to k = 0.
+    clock = ShapeClock(0.0)
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=4), PromptFeedingDrafts(clock),
+                       max_model_len=1000, max_num_batched_tokens=512, clock=clock)
+    engine = LLMEngine(TimedVerifier(clock), SchedulerConfig(max_num_batched_tokens=512, block_size=4), max_model_len=1000,
+                       vocab_size=100000, clock=clock, speculator=spec)
+    for i in range(6):
+        engine.add_request(f"r{i}", [10, 11], SamplingParams(max_tokens=30))
+        run_to_completion(engine)
+    assert spec.draft_scale == pytest.approx(1.0)
