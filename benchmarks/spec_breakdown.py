@@ -1,5 +1,6 @@
-"""Where one request's step time goes with and without speculation: proposing (k choice + the n-gram lookup),
-building the batch, the model's forward pass (a one-token decode, or a verification over k + 1 positions), sampling /
+"""Where one request's step time goes with and without speculation: proposing (the k choice), drafting (the proposer's
+call: a draft model's forward passes, attention metadata included, apart from the rest of it, which is the n-gram
+lookup or the draft model's per-step Python: plans, argmax, bookkeeping), building the batch, the model's forward pass (a one-token decode, or a verification over k + 1 positions), sampling /
 verifying, and the engine around them (scheduling, stop checks, detokenizing, timing).
 
 Used by `benchmarks/spec_decode.py --breakdown`: timers wrapped around the engine's own calls, so the parts add up to
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from sloserve import LLM, SamplingParams
 import sloserve.model.runner as runner_module
 
-PARTS = ("propose", "lookup", "batch build", "forward", "sample/verify", "engine other")
+PARTS = ("propose", "lookup", "draft forward", "batch build", "forward", "sample/verify", "engine other")
 
 
 class Timer:
@@ -46,7 +47,11 @@ def timers(llm: LLM):
              "prepare": (executor.model.attention, "prepare"), "sample": (executor.sampler, "sample"),
              "verify": (runner_module, "verify")}
     if engine.speculator is not None:
-        spots |= {"propose": (engine.speculator, "propose"), "lookup": (engine.speculator.proposer, "propose")}
+        proposer = engine.speculator.proposer
+        spots |= {"propose": (engine.speculator, "propose"), "lookup": (proposer, "propose")}
+        if hasattr(proposer, "executor"):  # a draft model
+            spots |= {"draft forward": (proposer.executor.model, "forward"),
+                      "draft prepare": (proposer.executor.model.attention, "prepare")}
     saved = []
     found: dict[str, Timer] = {}
     for label, (owner, name) in spots.items():
@@ -78,7 +83,9 @@ def breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
         s = {name: timer.seconds_from(after_prefill, cpu=True) for name, timer in t.items()}
         forward, sample = s["forward"] + s["prepare"], s["sample"] + s["verify"]
         propose = s.get("propose", 0.0)
-        parts = {"propose": propose - s.get("lookup", 0.0), "lookup": s.get("lookup", 0.0),
+        draft_forward = s.get("draft forward", 0.0) + s.get("draft prepare", 0.0)
+        parts = {"propose": propose - s.get("lookup", 0.0), "lookup": s.get("lookup", 0.0) - draft_forward,
+                 "draft forward": draft_forward,
                  "batch build": s["execute"] - forward - sample, "forward": forward, "sample/verify": sample,
                  "engine other": step.seconds_from(after_prefill, cpu=True) - s["execute"] - propose}
         for part, seconds in parts.items():

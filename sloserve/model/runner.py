@@ -143,18 +143,22 @@ class ModelExecutor:
                 first = len(positions) - s.num_new_tokens
                 prompt_rows += range(first, len(positions) - num_sampled)
                 prompt_parts.append((s, s.num_new_tokens - num_sampled))
-        # CUDA graphs cover steps of one new token per request only; verifications take the eager path.
-        wanted = sample_rows + prompt_rows
-        if self.graphs is not None and len(positions) == len(rows) and self.graphs.fits(len(rows)):
-            logits = self.graphs.run(rows, input_ids, positions, slots)[wanted]  # one row per request
-        else:
-            meta = self.model.attention.prepare(rows, self._tensor(slots))
-            logits = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches,
-                                self._tensor(wanted or [0]))
+        logits = self.run_rows(rows, input_ids, positions, slots, sample_rows + prompt_rows)
         if not sample_rows and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step ends when the GPU is done, not when it is queued
         n = len(sample_rows)
         return [s for s in ordered if s.samples], logits[:n] if prompt_rows else logits, prompt_parts, logits[n:]
+
+    def run_rows(self, rows: list[SequenceRows], input_ids: list[int] | torch.Tensor, positions: list[int],
+                 slots: list[int], wanted: list[int]) -> torch.Tensor:
+        """The model over a step laid out as batch rows (decode rows first): the logits of rows `wanted`."""
+        # CUDA graphs cover steps of one new token per request only; verifications take the eager path.
+        if self.graphs is not None and len(positions) == len(rows) and self.graphs.fits(len(rows)):
+            ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+            return self.graphs.run(rows, ids, positions, slots)[wanted]  # one row per request
+        meta = self.model.attention.prepare(rows, self._tensor(slots))
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else self._tensor(input_ids)
+        return self.model(ids, self._tensor(positions), meta, self.kv_caches, self._tensor(wanted or [0]))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

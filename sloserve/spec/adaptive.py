@@ -49,37 +49,63 @@ def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates:
 
 @dataclass(slots=True)
 class _Counts:
-    accepted: int = 0
-    trials: int = 0  # accepted drafts plus rejections (a verification that accepted all has none)
-    asked: int = 0  # proposals asked of the proposer for this request
-    drafted: int = 0  # of those, the ones that came back with drafts
+    """Counts over an exponential window (see `_fade`): the newest verifications and proposals weigh the most."""
+
+    accepted: float = 0.0
+    trials: float = 0.0  # accepted drafts plus rejections (a verification that accepted all has none)
+    asked: float = 0.0  # proposals asked of the proposer for this request
+    drafted: float = 0.0  # of those, the ones that came back with drafts
+
+    def verified(self, accepted: int, trials: int, window: float) -> float:
+        """Counts one verification; returns the factor older counts faded by."""
+        fade = _fade(self.trials + trials, window)
+        self.accepted = (self.accepted + accepted) * fade
+        self.trials = (self.trials + trials) * fade
+        return fade
+
+    def proposed(self, drafted: bool, window: float) -> None:
+        fade = _fade(self.asked + 1, window)
+        self.asked = (self.asked + 1) * fade
+        self.drafted = (self.drafted + drafted) * fade
+
+
+def _fade(count: float, window: float) -> float:
+    """The factor that keeps `count` observations' weight within `window`: exact counts until the window fills,
+    then each new observation weighs as the window's mean one and the older fade geometrically (by window / (window
+    + 1) an observation): a shift in the workload shows in the estimate within a few windows, however long it ran."""
+    return 1.0 if count <= window else window / count
 
 
 class AcceptanceEstimator:
     """Per-token acceptance per request (the geometric model's maximum-likelihood estimate), shrunk towards
-    the estimate over all requests so a new request starts from what the workload has shown."""
+    the estimate over all requests so a new request starts from what the workload has shown.
 
-    def __init__(self, prior_weight: float = 4.0) -> None:
+    Every count is over an exponential window: over all requests `window` trials (or proposals), per request
+    `request_window`. A long-running server whose workload shifts (copying turns into free text) learns the new
+    acceptance within a few windows, not in proportion to everything it served before."""
+
+    def __init__(self, prior_weight: float = 4.0, window: float = 1024.0, request_window: float = 64.0) -> None:
         self.prior_weight = prior_weight
+        self.window, self.request_window = window, request_window
         self.total = _Counts()
         self._requests: dict[str, _Counts] = {}
-        # Over all requests, per draft position: verifications that reached it, and those that accepted it.
-        self._reached: list[int] = []
-        self._accepted_at: list[int] = []
+        # Over all requests, per draft position: verifications that reached it, and those that accepted it (faded
+        # with the overall counts).
+        self._reached: list[float] = []
+        self._accepted_at: list[float] = []
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         trials = num_accepted + (num_accepted < num_drafts)
-        counts = self._requests.setdefault(request_id, _Counts())
-        for c in (counts, self.total):
-            c.accepted += num_accepted
-            c.trials += trials
+        self._requests.setdefault(request_id, _Counts()).verified(num_accepted, trials, self.request_window)
+        fade = self.total.verified(num_accepted, trials, self.window)
         if len(self._reached) < num_drafts:
             grow = num_drafts - len(self._reached)
-            self._reached += [0] * grow
-            self._accepted_at += [0] * grow
-        for position in range(trials):
-            self._reached[position] += 1
-            self._accepted_at[position] += position < num_accepted
+            self._reached += [0.0] * grow
+            self._accepted_at += [0.0] * grow
+        for position in range(len(self._reached)):
+            reached = position < trials
+            self._reached[position] = (self._reached[position] + reached) * fade
+            self._accepted_at[position] = (self._accepted_at[position] + (position < num_accepted)) * fade
 
     def position_factors(self, k: int, weight: float = 8.0) -> list[float]:
         """Per draft position 0..k-1, its acceptance (given the drafts before it were accepted) over the per-token
@@ -102,10 +128,8 @@ class AcceptanceEstimator:
 
     def asked(self, request_id: str, drafted: bool) -> None:
         """The proposer was asked for drafts for this request and found some (or not)."""
-        counts = self._requests.setdefault(request_id, _Counts())
-        for c in (counts, self.total):
-            c.asked += 1
-            c.drafted += drafted
+        self._requests.setdefault(request_id, _Counts()).proposed(drafted, self.request_window)
+        self.total.proposed(drafted, self.window)
 
     def draft_rate(self, request_id: str) -> float:
         """How often a proposal for this request finds drafts, shrunk towards the rate over all requests (which
@@ -115,7 +139,7 @@ class AcceptanceEstimator:
         return (c.drafted + self.prior_weight * overall) / (c.asked + self.prior_weight)
 
     def measured(self) -> float | None:
-        """Per-draft-token acceptance over every verification so far (no prior): what a simulator draws from."""
+        """Per-draft-token acceptance over the window of recent verifications (no prior): what a simulator draws from."""
         return self.total.accepted / self.total.trials if self.total.trials else None
 
     def forget(self, request_id: str) -> None:

@@ -66,6 +66,9 @@ class Speculation:
         # Measured over predicted proposal time: the proposer's model times its forward passes, a proposal
         # also pays for building batches and sampling; this running ratio folds that in.
         self.draft_scale = 1.0
+        # Requests proposed for since they (re)started: a first proposal also feeds a draft model the prompt, which
+        # the per-step price does not mean to cover (see propose).
+        self._proposed: set[str] = set()
         self.verify_cost = VerifyCost()
         self.hold = ZeroHold()  # adaptive: a clear k = 0 kept for a few steps without weighing it again
         self._pending: tuple[float, int, float] | None = None  # adaptive: price of the rows decoding, rows, target start
@@ -101,7 +104,11 @@ class Speculation:
             drafts = self.proposer.propose(batch)
             for r, d in zip(batch, drafts):
                 self.acceptance.asked(r.request_id, bool(d))
-            if predicted > 0:
+            # A batch with a request's first proposal is left out: its prompt's prefill in the draft (once a request)
+            # would read as drafting that costs twice its price, and adaptive fell to k = 0 for thousands of steps.
+            first = any(r.request_id not in self._proposed for r in batch)
+            self._proposed.update(r.request_id for r in batch)
+            if predicted > 0 and not first:
                 ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
                 self.draft_scale += 0.1 * (ratio - self.draft_scale)
         # The target's part of the step starts now (drafting is priced apart): observe() measures it.
@@ -177,5 +184,6 @@ class Speculation:
     def forget(self, request_ids: list[str]) -> None:
         """Requests that ended or were preempted: their draft state goes (a preempted one restarts it)."""
         self.proposer.forget(request_ids)
+        self._proposed.difference_update(request_ids)
         for request_id in request_ids:
             self.acceptance.forget(request_id)

@@ -409,3 +409,62 @@ def test_position_factors_are_one_before_any_verification_and_for_geometric_acce
         accepted = next((j for j in range(4) if rng.random() >= 0.8), 4)
         est.observe(str(i % 4), 4, accepted)
     assert est.position_factors(4) == [pytest.approx(1.0, abs=0.04)] * 4
+
+
+def test_a_shift_in_acceptance_moves_the_estimates_within_a_window():
+    # A long-running server: a workload whose drafts were nearly all accepted turns into one whose drafts are
+    # rejected. Counts that never decay would weigh the thousands of old verifications for ever.
+    est = AcceptanceEstimator()
+    for i in range(3000):
+        est.observe(f"old{i % 16}", 4, 4 if i % 10 else 1)
+    assert est.alpha("new") > 0.9 and est.position_factors(4)[0] > 0.9
+    for i in range(3000):  # new requests: the first draft accepted 1 time in 5, the rest rejected
+        est.observe(f"now{i % 16}", 4, 1 if i % 5 == 0 else 0)
+    shifted = 1 / 6  # five verifications: one accepted draft in six trials
+    assert est.alpha("new") == pytest.approx(shifted, abs=0.05)
+    assert est.measured() == pytest.approx(shifted, abs=0.05)
+    # One long request's own estimate follows its own shift within a window of its own verifications.
+    for _ in range(200):
+        est.observe("long", 4, 4)
+    assert est.alpha("long") > 0.95
+    for _ in range(3 * 64):  # three of its windows (64 trials)
+        est.observe("long", 4, 0)
+    assert est.alpha("long") < 0.15
+    # And the proposals that find drafts: a row's draft rate follows a shift too.
+    for found in [True] * 500 + [False] * 3 * 64:
+        est.asked("copy", found)
+    assert est.draft_rate("copy") < 0.2
+
+
+class PromptFeedingDrafts(RightDrafts):
+    """A draft model's timing: its prediction prices the tokens the target accepted since the last proposal, 1 ms; a
+    request's first proposal also feeds the draft its prompt, 10 ms."""
+
+    def __init__(self, clock: ShapeClock) -> None:
+        self.clock, self.seen = clock, set()
+
+    def propose(self, batch):
+        for r in batch:
+            self.clock.t += 0.001 if r.request_id in self.seen else 0.010
+            self.seen.add(r.request_id)
+        return super().propose(batch)
+
+    def forget(self, request_ids):
+        self.seen.difference_update(request_ids)
+
+    def predict_seconds(self, ks, contexts):
+        return 0.001 * len(ks)
+
+
+def test_a_request_s_first_proposal_feeding_its_prompt_does_not_inflate_the_draft_s_price():
+    # The measured-over-predicted ratio scales every later price of drafting: a prompt's prefill in the draft, which
+    # the per-step prediction never meant to price, once per request, doubled it and turned adaptive to k = 0.
+    clock = ShapeClock(0.0)
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=4), PromptFeedingDrafts(clock),
+                       max_model_len=1000, max_num_batched_tokens=512, clock=clock)
+    engine = LLMEngine(TimedVerifier(clock), SchedulerConfig(max_num_batched_tokens=512, block_size=4), max_model_len=1000,
+                       vocab_size=100000, clock=clock, speculator=spec)
+    for i in range(6):
+        engine.add_request(f"r{i}", [10, 11], SamplingParams(max_tokens=30))
+        run_to_completion(engine)
+    assert spec.draft_scale == pytest.approx(1.0)
