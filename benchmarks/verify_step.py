@@ -58,7 +58,7 @@ def main() -> None:
         positions = torch.tensor([p for c in contexts for p in range(c, c + k1)])
         slots = torch.tensor([t[p // bs] * bs + p % bs for c, t in zip(contexts, tables) for p in range(c, c + k1)])
         ids = torch.randint(2, s.vocab_size, (len(positions),), generator=g)
-        metas = {verifies: model.attention.prepare([SequenceRows(c, k1, t, verifies=verifies)
+        metas = {verifies: model.attention.prepare([SequenceRows(c, k1, t, as_decodes=verifies)
                                                     for c, t in zip(contexts, tables)], slots)
                  for verifies in (True, False)}
 

@@ -135,7 +135,7 @@ class ModelExecutor:
             input_ids += s.token_ids
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            rows.append(SequenceRows(start, s.num_new_tokens, table, verifies=as_decodes(s)))
+            rows.append(SequenceRows(start, s.num_new_tokens, table, as_decodes=as_decodes(s)))
             num_sampled = len(s.spec_token_ids) + 1 if s.samples else 0
             if s.samples:
                 sample_rows += range(len(positions) - num_sampled, len(positions))

@@ -44,7 +44,7 @@ def draft_greedy(executor: ModelExecutor, rows: list[GreedyRow], clock: Clock) -
     seqs, ids, positions, slots, last = [], [], [], [], []
     for i in order:
         r = rows[i]
-        seqs.append(SequenceRows(r.start, len(r.feed), r.block_table, verifies=len(r.feed) <= MAX_DECODE_FEED))
+        seqs.append(SequenceRows(r.start, len(r.feed), r.block_table, as_decodes=len(r.feed) <= MAX_DECODE_FEED))
         ids += r.feed
         positions += range(r.start, r.start + len(r.feed))
         slots += [r.block_table[p // bs] * bs + p % bs for p in range(r.start, r.start + len(r.feed))]

@@ -36,7 +36,7 @@ def decode_step(model, contexts, seed=0):
     order = torch.randperm(sum(blocks_each), generator=g).tolist()
     rows, first = [], 0
     for (n, new), count in zip(contexts, blocks_each):
-        rows.append(SequenceRows(n, new, order[first : first + count], verifies=new > 1))
+        rows.append(SequenceRows(n, new, order[first : first + count], as_decodes=new > 1))
         first += count
     positions = torch.tensor([p for r in rows for p in range(r.start, r.start + r.num_new)])
     slots = torch.tensor([r.block_table[p // block] * block + p % block for r in rows
@@ -88,7 +88,7 @@ def test_steps_of_decode_rows_only_are_fused(tiny_model_dir, built_kernels):
 
     decodes = [SequenceRows(5, 1, [0, 1])] * 40  # however many: decode rows always take the skinny kernel
     assert fused(decodes)
-    assert fused(decodes[:3] + [SequenceRows(5, 4, [0, 1, 2], verifies=True)])  # a verification's rows are decode rows
+    assert fused(decodes[:3] + [SequenceRows(5, 4, [0, 1, 2], as_decodes=True)])  # a verification's rows are decode rows
     assert not fused(decodes[:2] + [SequenceRows(0, 3, [2])])  # a prompt chunk needs prefill attention
     assert not fused(decodes[:2] + [SequenceRows(5, 3, [0, 1, 2])])  # so does one with cached context
 

@@ -19,16 +19,16 @@ class SequenceRows:
     start: int  # tokens already in the KV cache
     num_new: int
     block_table: list[int]
-    # The rows are computed as decodes of their positions: a speculative verification (the last token sampled and
-    # k drafts), or any span in batch-invariant mode.
-    verifies: bool = False
+    # The rows are computed as decodes of their positions: a speculative verification's (the last token sampled and
+    # k drafts), a greedy draft's short feed, or any span in batch-invariant mode.
+    as_decodes: bool = False
 
     @property
     def decodes(self) -> bool:
-        """Whether every row is a decode position (one new token, a verification's k + 1, or any span in
-        batch-invariant mode), which the CPU backend computes exactly as a plain decode of that position,
-        whatever else the step holds: so speculation and batching change no number."""
-        return self.num_new == 1 or self.verifies
+        """Whether every row is a decode position (one new token, or a span marked `as_decodes`), which the CPU
+        backend computes exactly as a plain decode of that position, whatever else the step holds: so
+        speculation and batching change no number."""
+        return self.num_new == 1 or self.as_decodes
 
 
 class AttentionBackend(Protocol):
