@@ -1,4 +1,5 @@
-"""A serving process's startup heap, frozen once it starts serving, so the cyclic GC never walks it while serving."""
+"""A serving (or load-generating) process's startup heap, frozen once it starts serving, so the cyclic GC never
+walks it while serving."""
 from __future__ import annotations
 
 import gc

@@ -13,6 +13,7 @@ from sloserve.bench.records import RequestRecord
 from sloserve.bench.results import Run
 from sloserve.bench.tokens import Tokenizer
 from sloserve.bench.workload import RequestSpec, Workload
+from sloserve.startup_heap import freeze_startup_heap
 
 _IDLE_CONNECTION_S = 2.0  # below the 5 s keep-alive timeout common servers use
 
@@ -47,6 +48,9 @@ async def play(workload: Workload, cfg: ClientConfig, *, num_warmups: int = 0, l
         if warmups:
             gate = asyncio.Semaphore(cap or len(warmups))
             await asyncio.gather(*(_gated(http, cfg, s, time.perf_counter(), gate, None, tokenizer) for s in warmups))
+        # A full collection of a large heap (a process that imported torch, a test session) pauses the loop for a
+        # tenth of a second or more: sends and token timestamps would stall with it, mid-run.
+        freeze_startup_heap()
         started_unix = time.time()
         t0 = time.perf_counter()
         records = await _issue(http, cfg, specs, t0, cap, workload.duration_s, tokenizer, on_record)
