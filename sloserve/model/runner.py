@@ -117,8 +117,8 @@ class ModelExecutor:
         self.sampler.forget(plan.finished_request_ids)
         self.prompt_scorer.forget(plan.finished_request_ids)
         self.histories.record(plan)
-        # Decode rows (one new token, or a verification's k + 1) first, then prompt chunks: the CPU backend
-        # computes the former with decode arithmetic, so a position's numbers never depend on the step.
+        # Decode rows (one new token, a verification's k + 1, every span in batch-invariant mode) first, then prompt
+        # chunks: the CPU backend computes the former with decode arithmetic, so their numbers never depend on the step.
         as_decodes = lambda s: s.num_new_tokens == 1 or bool(s.spec_token_ids) or self.batch_invariant  # noqa: E731
         ordered = sorted(plan.scheduled, key=lambda s: not as_decodes(s))  # stable
         bs = self.block_size
