@@ -35,13 +35,13 @@ def held_at_zero(llm: LLM):
     spec = llm.engine.speculator
     best_k = speculation_module.best_k
     speculation_module.best_k = lambda cands: (best_k(cands), 0)[1]  # the choice is still made
-    interval, spec.verify_cost.interval = spec.verify_cost.interval, 1 << 60  # no step explores a verification
+    interval, spec.exploration.interval = spec.exploration.interval, 1 << 60  # no step explores a verification
     margin, spec.hold.margin = spec.hold.margin, 0.0
     try:
         yield
     finally:
         speculation_module.best_k = best_k
-        spec.verify_cost.interval = interval
+        spec.exploration.interval = interval
         spec.hold.margin = margin
 
 

@@ -38,9 +38,9 @@ def trace_adaptive(llm: LLM):
     original_spec_observe = spec.observe
 
     def candidates(*args):  # (max_k, limits, contexts, alphas, ...): adaptive.candidates' arguments
-        cands, price_0 = original_candidates(*args)
+        cands = original_candidates(*args)
         steps.append(StepTrace(0, len(args[1]), statistics.fmean(args[3]), {c.k: (c.seconds, c.tokens) for c in cands}))
-        return cands, price_0
+        return cands
 
     def propose(batch):
         start = time.perf_counter()

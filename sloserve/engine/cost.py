@@ -190,4 +190,5 @@ def largest_chunk(model: StepTimeModel, shape: StepShape, context: int, n: int, 
 
 def _step(model: StepTimeModel, shape: StepShape, context: int, k: int) -> float:
     """Predicted seconds of `shape` plus a k-token prefill chunk on `context` cached tokens."""
-    return model.step_seconds(StepShape(shape.new_tokens + [k], shape.contexts + [context], shape.samples + [False]))
+    return model.step_seconds(StepShape(shape.new_tokens + [k], shape.contexts + [context], shape.samples + [False],
+                                        shape.spec_tokens + [0]))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the scheduler imports this module (its policies cost steps by shape)
@@ -26,6 +26,11 @@ _ATTENTION_TERMS = (
     # in place (decode_ctx alone), and the fit then gives these two terms no weight.
     "decode_padded",     # decodes x longest decode context
     "decode_masked",     # the same rectangle when contexts differ: padding needs a mask and a slower kernel
+    # Draft tokens verified. A verification's positions are decode rows (counted as such above), but on a CPU they
+    # take the decode matmul kernel however many they are, while the token table's larger counts are fitted on prompt
+    # chunks, which a GEMM computes more cheaply: 32 rows verifying 4 drafts each measured 48 ms against 18 priced.
+    # Only verifications have this term, so it is fitted from them alone (0 until one is measured).
+    "spec_tokens",
 )
 
 # The engine's own work around the executor: scheduling, appending tokens, stop checks,
@@ -45,11 +50,19 @@ def token_knots(max_num_batched_tokens: int) -> tuple[int, ...]:
 
 @dataclass(slots=True)
 class StepShape:
-    """Per scheduled request: new tokens this step, tokens already cached, whether it samples."""
+    """Per scheduled request: new tokens this step, tokens already cached, whether it samples, and how many of its
+    new tokens are drafts to verify (none where not given)."""
 
     new_tokens: list[int]
     contexts: list[int]
     samples: list[bool]
+    spec_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.spec_tokens:
+            self.spec_tokens = [0] * len(self.new_tokens)
+        elif len(self.spec_tokens) != len(self.new_tokens):  # the features zip the rows: one short would drop a row
+            raise ValueError(f"{len(self.spec_tokens)} draft counts for {len(self.new_tokens)} rows")
 
     @classmethod
     def of(cls, plan: SchedulerOutput) -> StepShape:
@@ -57,14 +70,17 @@ class StepShape:
             [s.num_new_tokens for s in plan.scheduled],
             [s.num_computed_tokens for s in plan.scheduled],
             [s.samples for s in plan.scheduled],
+            [len(s.spec_token_ids) for s in plan.scheduled],
         )
 
     def to_dict(self) -> dict:
-        return {"new_tokens": self.new_tokens, "contexts": self.contexts, "samples": self.samples}
+        d = {"new_tokens": self.new_tokens, "contexts": self.contexts, "samples": self.samples}
+        return {**d, "spec_tokens": self.spec_tokens} if any(self.spec_tokens) else d
 
     @classmethod
     def from_dict(cls, d: dict) -> StepShape:
-        return cls(list(d["new_tokens"]), list(d["contexts"]), [bool(s) for s in d["samples"]])
+        return cls(list(d["new_tokens"]), list(d["contexts"]), [bool(s) for s in d["samples"]],
+                   list(d.get("spec_tokens", [])))
 
 
 class ExecuteFeatures:
@@ -79,14 +95,21 @@ class ExecuteFeatures:
     def __call__(self, shape: StepShape) -> list[float]:
         tokens = prefill_chunks = prefill_attn = prefill_ctx_attn = prefill_ctx = 0
         decodes = decode_ctx = longest = 0
+        samples = sum(shape.samples)
+        spec_tokens = sum(shape.spec_tokens)
         shortest = None
-        for n, c in zip(shape.new_tokens, shape.contexts):
+        for n, c, drafts in zip(shape.new_tokens, shape.contexts, shape.spec_tokens):
             tokens += n
-            if n == 1:  # the runner batches every one-token row as a decode, whatever its phase
-                decodes += 1
-                decode_ctx += c + 1
-                longest = max(longest, c + 1)
+            # The runner batches every one-token row as a decode, whatever its phase, and computes a verification's
+            # n positions as n decodes (decode attention, the decode matmul kernel, logits at each): priced as a
+            # prefill chunk on cached context, its cost came from prefill steps and missed by up to 3x.
+            if n == 1 or drafts:
+                decodes += n
+                decode_ctx += n * (c + 1) + n * (n - 1) // 2
+                longest = max(longest, c + n)
                 shortest = c + 1 if shortest is None else min(shortest, c + 1)
+                if drafts:
+                    samples += n - 1  # the drafts' positions are scored too
             else:
                 prefill_chunks += 1
                 if c:
@@ -96,8 +119,8 @@ class ExecuteFeatures:
                     prefill_attn += n * n
         padded = decodes * longest
         return self._hats(tokens) + [
-            sum(shape.samples), len(shape.new_tokens), prefill_chunks, prefill_attn, prefill_ctx_attn, prefill_ctx,
-            decode_ctx, padded, padded if shortest != longest else 0,
+            samples, len(shape.new_tokens), prefill_chunks, prefill_attn, prefill_ctx_attn, prefill_ctx,
+            decode_ctx, padded, padded if shortest != longest else 0, spec_tokens,
         ]
 
     def _hats(self, tokens: int) -> list[float]:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.features import StepShape
-from sloserve.spec.verify_cost import VerifyCost
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -19,8 +18,8 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates: list[float],
-                position_factors: list[float] | None = None) -> tuple[list[float], list[float], list[float]]:
-    """For each k in 0..max_k, over the rows: expected output tokens, expected verifying rows and expected draft tokens.
+                position_factors: list[float] | None = None) -> tuple[list[float], list[float]]:
+    """For each k in 0..max_k, over the rows: expected output tokens and expected draft tokens.
 
     A row asked for k drafts drafts min(k, its limit), and finds them only with probability `draft_rate` (an n-gram
     proposer finds no match for some rows): then it yields expected_tokens(alpha, that many), else the target's one
@@ -28,7 +27,7 @@ def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates:
     position, where acceptance is not geometric. One pass over the rows, each row's sum built term by term (the choice
     runs every step, over every row: a call per row and k cost ~100 us at 32 rows)."""
     factors = position_factors or [1.0] * max_k
-    tokens, rows, drafts = [0.0] * (max_k + 1), [0.0] * (max_k + 1), [0.0] * (max_k + 1)
+    tokens, drafts = [0.0] * (max_k + 1), [0.0] * (max_k + 1)
     for alpha, limit, rate in zip(alphas, limits, draft_rates):
         tokens[0] += 1.0
         total = term = 1.0  # expected_tokens(alpha, x) for x drafts so far
@@ -40,11 +39,10 @@ def totals_by_k(max_k: int, limits: list[int], alphas: list[float], draft_rates:
                 total += term
             if x:
                 tokens[k] += rate * total + (1.0 - rate)
-                rows[k] += rate
                 drafts[k] += rate * x
             else:
                 tokens[k] += 1.0
-    return tokens, rows, drafts
+    return tokens, drafts
 
 
 @dataclass(slots=True)
@@ -168,55 +166,50 @@ def candidates(
     budget: int,
     target: StepTimeModel,
     draft_seconds: Callable[[list[int], list[int]], float],
-    verify: VerifyCost | None = None,  # what verifying adds to a decode step, as measured
     draft_rates: list[float] | None = None,  # per request, how often its proposals find drafts (1: always)
     position_factors: list[float] | None = None,  # acceptance by draft position over the per-token rate (1: geometric)
-) -> tuple[list[Candidate], float]:
+) -> list[Candidate]:
     """Each k in 0..max_k: the predicted seconds its drafts and decodes take and the output tokens they are expected
-    to yield; and the predictor's price of the step with every row decoding one token (what a measurement of a
-    step without prefill is compared with).
+    to yield.
 
+    The engine's predictor prices a verification as the decode rows the runner computes it as (its positions'
+    attention, matmul rows and logits), so every step it runs, with or without drafts, teaches it what a draft costs.
     A prefill chunk in the step is work every k does (drafts that take the budget from it defer that prefill, they do
     not save it), so each k is priced at the margin: its step with the chunk k = 0's would carry, less that chunk's
     price. Weighing whole steps instead made a verification look nearly free beside a prefill (the chunk's cost, in
     both, diluted the drafts'), and at 16 concurrent adaptive verified on such steps at a third of no speculation's
-    rate. Once a verification is measured, a k's step is the decode step plus what `verify` says its drafts add
-    (expected verifying rows and draft tokens, so rows whose proposals find nothing add nothing); before, the
-    predictor's own price of the verification stands.
+    rate.
     """
     rates = draft_rates or [1.0] * len(limits)
     rows = len(limits)
     prefill = min(prefill_tokens, budget - rows)
 
-    def price(new: list[int], chunk: int) -> float:
+    def price(drafts: list[int], chunk: int) -> float:
+        new = [1 + x for x in drafts]
         if chunk <= 0:
-            return target.step_seconds(StepShape(new, contexts, [True] * rows))
-        return target.step_seconds(StepShape(new + [chunk], contexts + [0], [True] * rows + [False]))
+            return target.step_seconds(StepShape(new, contexts, [True] * rows, drafts))
+        return target.step_seconds(StepShape(new + [chunk], contexts + [0], [True] * rows + [False], drafts + [0]))
 
-    price_0 = price([1] * rows, 0)
-    measured = verify is not None and verify.measured(rows)
-    chunk = price([1] * rows, prefill) - price_0 if prefill > 0 and not measured else 0.0
-    scale = verify.decode_scale if verify else 1.0  # the predictor's seconds in the seconds steps measure
-    tokens, verifying, drafts = totals_by_k(max_k, limits, alphas, rates, position_factors)
-    out = [Candidate(0, scale * price_0, tokens[0])]
+    price_0 = price([0] * rows, 0)
+    chunk = price([0] * rows, prefill) - price_0 if prefill > 0 else 0.0
+    tokens, drafts = totals_by_k(max_k, limits, alphas, rates, position_factors)
+    out = [Candidate(0, price_0, tokens[0])]
     for k in range(1, max_k + 1):
         ks = [min(k, limit) for limit in limits]
-        if measured:
-            step = scale * price_0 + verify.added_seconds(rows, verifying[k], drafts[k])
-        else:
-            step = scale * (price([1 + x for x in ks], prefill) - chunk)
+        # What the drafts add, for the drafts expected: rows whose proposals find nothing verify nothing.
+        added = (price(ks, prefill) - chunk - price_0) * drafts[k] / max(sum(ks), 1)
         # More tokens never make a step cheaper: a fit that says otherwise (early, few steps seen) is not believed.
-        seconds = max(out[-1].seconds, step + draft_seconds(ks, contexts))
+        seconds = max(out[-1].seconds, price_0 + added + draft_seconds(ks, contexts))
         out.append(Candidate(k, seconds, tokens[k]))
-    return out, price_0
+    return out
 
 
 def choose_k(max_k: int, limits: list[int], contexts: list[int], alphas: list[float], prefill_tokens: int, budget: int,
              target: StepTimeModel, draft_seconds: Callable[[list[int], list[int]], float],
-             verify: VerifyCost | None = None, draft_rates: list[float] | None = None) -> int:
+             draft_rates: list[float] | None = None) -> int:
     """The batch's k in 0..max_k with the most expected tokens per predicted second (ties: the smaller k)."""
-    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds, verify,
-                             draft_rates)[0])
+    return best_k(candidates(max_k, limits, contexts, alphas, prefill_tokens, budget, target, draft_seconds,
+                             draft_rates))
 
 
 def best_k(cands: list[Candidate]) -> int:
@@ -234,7 +227,7 @@ class ZeroHold:
     Under heavy load k = 0 wins step after step, and weighing it (an acceptance estimate per row, each k's price) cost
     ~1.7% of a 32-row step. What could turn the choice is re-weighed soon: anything within `steps` steps (a refitted
     predictor, new requests' acceptance), at once when a quarter of the rows left (verifying is cheaper beside fewer
-    rows) or an exploration is due (the caller asks VerifyCost first)."""
+    rows)."""
 
     margin: float = 1.1  # k = 0's rate over the best k > 0's for the choice to count as clear
     steps: int = 8
@@ -254,3 +247,41 @@ class ZeroHold:
             return False
         self.left -= 1
         return True
+
+
+@dataclass(slots=True)
+class Exploration:
+    """Now and then a step on the side of k = 0 the prices do not favour, so both stay measured.
+
+    The predictor learns a step's price only from the shapes it runs: a server that always verifies never measures
+    a plain decode step (nor refreshes acceptance while it never verifies), and a wrong price on the side it avoids
+    would hold for ever. After `every` steps on one side (held ones included) one step runs the other side's best k;
+    each exploration that does not turn the choice doubles the wait, up to `most` steps: there one exploring k = 4
+    verification of 32 rows costs ~5 decode steps, ~0.5% of throughput."""
+
+    every: int = 64
+    most: int = 1024
+    interval: int = 0  # steps on one side before the next exploration (from `every`)
+    streak: int = 0  # steps in a row on the side the prices favour
+    speculating: bool = False  # that side: k > 0
+
+    def __post_init__(self) -> None:
+        self.interval = self.interval or self.every
+
+    def step(self, k: int, other: int) -> int:
+        """The prices chose k; `other` is the best k on the other side. Returns the k to run."""
+        if (k > 0) != self.speculating:  # the choice turned: whatever was learnt is fresh
+            self.speculating, self.streak, self.interval = k > 0, 0, self.every
+        self.streak += 1
+        if self.streak <= self.interval:
+            return k
+        self.streak, self.interval = 0, min(2 * self.interval, self.most)
+        return other
+
+    def held(self) -> None:
+        """A k = 0 step ran without weighing (ZeroHold): it counts towards the next exploration."""
+        self.streak += 1
+
+    @property
+    def due(self) -> bool:
+        return self.streak >= self.interval

@@ -8,12 +8,11 @@ from sloserve.engine.cost import StepTimeModel
 from sloserve.engine.scheduler import SchedulerOutput
 from sloserve.model.logits_processors import is_active
 from sloserve.request import Request
-from sloserve.spec.adaptive import AcceptanceEstimator, ZeroHold, best_k, candidates
+from sloserve.spec.adaptive import AcceptanceEstimator, Exploration, ZeroHold, best_k, candidates
 from sloserve.spec.config import SpeculativeConfig
 from sloserve.spec.proposer import DraftRequest, Proposer
-from sloserve.spec.verify_cost import VerifyCost
 
-# Exploring a verification (VerifyCost.explore) is worth a step only where drafts are accepted at all.
+# Exploring a verification (adaptive.Exploration) is worth a step only where drafts are accepted at all.
 EXPLORE_MIN_ACCEPTANCE = 0.2
 
 
@@ -38,18 +37,6 @@ class SpecDecodeStats:
         return self.num_emitted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
-@dataclass(slots=True)
-class _RanStep:
-    """A decoding step adaptive speculation chose k for, as it ran (see Speculation._measure)."""
-
-    price: float  # the predictor's price of its rows decoding one token each
-    rows: int
-    start: float  # when its target part began (after drafting)
-    verifying: int  # rows that verified drafts
-    drafts: int
-    request_ids: set[str]
-
-
 class Speculation:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int,
                  clock: Clock | None = None) -> None:
@@ -69,27 +56,23 @@ class Speculation:
         # Requests proposed for since they (re)started: a first proposal also feeds a draft model the prompt, which
         # the per-step price does not mean to cover (see propose).
         self._proposed: set[str] = set()
-        self.verify_cost = VerifyCost()
         self.hold = ZeroHold()  # adaptive: a clear k = 0 kept for a few steps without weighing it again
-        self._pending: tuple[float, int, float] | None = None  # adaptive: price of the rows decoding, rows, target start
-        self._ran: _RanStep | None = None  # a decoding step that ran, measured when the next one starts
+        self.exploration = Exploration()
 
     def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
-        self._measure(running)
         # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
         # token a step: their verification would need a history per draft position.
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not is_active(r.sampling_params)]
         k = self.config.num_speculative_tokens
         limits = None
-        price_0 = None  # adaptive: the predictor's price of the step with every decoding row one token, no prefill
         if self.config.k_policy == "adaptive" and decoding:
-            if not self.verify_cost.due and self.hold.keeps(len(decoding)):
+            if not self.exploration.due and self.hold.keeps(len(decoding)):
                 k = 0
-                self.verify_cost.held()
+                self.exploration.held()
             else:
                 limits = self._limits(decoding)
-                k, price_0 = self._choose(decoding, limits, waiting, predictor)
+                k = self._choose(decoding, limits, waiting, predictor)
         self.last_k = k
         if decoding:
             self.stats.steps_per_k[k] += 1
@@ -111,8 +94,6 @@ class Speculation:
             if predicted > 0 and not first:
                 ratio = min(max((self.clock.now() - start) / predicted, 0.1), 10.0)
                 self.draft_scale += 0.1 * (ratio - self.draft_scale)
-        # The target's part of the step starts now (drafting is priced apart): observe() measures it.
-        self._pending = None if price_0 is None else (price_0, len(decoding), self.clock.now())
         return {r.request_id: d for r, d in zip(batch, drafts) if d}
 
     def _limits(self, decoding: list[Request]) -> list[int]:
@@ -123,38 +104,27 @@ class Speculation:
                     self.max_model_len - r.num_tokens - 1) for r in decoding]
 
     def _choose(self, decoding: list[Request], limits: list[int], waiting: list[Request],
-                predictor: StepTimeModel) -> tuple[int, float | None]:
-        """Adaptive: the k whose step yields the most expected tokens per predicted second (or, now and then, a
-        verification to measure), and the price of the rows decoding one token each where the step will be measured."""
+                predictor: StepTimeModel) -> int:
+        """Adaptive: the k whose step yields the most expected tokens per predicted second."""
         prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
         alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
-        cands, price_0 = candidates(self.config.num_speculative_tokens, limits, [r.num_tokens for r in decoding], alphas,
-                                    prefill, self.budget, predictor, self._draft_seconds, self.verify_cost,
-                                    [self.acceptance.draft_rate(r.request_id) for r in decoding],
-                                    self.acceptance.position_factors(self.config.num_speculative_tokens))
+        cands = candidates(self.config.num_speculative_tokens, limits, [r.num_tokens for r in decoding], alphas,
+                           prefill, self.budget, predictor, self._draft_seconds,
+                           [self.acceptance.draft_rate(r.request_id) for r in decoding],
+                           self.acceptance.position_factors(self.config.num_speculative_tokens))
         k = best_k(cands)
-        self.verify_cost.chose(k)
-        if k == 0 and sum(alphas) / len(alphas) > EXPLORE_MIN_ACCEPTANCE and self.verify_cost.explore():
-            k = max(cands[1:], key=lambda c: c.rate).k  # the verification the prices favour
+        # Now and then the other side: k = 0, or the verification the prices favour where drafts are accepted at all.
+        other = 0
+        if k == 0 and sum(alphas) > EXPLORE_MIN_ACCEPTANCE * len(alphas):
+            other = max(cands[1:], key=lambda c: c.rate).k
+        k = self.exploration.step(k, other)
         self.hold.weighed(cands, k, len(decoding))
-        # Only steps without a prefill chunk are measured (see observe).
-        return k, None if prefill else price_0
+        return k
 
     def _draft_seconds(self, ks: list[int], contexts: list[int]) -> float:
         return self.draft_scale * self.proposer.predict_seconds(ks, contexts)
 
     def observe(self, plan: SchedulerOutput, sampled: list[list[int]]) -> None:
-        if self._pending is not None:
-            price_0, rows, start = self._pending
-            self._pending = None
-            # Measured against the predictor's price of the same rows decoding one token each. Steps with a prefill
-            # chunk, or other rows than the choice weighed, are left out: the predictor prices prefill chunks less
-            # well than decodes, and the fit of what verifying adds would take their error for the drafts'.
-            if len(plan.scheduled) == rows and all(s.num_new_tokens == 1 + len(s.spec_token_ids) and s.samples
-                                                   for s in plan.scheduled):
-                verifying = [len(s.spec_token_ids) for s in plan.scheduled if s.spec_token_ids]
-                self._ran = _RanStep(price_0, rows, start, len(verifying), sum(verifying),
-                                     {x.request_id for x in plan.scheduled})
         for s, tokens in zip(plan.scheduled, sampled):
             if not s.spec_token_ids or not tokens:
                 continue
@@ -167,19 +137,6 @@ class Speculation:
             st.num_emitted_tokens += len(tokens)
             for pos in range(accepted):
                 st.accepted_per_pos[pos] += 1
-
-    def _measure(self, running: list[Request]) -> None:
-        """The last decoding step ran until now: its output tokens were processed (detokenized, stop-checked: per
-        token, so a verification's several tokens a row cost more there too) and this step began. Measured only while
-        one of its requests still runs: otherwise the engine may have sat idle in between."""
-        ran, self._ran = self._ran, None
-        if ran is None or not any(r.request_id in ran.request_ids for r in running):
-            return
-        seconds = self.clock.now() - ran.start
-        if ran.verifying:
-            self.verify_cost.observe_verify(seconds, ran.price, ran.rows, ran.verifying, ran.drafts)
-        else:
-            self.verify_cost.observe_decode(seconds, ran.price)
 
     def forget(self, request_ids: list[str]) -> None:
         """Requests that ended or were preempted: their draft state goes (a preempted one restarts it)."""

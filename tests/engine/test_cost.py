@@ -109,3 +109,42 @@ def test_a_model_that_prices_steps_at_zero_still_predicts_time_and_chunks_are_cu
     assert zero.step_seconds(StepShape([64], [0], [True])) > 0
     assert 1 <= rate_floor(zero, empty, 0, 256, 1000.0) <= 256
     assert prefill_chunk(zero, empty, 0, 256, 16, 0.025, min_rate=1000.0) == 256
+
+
+def test_a_verification_is_priced_as_the_decode_rows_the_runner_computes_it_as():
+    """A row verifying k drafts is k + 1 decode positions to the runner (decode attention, the decode matmul kernel,
+    logits at each); priced as a prefill chunk on cached context, its cost came from prefill steps' coefficients."""
+    features = StepCostModel.default(256).features.execute
+    terms = features.terms
+    verify = features(StepShape([5, 1], [40, 70], [True, True], spec_tokens=[4, 0]))
+    decodes = features(StepShape([1] * 6, [40, 41, 42, 43, 44, 70], [True] * 6))
+    differ = {t for t, a, b in zip(terms, verify, decodes) if a != b}
+    assert differ == {"requests", "spec_tokens"}  # one request's rows, not six requests; the drafts
+    chunk = features(StepShape([5, 1], [40, 70], [True, True]))  # the same tokens as a prompt chunk
+    assert chunk[terms.index("prefill_chunks")] == 1 and verify[terms.index("prefill_chunks")] == 0
+
+
+def test_a_plans_shape_counts_its_draft_tokens():
+    from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+    params = SamplingParams(max_tokens=8)
+    plan = SchedulerOutput([ScheduledRequest("a", [1, 2, 3], 10, 3, True, [0], params, spec_token_ids=[2, 3]),
+                            ScheduledRequest("b", [4], 7, 1, True, [1], params)])
+    shape = StepShape.of(plan)
+    assert shape.spec_tokens == [2, 0]
+    assert StepShape.from_dict(shape.to_dict()) == shape
+    assert StepShape.from_dict({"new_tokens": [3], "contexts": [0], "samples": [True]}).spec_tokens == [0]
+
+
+def test_a_prefill_chunk_is_sized_beside_the_steps_verifications_as_verifications():
+    class Recording:
+        shapes: list = []
+
+        def step_seconds(self, shape):
+            self.shapes.append(shape)
+            return 0.001 * sum(shape.new_tokens)
+
+    model = Recording()
+    prefill_chunk(model, StepShape([5, 1], [40, 70], [True, True], [4, 0]), 0, 100, 8, 0.05)
+    assert model.shapes and all(s.spec_tokens == [4, 0, 0] for s in model.shapes)
+    with pytest.raises(ValueError, match="2 draft counts for 3 rows"):
+        StepShape([5, 1, 1], [40, 70, 9], [True] * 3, [4, 0])

@@ -10,7 +10,7 @@ from sloserve.sim.profile import Profile
 
 # Seconds per unit of each term: 0.2 ms per sampled row, 20 ns per prefill token pair, ...
 KNOWN_ATTENTION = dict(samples=2e-4, requests=3e-5, prefill_chunks=4e-4, prefill_attn=2e-8, prefill_ctx_attn=4e-8,
-                       prefill_ctx=1e-6, decode_ctx=1e-7, decode_padded=5e-8, decode_masked=3e-8)
+                       prefill_ctx=1e-6, decode_ctx=1e-7, decode_padded=5e-8, decode_masked=3e-8, spec_tokens=1e-4)
 KNOWN_OVERHEAD = dict(step=3e-4, requests=2e-5, samples=1e-5)
 
 

@@ -48,12 +48,23 @@ def random_shapes(rng, n):
     return shapes
 
 
+def verification_shapes(rng, n):
+    """Decodes beside 1-16 rows verifying 1-4 drafts each (a profile's engine run with speculation)."""
+    shapes = []
+    for _ in range(n):
+        decodes, verifying = int(rng.integers(0, 32)), int(rng.integers(1, 17))
+        drafts = [0] * decodes + [int(d) for d in rng.integers(1, 5, verifying)]
+        shapes.append(StepShape([1 + d for d in drafts], [int(c) for c in rng.integers(1, 1500, len(drafts))],
+                                [True] * len(drafts), drafts))
+    return shapes
+
+
 @pytest.mark.parametrize("noise, tolerance", [(0.0, 1e-6), (0.003, 0.05)])
 def test_fit_recovers_known_coefficients(noise, tolerance):
     """Every coefficient within 5% when timings carry 0.3% noise (each grid timing is a median of repeats)."""
     rng = np.random.default_rng(1)
     grid = [shape_of(s) for s in step_grid(GridLimits(512, 64, 2048, 4096, 16))]
-    shapes = grid + random_shapes(rng, 1000)
+    shapes = grid + random_shapes(rng, 1000) + verification_shapes(np.random.default_rng(2), 200)
     features = ExecuteFeatures(token_knots(512))
     x = np.array([features(s) for s in shapes])
     truth = np.array([known_execute(features.knots)[t] for t in features.terms])

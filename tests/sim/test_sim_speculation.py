@@ -99,8 +99,8 @@ def test_a_step_costs_the_draft_and_the_verify_shape_on_the_virtual_clock():
     r = outcome.records[0]
     model = known_profile().step_model
     prefill = model.step_seconds(StepShape([20], [0], [True]))
-    # Then: draft K (one batched draft step each), verify K + 1 positions after the 21 tokens so far.
-    verify = model.step_seconds(StepShape([K + 1], [20], [True]))
+    # Then: draft K (one batched draft step each), verify K drafts: K + 1 positions after the 20 tokens computed.
+    verify = model.step_seconds(StepShape([K + 1], [20], [True], [K]))
     assert r.token_times_s[:2] == pytest.approx([prefill, prefill + K * DRAFT_STEP + verify])
     assert r.chunk_tokens[:2] == [1, K + 1]
 
