@@ -227,7 +227,7 @@ class ZeroHold:
     Under heavy load k = 0 wins step after step, and weighing it (an acceptance estimate per row, each k's price) cost
     ~1.7% of a 32-row step. What could turn the choice is re-weighed soon: anything within `steps` steps (a refitted
     predictor, new requests' acceptance), at once when a quarter of the rows left (verifying is cheaper beside fewer
-    rows)."""
+    rows) or an exploration is due (the caller asks `Exploration` first)."""
 
     margin: float = 1.1  # k = 0's rate over the best k > 0's for the choice to count as clear
     steps: int = 8
