@@ -59,9 +59,16 @@ class StepCostModel:
         on a CPU core, so a policy or admission acting on it errs towards caution until measured steps
         replace it."""
         knots = token_knots(max_num_batched_tokens)
-        features = StepFeatures(knots)
-        table = [0.05 + 0.002 * k for k in knots]
-        return cls(knots, table + [0.0] * (len(features.terms) - len(knots)))
+        tables = {term: 0.002 * int(term.split("@")[1]) for term in StepFeatures(knots).terms if "_tokens@" in term}
+        return cls.of(knots, tables | {"step": 0.05})
+
+    @classmethod
+    def of(cls, knots: tuple[int, ...], prices: dict[str, float]) -> StepCostModel:
+        """A model from seconds per unit of the terms named (the rest cost nothing)."""
+        terms = StepFeatures(knots).terms
+        if unknown := set(prices) - set(terms):
+            raise ValueError(f"unknown step-time terms {sorted(unknown)}")
+        return cls(knots, [prices.get(term, 0.0) for term in terms])
 
 
 def prior_shapes(knots: tuple[int, ...]) -> list[StepShape]:
@@ -87,7 +94,7 @@ class StepPredictor:
     """
 
     def __init__(self, start: StepCostModel, *, window: int = 1024, refit_every: int = 32,
-                 prior_weight: float = 0.02, calibrate: bool = True) -> None:
+                 prior_weight: float = 0.02, straightness: float = 0.1, calibrate: bool = True) -> None:
         self.start = start
         self.model = start  # replaced whole by a refit, so readers on another thread see one or the other
         self.calibrate = calibrate
@@ -101,6 +108,8 @@ class StepPredictor:
         self.num_observed = 0
         self.num_refits = 0
         shapes = prior_shapes(start.knots)
+        bends = np.array(start.features.execute.bends(), float)
+        self._bends = np.hstack([bends, np.zeros((len(bends), len(OVERHEAD_TERMS)))]) * straightness
         self._prior_x = np.array([start.features(s) for s in shapes], float)
         self._prior_y = np.array([max(start.step_seconds(s), 1e-9) for s in shapes], float)
 
@@ -132,8 +141,12 @@ class StepPredictor:
         # full-budget prefill) would look 10x dear to every policy, router and admission that prices it.
         speed = float(np.median(y / np.maximum(x @ np.asarray(self.start.coefficients), 1e-9)))
         w = np.concatenate([np.ones(len(y)), np.full(len(self._prior_y), self.prior_weight)])
+        # Between the token counts measured, a table runs straight rather than in the start's shape: a single
+        # request verifying 4 drafts and decoding measures 1 and 5 decode positions, and the default's shape (a step's
+        # fixed cost dominates) priced 2 and 3 near 1, so verifying 1 or 2 drafts looked free until it was tried.
+        # Relative units: a bend the size of a typical step weighs `straightness` of one measured step.
         fitted = LinearCostModel.fit(features.terms, np.vstack([x, self._prior_x]),
-                                     np.concatenate([y, self._prior_y * speed]), w)
+                                     np.concatenate([y, self._prior_y * speed]), w, self._bends / float(np.median(y)))
         self.model = StepCostModel(self.start.knots, fitted.coefficients)
         self._since_refit = 0
         self.num_refits += 1

@@ -49,10 +49,11 @@ class LinearCostModel:
 
     @classmethod
     def fit(cls, terms: Sequence[str], x: np.ndarray, seconds: np.ndarray,
-            weights: np.ndarray | None = None) -> LinearCostModel:
+            weights: np.ndarray | None = None, penalty: np.ndarray | None = None) -> LinearCostModel:
         """Non-negative least squares on *relative* error, so a 5 ms decode step counts as much as a
         2 s prefill step (decodes set TPOT; an absolute fit would sacrifice them to the big steps).
-        `weights` scale each sample's say (the online refit gives its prior samples less)."""
+        `weights` scale each sample's say (the online refit gives its prior samples less); `penalty` rows
+        r add ||r . coefficients||^2 (in the same relative units) to what is minimised."""
         x, y = np.asarray(x, float), np.asarray(seconds, float)
         if x.ndim != 2 or x.shape != (len(y), len(terms)):
             raise ValueError(f"features must be {len(y)} x {len(terms)}, got {x.shape}")
@@ -60,6 +61,8 @@ class LinearCostModel:
             raise ValueError("measured times must be positive")
         w = np.ones(len(y)) if weights is None else np.asarray(weights, float)
         weighted = x * (w / y)[:, None]
+        if penalty is not None:
+            weighted, w = np.vstack([weighted, penalty]), np.concatenate([w, np.zeros(len(penalty))])
         # Unit columns keep the active-set solver well conditioned; unused terms (all zero) stay zero.
         scale = np.linalg.norm(weighted, axis=0)
         scale[scale == 0] = 1.0

@@ -220,7 +220,7 @@ class LLMEngine:
     # the requests whose draft state it may have left half-updated (it rebuilds them from their tokens).
     def _propose(self) -> dict[str, list[int]] | None:
         try:
-            return self.speculator.propose(self.scheduler.running, self.scheduler.waiting, self.predictor)
+            return self.speculator.propose(self.scheduler.running, self.predictor)
         except Exception:  # noqa: BLE001
             logger.exception("the speculator failed to propose; this step runs without drafts")
             self.speculator.forget([r.request_id for r in self.scheduler.running])

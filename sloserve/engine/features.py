@@ -12,9 +12,15 @@ if TYPE_CHECKING:  # the scheduler imports this module (its policies cost steps 
 # function of the step's batched tokens that is not a straight line on a CPU (BLAS switches
 # kernels at small batch sizes: one or three rows cost about the same, four cost 1.5x more), so
 # like Vidur's per-token-count profiles it is a piecewise-linear table over token counts: the
-# "tokens@k" terms are hat functions, whose coefficients are the step's cost at k tokens (fixed
-# per-step cost at k=1, cost per batched token in the slopes). On top of it, linear terms:
+# "@k" terms are hat functions, whose coefficients are the cost at k tokens. There are two tables,
+# decode positions and prompt tokens, because the CPU runner computes them apart: decode rows (a
+# decode's one position, each of a verification's k + 1) always in its row-streaming matmul kernel,
+# prompt chunks beside them in a GEMM. One table over a step's total tokens, fitted mostly on prompt
+# chunks, priced 32 rows verifying 4 drafts at 18 ms against 48 measured, and beside a prompt chunk
+# made drafts look almost free. Where one GEMM computes every row (a GPU) the sum of two tables
+# still fits its cost; "step" is the fixed cost the two would otherwise each carry. Then linear terms:
 _ATTENTION_TERMS = (
+    "step",              # every step: the fixed cost of a forward pass
     "samples",           # rows that sample a token (LM head over the vocabulary, sampler)
     "requests",          # scheduled requests (slot mapping, block tables)
     "prefill_chunks",    # prefill spans (each is its own attention call)
@@ -26,11 +32,6 @@ _ATTENTION_TERMS = (
     # in place (decode_ctx alone), and the fit then gives these two terms no weight.
     "decode_padded",     # decodes x longest decode context
     "decode_masked",     # the same rectangle when contexts differ: padding needs a mask and a slower kernel
-    # Draft tokens verified. A verification's positions are decode rows (counted as such above), but on a CPU they
-    # take the decode matmul kernel however many they are, while the token table's larger counts are fitted on prompt
-    # chunks, which a GEMM computes more cheaply: 32 rows verifying 4 drafts each measured 48 ms against 18 priced.
-    # Only verifications have this term, so it is fitted from them alone (0 until one is measured).
-    "spec_tokens",
 )
 
 # The engine's own work around the executor: scheduling, appending tokens, stop checks,
@@ -90,16 +91,23 @@ class ExecuteFeatures:
         if list(knots) != sorted(set(knots)) or knots[0] < 1:
             raise ValueError(f"token knots must be increasing positive integers, got {knots}")
         self.knots = tuple(knots)
-        self.terms = tuple(f"tokens@{k}" for k in knots) + _ATTENTION_TERMS
+        # A one-token span is a decode row to the runner: prompt tokens in a step are none or at least 2.
+        self.prefill_knots = tuple(k for k in knots if k > 1)
+        self.terms = (tuple(f"prefill_tokens@{k}" for k in self.prefill_knots)
+                      + tuple(f"decode_tokens@{k}" for k in knots) + _ATTENTION_TERMS)
+
+    def bends(self) -> list[list[float]]:
+        """Rows over the terms: how far each table bends at each inner knot (see StepPredictor.refit)."""
+        prefill, decode, rest = len(self.prefill_knots), len(self.knots), len(_ATTENTION_TERMS)
+        return ([row + [0.0] * (decode + rest) for row in _bends(self.prefill_knots)]
+                + [[0.0] * prefill + row + [0.0] * rest for row in _bends(self.knots)])
 
     def __call__(self, shape: StepShape) -> list[float]:
-        tokens = prefill_chunks = prefill_attn = prefill_ctx_attn = prefill_ctx = 0
+        prompt = prefill_chunks = prefill_attn = prefill_ctx_attn = prefill_ctx = 0
         decodes = decode_ctx = longest = 0
         samples = sum(shape.samples)
-        spec_tokens = sum(shape.spec_tokens)
         shortest = None
         for n, c, drafts in zip(shape.new_tokens, shape.contexts, shape.spec_tokens):
-            tokens += n
             # The runner batches every one-token row as a decode, whatever its phase, and computes a verification's
             # n positions as n decodes (decode attention, the decode matmul kernel, logits at each): priced as a
             # prefill chunk on cached context, its cost came from prefill steps and missed by up to 3x.
@@ -111,6 +119,7 @@ class ExecuteFeatures:
                 if drafts:
                     samples += n - 1  # the drafts' positions are scored too
             else:
+                prompt += n
                 prefill_chunks += 1
                 if c:
                     prefill_ctx_attn += n * (c + n)
@@ -118,24 +127,40 @@ class ExecuteFeatures:
                 else:
                     prefill_attn += n * n
         padded = decodes * longest
-        return self._hats(tokens) + [
-            samples, len(shape.new_tokens), prefill_chunks, prefill_attn, prefill_ctx_attn, prefill_ctx,
-            decode_ctx, padded, padded if shortest != longest else 0, spec_tokens,
+        return _hats(self.prefill_knots, prompt) + _hats(self.knots, decodes) + [
+            1.0, samples, len(shape.new_tokens), prefill_chunks, prefill_attn, prefill_ctx_attn, prefill_ctx,
+            decode_ctx, padded, padded if shortest != longest else 0,
         ]
 
-    def _hats(self, tokens: int) -> list[float]:
-        """Linear interpolation weights of `tokens` between its two neighbouring knots (beyond the last: scaled)."""
-        knots, out = self.knots, [0.0] * len(self.knots)
-        i = bisect.bisect_left(knots, tokens)
-        if i == len(knots):
-            out[-1] = tokens / knots[-1]
-        elif knots[i] == tokens or i == 0:
-            out[i] = 1.0
-        else:
-            lo, hi = knots[i - 1], knots[i]
-            out[i] = (tokens - lo) / (hi - lo)
-            out[i - 1] = 1.0 - out[i]
+
+def _bends(knots: tuple[int, ...]) -> list[list[float]]:
+    """Per inner knot, its table value less the straight line through its neighbours' (zero where the table is
+    straight there): rows in the coefficients of a table over `knots`."""
+    rows = []
+    for i in range(1, len(knots) - 1):
+        lo, k, hi = knots[i - 1], knots[i], knots[i + 1]
+        row = [0.0] * len(knots)
+        row[i - 1], row[i], row[i + 1] = -(hi - k) / (hi - lo), 1.0, -(k - lo) / (hi - lo)
+        rows.append(row)
+    return rows
+
+
+def _hats(knots: tuple[int, ...], tokens: int) -> list[float]:
+    """Linear interpolation weights of `tokens` between its two neighbouring knots (beyond the last: scaled;
+    none: all 0)."""
+    out = [0.0] * len(knots)
+    if tokens == 0:
         return out
+    i = bisect.bisect_left(knots, tokens)
+    if i == len(knots):
+        out[-1] = tokens / knots[-1]
+    elif knots[i] == tokens or i == 0:
+        out[i] = 1.0
+    else:
+        lo, hi = knots[i - 1], knots[i]
+        out[i] = (tokens - lo) / (hi - lo)
+        out[i - 1] = 1.0 - out[i]
+    return out
 
 
 def overhead_features(shape: StepShape) -> list[float]:

@@ -9,7 +9,7 @@ from sloserve.request import Request
 
 
 class Speculator(Protocol):
-    def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
+    def propose(self, running: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens per running request for the coming step (the scheduler spends budget on them)."""
         ...
 

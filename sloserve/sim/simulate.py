@@ -94,7 +94,7 @@ def build_sim_engine(model: StepCostModel, knobs: EngineKnobs, policy: str, cloc
         speculator = None
     else:
         executor = speculation.executor(steps, clock, knobs.num_kv_blocks, seconds_per_waiting)
-        speculator = speculation.speculator(clock, knobs.max_model_len, knobs.max_num_batched_tokens)
+        speculator = speculation.speculator(clock, knobs.max_model_len)
     return LLMEngine(
         executor, knobs.scheduler_config(policy), max_model_len=knobs.max_model_len, vocab_size=knobs.vocab_size,
         clock=clock, predictor=predictor, speculator=speculator,

@@ -130,9 +130,9 @@ class SimSpeculation:
                  seconds_per_waiting: float = 0.0) -> SpeculativeSimulatedExecutor:
         return SpeculativeSimulatedExecutor(model, clock, num_kv_blocks, self.acceptance, self.seed, seconds_per_waiting)
 
-    def speculator(self, clock: VirtualClock, max_model_len: int, max_num_batched_tokens: int) -> Speculation:
+    def speculator(self, clock: VirtualClock, max_model_len: int) -> Speculation:
         proposer = SimulatedProposer(clock, self.draft_cost, self.draft_scale, self.proposal_rate, self.seed + 1)
-        return Speculation(self.config, proposer, max_model_len, max_num_batched_tokens, clock=clock)
+        return Speculation(self.config, proposer, max_model_len, clock=clock)
 
 
 def sim_speculation(config: SpeculativeConfig, profiled: SpeculationProfile | None, acceptance: float | None,

@@ -45,7 +45,7 @@ def build_speculation(config: EngineConfig, loaded: LoadedModel, target: ModelEx
         proposer = DraftModelProposer(ModelExecutor(draft, draft_config), config.block_size, config.max_num_batched_tokens)
         if spec.k_policy == "adaptive":
             proposer.calibrate()
-    speculation = Speculation(spec, proposer, max_model_len, config.max_num_batched_tokens)
+    speculation = Speculation(spec, proposer, max_model_len)
     return SpeculativeExecutor(target, proposer), speculation
 
 

@@ -38,14 +38,13 @@ class SpecDecodeStats:
 
 
 class Speculation:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_num_batched_tokens: int,
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int,
                  clock: Clock | None = None) -> None:
         self.config = config
         # The engine's clock: real time when serving, virtual time when simulated proposals cost modelled seconds.
         self.clock = clock or MonotonicClock()
         self.proposer = proposer
         self.max_model_len = max_model_len
-        self.budget = max_num_batched_tokens
         self.acceptance = AcceptanceEstimator()
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens,
                                      steps_per_k=[0] * (config.num_speculative_tokens + 1))
@@ -59,7 +58,7 @@ class Speculation:
         self.hold = ZeroHold()  # adaptive: a clear k = 0 kept for a few steps without weighing it again
         self.exploration = Exploration()
 
-    def propose(self, running: list[Request], waiting: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
+    def propose(self, running: list[Request], predictor: StepTimeModel) -> dict[str, list[int]]:
         """Draft tokens for the running requests that are decoding (their prompt fully computed)."""
         # Requests whose logits processors read the token history (penalties, min_tokens, min_p) decode one
         # token a step: their verification would need a history per draft position.
@@ -72,7 +71,7 @@ class Speculation:
                 self.exploration.held()
             else:
                 limits = self._limits(decoding)
-                k = self._choose(decoding, limits, waiting, predictor)
+                k = self._choose(decoding, limits, predictor)
         self.last_k = k
         if decoding:
             self.stats.steps_per_k[k] += 1
@@ -103,13 +102,11 @@ class Speculation:
                     r.sampling_params.max_tokens - len(r.output_token_ids) - 1,
                     self.max_model_len - r.num_tokens - 1) for r in decoding]
 
-    def _choose(self, decoding: list[Request], limits: list[int], waiting: list[Request],
-                predictor: StepTimeModel) -> int:
+    def _choose(self, decoding: list[Request], limits: list[int], predictor: StepTimeModel) -> int:
         """Adaptive: the k whose step yields the most expected tokens per predicted second."""
-        prefill = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
         alphas = [self.acceptance.alpha(r.request_id) for r in decoding]
         cands = candidates(self.config.num_speculative_tokens, limits, [r.num_tokens for r in decoding], alphas,
-                           prefill, self.budget, predictor, self._draft_seconds,
+                           predictor, self._draft_seconds,
                            [self.acceptance.draft_rate(r.request_id) for r in decoding],
                            self.acceptance.position_factors(self.config.num_speculative_tokens))
         k = best_k(cands)

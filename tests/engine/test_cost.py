@@ -5,6 +5,7 @@ import statistics
 import pytest
 
 from sloserve.engine.cost import StepCostModel, StepPredictor, prefill_chunk, rate_floor
+from sloserve.engine.cost_model import LinearCostModel
 from sloserve.engine.engine import LLMEngine
 from sloserve.engine.features import StepShape
 from sloserve.engine.scheduler import SchedulerConfig
@@ -119,9 +120,38 @@ def test_a_verification_is_priced_as_the_decode_rows_the_runner_computes_it_as()
     verify = features(StepShape([5, 1], [40, 70], [True, True], spec_tokens=[4, 0]))
     decodes = features(StepShape([1] * 6, [40, 41, 42, 43, 44, 70], [True] * 6))
     differ = {t for t, a, b in zip(terms, verify, decodes) if a != b}
-    assert differ == {"requests", "spec_tokens"}  # one request's rows, not six requests; the drafts
+    assert differ == {"requests"}  # one request's rows, not six requests
     chunk = features(StepShape([5, 1], [40, 70], [True, True]))  # the same tokens as a prompt chunk
     assert chunk[terms.index("prefill_chunks")] == 1 and verify[terms.index("prefill_chunks")] == 0
+
+
+def split_kernel_seconds(shape: StepShape) -> float:
+    """A CPU step as the runner computes it: 1 ms, 0.25 ms a decode position (decode rows and verifications, the
+    row-streaming kernel) and 10 us a prompt token (a GEMM), whatever else the step holds."""
+    decode = sum(n for n, d in zip(shape.new_tokens, shape.spec_tokens) if n == 1 or d)
+    return 0.001 + 0.00025 * decode + 0.00001 * (sum(shape.new_tokens) - decode)
+
+
+def test_decode_positions_and_prompt_tokens_are_priced_apart_as_the_runner_computes_them():
+    # Fitted on decode steps, prompt chunks, decodes beside chunks and verifications alone, the model prices what it
+    # never saw: a verification beside a chunk costs what its positions cost without it. One table over a step's total
+    # tokens cannot (its cost at 528 tokens is a prompt chunk's or a verification's, not both): it priced this one at
+    # a quarter of its cost.
+    rng = random.Random(0)
+    features = StepCostModel.default(512).features.execute
+    shapes = [StepShape([1 + k] * 16, [100] * 16, [True] * 16, [k] * 16) for k in range(1, 5)]
+    for _ in range(300):
+        rows, chunk = rng.randint(1, 24), rng.choice([0, 0, rng.randint(2, 500)])
+        new, ctx = [1] * rows + ([chunk] if chunk else []), [100] * rows + ([0] if chunk else [])
+        shapes.append(StepShape(new, ctx, [True] * len(new)))
+    model = LinearCostModel.fit(features.terms, [features(s) for s in shapes], [split_kernel_seconds(s) for s in shapes])
+    verify = StepShape([5] * 16 + [448], [100] * 16 + [0], [True] * 17, [4] * 16 + [0])
+    assert model.predict(features(verify)) == pytest.approx(split_kernel_seconds(verify), rel=0.02)
+    alone = StepShape([5] * 16, [100] * 16, [True] * 16, [4] * 16)
+    added = model.predict(features(verify)) - model.predict(features(StepShape([1] * 16 + [448], [100] * 16 + [0],
+                                                                             [True] * 17)))
+    assert added == pytest.approx(split_kernel_seconds(alone) - split_kernel_seconds(StepShape([1] * 16, [100] * 16,
+                                                                                             [True] * 16)), rel=0.05)
 
 
 def test_a_plans_shape_counts_its_draft_tokens():

@@ -125,7 +125,7 @@ class FailingSpeculator:
         self.proposals = 0
         self.forgotten: list[str] = []
 
-    def propose(self, running, waiting, predictor):
+    def propose(self, running, predictor):
         self.proposals += 1
         if self.proposals == self.fail_on:
             raise RuntimeError("draft forward failed")

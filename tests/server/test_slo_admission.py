@@ -21,8 +21,7 @@ def ten_second_steps(server) -> None:
     """Script the engine's predictor: every step takes 10 s (and no measured step changes that)."""
     predictor = server.engine.predictor
     predictor.calibrate = False
-    knots = predictor.model.knots
-    predictor.model = StepCostModel(knots, [10.0] * len(knots) + [0.0] * (len(predictor.model.features.terms) - len(knots)))
+    predictor.model = StepCostModel.of(predictor.model.knots, {"step": 10.0})
 
 
 def test_slo_class_comes_from_the_field_the_header_or_the_default(chat_model_dir, start_server):

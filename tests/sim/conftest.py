@@ -10,13 +10,15 @@ from sloserve.sim.profile import Profile
 
 # Seconds per unit of each term: 0.2 ms per sampled row, 20 ns per prefill token pair, ...
 KNOWN_ATTENTION = dict(samples=2e-4, requests=3e-5, prefill_chunks=4e-4, prefill_attn=2e-8, prefill_ctx_attn=4e-8,
-                       prefill_ctx=1e-6, decode_ctx=1e-7, decode_padded=5e-8, decode_masked=3e-8, spec_tokens=1e-4)
+                       prefill_ctx=1e-6, decode_ctx=1e-7, decode_padded=5e-8, decode_masked=3e-8, step=3e-3)
 KNOWN_OVERHEAD = dict(step=3e-4, requests=2e-5, samples=1e-5)
 
 
 def known_execute(knots: tuple[int, ...]) -> dict[str, float]:
-    """A 5 ms step plus 50 us per token, and a 3 ms jump from 4 tokens on (a BLAS regime change)."""
-    table = {f"tokens@{k}": 5e-3 + 5e-5 * k + (3e-3 if k >= 4 else 0.0) for k in knots}
+    """A 3 ms step; each kernel that runs reads the weights once (2 ms), plus 50 us a prompt token and 75 us a decode
+    position (the row-streaming kernel against a GEMM), and a 3 ms jump from 4 tokens on (a BLAS regime change)."""
+    table = {f"prefill_tokens@{k}": 2e-3 + 5e-5 * k + (3e-3 if k >= 4 else 0.0) for k in knots}
+    table |= {f"decode_tokens@{k}": 2e-3 + 7.5e-5 * k + (3e-3 if k >= 4 else 0.0) for k in knots}
     return table | KNOWN_ATTENTION
 
 

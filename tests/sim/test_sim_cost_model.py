@@ -41,7 +41,7 @@ def random_shapes(rng, n):
     shapes = []
     for _ in range(n):
         decodes = int(rng.integers(0, 48))
-        prefills = int(rng.integers(0 if decodes else 1, 3))
+        prefills = int(rng.integers(0 if decodes else 1, 4))
         new = [1] * decodes + [int(rng.integers(2, 300)) for _ in range(prefills)]
         ctx = [int(rng.integers(1, 1500)) for _ in range(decodes)] + [int(rng.integers(0, 2)) * int(rng.integers(1, 1500)) for _ in range(prefills)]
         shapes.append(StepShape(new, ctx, [bool(rng.random() < 0.6) for _ in new]))
@@ -61,7 +61,8 @@ def verification_shapes(rng, n):
 
 @pytest.mark.parametrize("noise, tolerance", [(0.0, 1e-6), (0.003, 0.05)])
 def test_fit_recovers_known_coefficients(noise, tolerance):
-    """Every coefficient within 5% when timings carry 0.3% noise (each grid timing is a median of repeats)."""
+    """Every coefficient the shapes reach within 5% when timings carry 0.3% noise (each grid timing is a median of
+    repeats)."""
     rng = np.random.default_rng(1)
     grid = [shape_of(s) for s in step_grid(GridLimits(512, 64, 2048, 4096, 16))]
     shapes = grid + random_shapes(rng, 1000) + verification_shapes(np.random.default_rng(2), 200)
@@ -70,8 +71,11 @@ def test_fit_recovers_known_coefficients(noise, tolerance):
     truth = np.array([known_execute(features.knots)[t] for t in features.terms])
     seconds = x @ truth * (1 + noise * rng.standard_normal(len(shapes)))
     fitted = fit_with_holdout(features.terms, x, seconds)
-    rel = np.abs(np.array(fitted.model.coefficients) - truth) / truth
-    assert rel.max() <= tolerance, dict(zip(features.terms, rel.round(4)))
+    coefficients = np.array(fitted.model.coefficients)
+    reached = x.any(axis=0)  # no shape here has 256 decode positions or more
+    rel = np.abs(coefficients - truth)[reached] / truth[reached]
+    assert rel.max() <= tolerance, dict(zip(np.array(features.terms)[reached], rel.round(4)))
+    assert (coefficients[~reached] == 0).all()  # a term no step reached prices nothing
     assert fitted.heldout.median <= max(2 * noise, 1e-9)
 
 

@@ -24,9 +24,12 @@ def test_plans_are_built_from_real_requests_and_blocks():
     assert [s.samples for s in plan.scheduled] == [True, True, False]
     assert [len(s.block_table) for s in plan.scheduled] == [3, 2, 3]
     assert StepShape.of(plan) == shape_of(step)
-    features = ExecuteFeatures((1, 32, 64))(StepShape.of(plan))
-    assert features[:3] == [0.0, 13 / 32, 19 / 32]  # 51 tokens: between the knots 32 and 64
-    assert features[3:5] == [2, 3]  # samples, requests
+    execute = ExecuteFeatures((1, 32, 64))
+    features = dict(zip(execute.terms, execute(StepShape.of(plan))))
+    # 50 prompt tokens: between the knots 32 and 64; the decode apart, in its own table.
+    assert [features[f"prefill_tokens@{k}"] for k in (32, 64)] == [14 / 32, 18 / 32]
+    assert [features[f"decode_tokens@{k}"] for k in (1, 32, 64)] == [1, 0, 0]
+    assert (features["samples"], features["requests"]) == (2, 3)
     builder.release(plan)
     assert manager.num_free_blocks == 64
 

@@ -40,7 +40,7 @@ class ScriptedSpeculator:
         self.k, self.right = k, right
         self.observed, self.forgotten = [], []
 
-    def propose(self, running, waiting, predictor):
+    def propose(self, running, predictor):
         drafts = {}
         for r in running:
             if r.num_computed_tokens == r.num_tokens - 1:
