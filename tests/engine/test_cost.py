@@ -134,9 +134,7 @@ def split_kernel_seconds(shape: StepShape) -> float:
 
 def test_decode_positions_and_prompt_tokens_are_priced_apart_as_the_runner_computes_them():
     # Fitted on decode steps, prompt chunks, decodes beside chunks and verifications alone, the model prices what it
-    # never saw: a verification beside a chunk costs what its positions cost without it. One table over a step's total
-    # tokens cannot (its cost at 528 tokens is a prompt chunk's or a verification's, not both): it priced this one at
-    # a quarter of its cost.
+    # never saw: a verification beside a chunk costs what its positions cost without it.
     rng = random.Random(0)
     features = StepCostModel.default(512).features.execute
     shapes = [StepShape([1 + k] * 16, [100] * 16, [True] * 16, [k] * 16) for k in range(1, 5)]
