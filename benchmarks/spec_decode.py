@@ -19,8 +19,9 @@ one that finishes replaced by the next, as many requests as a row needs to emit 
 must last seconds, not 0.1 s, to resolve a 3% difference on a shared machine). Not waves of `c`: with speculation
 requests of one wave finish steps apart, and a wave's last steps ran one lagging request alone (at 4 concurrent
 on copy-own, 129 of k = 4's 198 decode steps had fewer than 4 rows): that measured the waves, not the load.
-Configs run interleaved, `--repeats` rounds; "vs off" is each round's tok/s over off's in the same round, the
-median of those ratios (and their min..max). TPOT per request = (last token - first token) / (tokens - 1), p50/p99
+Configs run interleaved (the order rotated each round), `--repeats` rounds; "vs off" is each round's tok/s over off's
+in the same round, the median of those ratios (and their min..max); "off again", a second engine without speculation,
+shows how far two identical configs differ in the same run: the noise floor of every row. TPOT per request = (last token - first token) / (tokens - 1), p50/p99
 over the requests of the median round; tok/s = output tokens / wall time, median over rounds. Load average per row.
 "vs off (CPU)": off's process CPU time over the config's, median of rounds (the same tokens): on a loaded machine
 the work itself, with `--threads 1` (no intra-op thread spinning while it waits for a core).
@@ -188,7 +189,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in chosen:
         method = METHODS[workload]
-        llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in configs(method).items()}
+        # "off again": a second engine without speculation, measured like the others: its "vs off" is the noise floor
+        # every row is read against (two identical engines measured 0.92..1.03x of each other on a 2-core box).
+        specs = {"off": None, "off again": None} | configs(method)
+        llms = {name: LLM(str(TARGET), dtype=args.dtype, speculative_config=spec) for name, spec in specs.items()}
         data = workload_prompts(workload, llms["off"], args.max_tokens + 16)
         for c in levels:
             n = max(4 * c, -(-args.row_tokens // args.max_tokens))  # the tail (fewer than c left) a small part
@@ -197,8 +201,12 @@ def main() -> None:
                 run_once(llm, prompts[:c], 8)
             results: dict[str, list[dict]] = {name: [] for name in llms}
             traces: dict[str, list] = {name: [] for name in llms}
-            for _ in range(args.repeats):
-                for name, llm in llms.items():  # interleaved: the machine's load hits every config alike
+            for r in range(args.repeats):
+                names = list(llms)
+                # Interleaved, so the machine's load hits every config alike, and rotated, so no config always runs
+                # right after the same one.
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    llm = llms[name]
                     if not args.trace:
                         results[name].append(run_once(llm, prompts, args.max_tokens, c))
                         continue

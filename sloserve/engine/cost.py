@@ -94,7 +94,7 @@ class StepPredictor:
     """
 
     def __init__(self, start: StepCostModel, *, window: int = 1024, refit_every: int = 32,
-                 prior_weight: float = 0.02, straightness: float = 0.1, calibrate: bool = True) -> None:
+                 prior_weight: float = 0.02, straightness: float = 1.0, calibrate: bool = True) -> None:
         self.start = start
         self.model = start  # replaced whole by a refit, so readers on another thread see one or the other
         self.calibrate = calibrate
@@ -141,10 +141,11 @@ class StepPredictor:
         # full-budget prefill) would look 10x dear to every policy, router and admission that prices it.
         speed = float(np.median(y / np.maximum(x @ np.asarray(self.start.coefficients), 1e-9)))
         w = np.concatenate([np.ones(len(y)), np.full(len(self._prior_y), self.prior_weight)])
-        # Between the token counts measured, a table runs straight rather than in the start's shape: a single
-        # request verifying 4 drafts and decoding measures 1 and 5 decode positions, and the default's shape (a step's
-        # fixed cost dominates) priced 2 and 3 near 1, so verifying 1 or 2 drafts looked free until it was tried.
-        # Relative units: a bend the size of a typical step weighs `straightness` of one measured step.
+        # Between and beyond the token counts measured, a table runs straight rather than in the start's shape (a
+        # step's fixed cost dominates the default's): a single request verifying 4 drafts measures 1 and 5 decode
+        # positions, and 2 and 3 were priced near 1; a server at 32 concurrent measures 32, and 128 (4 drafts a row)
+        # was priced 35% cheap at a tenth of this weight. Adaptive speculation verified on such prices until a refit
+        # had measured them. Relative units: a bend the size of a typical step weighs `straightness` measured steps.
         fitted = LinearCostModel.fit(features.terms, np.vstack([x, self._prior_x]),
                                      np.concatenate([y, self._prior_y * speed]), w, self._bends / float(np.median(y)))
         self.model = StepCostModel(self.start.knots, fitted.coefficients)

@@ -152,6 +152,25 @@ def test_decode_positions_and_prompt_tokens_are_priced_apart_as_the_runner_compu
                                                                                              [True] * 16)), rel=0.05)
 
 
+def test_a_verification_larger_than_any_step_measured_is_priced_on_the_line_the_measured_decodes_draw():
+    # A server at 16-32 concurrent measures 16-32 decode positions (and 32 verifying one draft each); a verification
+    # of 4 drafts on 32 rows is 160. Where the table was not measured it runs straight on from where it was: priced
+    # in the default model's shape instead (scaled to the measured speed), it came out 35% cheap, and adaptive
+    # verified on it until a refit had measured it.
+    def seconds(shape):
+        return 0.0005 + 0.00042 * sum(shape.new_tokens) + 1e-7 * sum(shape.contexts)
+
+    predictor, rng = StepPredictor(StepCostModel.default(512)), random.Random(0)
+    for _ in range(600):
+        rows = rng.choice([14, 15, 16, 16, 31, 32])
+        k = rng.choice([0, 0, 0, 1]) if rows <= 16 else 0
+        shape = StepShape([1 + k] * rows, [rng.randint(50, 300) for _ in range(rows)], [True] * rows, [k] * rows)
+        predictor.observe(shape, seconds(shape) * rng.uniform(0.95, 1.05))
+    for rows, k in ((32, 3), (32, 4), (64, 0)):
+        shape = StepShape([1 + k] * rows, [150] * rows, [True] * rows, [k] * rows)
+        assert predictor.step_seconds(shape) == pytest.approx(seconds(shape), rel=0.05)
+
+
 def test_a_plans_shape_counts_its_draft_tokens():
     from sloserve.engine.scheduler import ScheduledRequest, SchedulerOutput
     params = SamplingParams(max_tokens=8)
