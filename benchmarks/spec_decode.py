@@ -201,8 +201,8 @@ def main() -> None:
                 run_once(llm, prompts[:c], 8)
             results: dict[str, list[dict]] = {name: [] for name in llms}
             traces: dict[str, list] = {name: [] for name in llms}
+            names = list(llms)
             for r in range(args.repeats):
-                names = list(llms)
                 # Interleaved, so the machine's load hits every config alike, and rotated, so no config always runs
                 # right after the same one.
                 for name in names[r % len(names):] + names[:r % len(names)]:

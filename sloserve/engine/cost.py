@@ -30,6 +30,10 @@ class StepFeatures:
     def __call__(self, shape: StepShape) -> list[float]:
         return self.execute(shape) + overhead_features(shape)
 
+    def bends(self) -> list[list[float]]:
+        """The execute tables' bends (ExecuteFeatures.bends) as rows over every term."""
+        return [row + [0.0] * len(OVERHEAD_TERMS) for row in self.execute.bends()]
+
 
 class StepCostModel:
     """seconds = coefficients . StepFeatures(shape); a profile's execute and overhead fits side by side."""
@@ -108,8 +112,7 @@ class StepPredictor:
         self.num_observed = 0
         self.num_refits = 0
         shapes = prior_shapes(start.knots)
-        bends = np.array(start.features.execute.bends(), float)
-        self._bends = np.hstack([bends, np.zeros((len(bends), len(OVERHEAD_TERMS)))]) * straightness
+        self._bends = np.array(start.features.bends(), float) * straightness
         self._prior_x = np.array([start.features(s) for s in shapes], float)
         self._prior_y = np.array([max(start.step_seconds(s), 1e-9) for s in shapes], float)
 
